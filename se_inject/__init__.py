@@ -1,0 +1,37 @@
+"""se-inject: retrofit Squeeze-and-Excitation blocks into pretrained PyTorch vision models."""
+
+from .api import apply_plan as apply_plan
+from .api import find_sites as find_sites
+from .api import freeze_except_se as freeze_except_se
+from .api import inject_se as inject_se
+from .api import remove_se as remove_se
+from .api import se_modules as se_modules
+from .api import se_parameters as se_parameters
+from .block import SEBlock as SEBlock
+from .block import SEConfig as SEConfig
+from .errors import SEInjectError as SEInjectError
+from .plan import Plan as Plan
+from .plan import Site as Site
+from .plan import SiteKind as SiteKind
+from .plan import Skipped as Skipped
+from .plan import SkipReason as SkipReason
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SEBlock",
+    "SEConfig",
+    "SEInjectError",
+    "Plan",
+    "Site",
+    "SiteKind",
+    "Skipped",
+    "SkipReason",
+    "apply_plan",
+    "find_sites",
+    "freeze_except_se",
+    "inject_se",
+    "remove_se",
+    "se_modules",
+    "se_parameters",
+]

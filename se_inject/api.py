@@ -1,0 +1,142 @@
+"""Public entry points: plan (dry run), inject, remove, and fine-tuning helpers."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .block import SEBlock, SEConfig
+from .plan import Plan
+from .rewrite import apply_plan, remove_se
+from .sites import build_plan
+
+__all__ = [
+    "find_sites",
+    "inject_se",
+    "apply_plan",
+    "remove_se",
+    "se_modules",
+    "se_parameters",
+    "freeze_except_se",
+]
+
+
+def find_sites(
+    model: nn.Module,
+    reduction: float = 16,
+    *,
+    identity_init: bool = True,
+    bias: bool = True,
+    min_hidden: int = 8,
+    hidden: int | None = None,
+    gate: str | None = None,
+    pool: str = "avg",
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    min_channels: int = 0,
+    example_input: torch.Tensor | tuple[torch.Tensor, ...] | None = None,
+) -> Plan:
+    """Analyse ``model`` and return the plan ``inject_se`` would apply; the model is not changed.
+
+    Example:
+        >>> plan = find_sites(torchvision.models.resnet50())
+        >>> len(plan.sites), plan.sites[0].name
+        (16, 'layer1.0.se')
+
+    Raises:
+        ConfigError: an option has a bad value.
+    """
+    config = SEConfig(
+        reduction=reduction,
+        min_hidden=min_hidden,
+        hidden=hidden,
+        bias=bias,
+        gate=gate or ("scaled_sigmoid" if identity_init else "sigmoid"),
+        pool=pool,
+        identity_init=identity_init,
+    )
+    return build_plan(
+        model,
+        config,
+        include=include,
+        exclude=exclude,
+        min_channels=min_channels,
+        example_input=example_input,
+    )
+
+
+def inject_se(
+    model: nn.Module,
+    reduction: float = 16,
+    *,
+    identity_init: bool = True,
+    bias: bool = True,
+    min_hidden: int = 8,
+    hidden: int | None = None,
+    gate: str | None = None,
+    pool: str = "avg",
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    min_channels: int = 0,
+    example_input: torch.Tensor | tuple[torch.Tensor, ...] | None = None,
+) -> nn.Module:
+    """Insert SE blocks at the sites of ``find_sites(model, ...)``; changes ``model`` in place.
+
+    Returns the same object, unless the root module itself owns a site (a model whose top-level
+    ``forward`` performs the residual additions): then the root is rebuilt and the rebuilt module
+    is returned. With ``identity_init`` (the default) the outputs are bit-for-bit unchanged.
+
+    Example:
+        >>> model = inject_se(timm.create_model("resnet50"), reduction=16)
+        >>> sum(isinstance(m, SEBlock) for m in model.modules())
+        16
+
+    Raises:
+        ConfigError: an option has a bad value.
+    """
+    plan = find_sites(
+        model,
+        reduction,
+        identity_init=identity_init,
+        bias=bias,
+        min_hidden=min_hidden,
+        hidden=hidden,
+        gate=gate,
+        pool=pool,
+        include=include,
+        exclude=exclude,
+        min_channels=min_channels,
+        example_input=example_input,
+    )
+    if not plan.sites:
+        warnings.warn(
+            f"no SE site found in {type(model).__name__} ({len(plan.skipped)} skipped); the model is unchanged",
+            UserWarning,
+            stacklevel=2,
+        )
+        return model
+    return apply_plan(model, plan)
+
+
+def se_modules(model: nn.Module) -> list[tuple[str, SEBlock]]:
+    """The inserted SE blocks with their module paths (selected by type, never by name)."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, SEBlock)]
+
+
+def se_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
+    """Parameters of the inserted SE blocks, e.g. for an optimizer group with its own learning rate."""
+    for _, block in se_modules(model):
+        yield from block.parameters()
+
+
+def freeze_except_se(model: nn.Module, *, head: nn.Module | None = None) -> nn.Module:
+    """Set ``requires_grad`` so only SE blocks (and ``head``, if given) train; changes ``model`` in place."""
+    model.requires_grad_(False)
+    for _, block in se_modules(model):
+        block.requires_grad_(True)
+    if head is not None:
+        head.requires_grad_(True)
+    return model

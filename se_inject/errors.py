@@ -1,0 +1,51 @@
+"""Exceptions raised by se-inject.
+
+One base class, :class:`SEInjectError`, so callers (and the CLI) can catch everything of ours in
+one place; each specific error also subclasses the built-in it refines, so code that already
+catches ``ValueError`` or ``LookupError`` keeps working.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "SEInjectError",
+    "ConfigError",
+    "NoSitesError",
+    "PlanMismatchError",
+    "UnknownModelError",
+    "WeightsError",
+    "CheckpointError",
+    "UnsafeCheckpointError",
+]
+
+
+class SEInjectError(Exception):
+    """Base class of every error se-inject raises on purpose."""
+
+
+class ConfigError(SEInjectError, ValueError):
+    """An option has a bad value (reduction < 1, unknown gate, malformed glob, ...)."""
+
+
+class NoSitesError(SEInjectError, ValueError):
+    """The plan has no site, so there is nothing to insert."""
+
+
+class PlanMismatchError(SEInjectError, ValueError):
+    """A plan does not fit the model it is applied to (missing owner or node)."""
+
+
+class UnknownModelError(SEInjectError, LookupError):
+    """A model name is in neither timm's nor torchvision's registry."""
+
+
+class WeightsError(SEInjectError, RuntimeError):
+    """Weights could not be had, or do not fit the architecture."""
+
+
+class CheckpointError(SEInjectError, ValueError):
+    """A checkpoint file is missing, corrupt or not an se-inject checkpoint."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint would run code when unpickled; it was refused and nothing ran."""

@@ -1,0 +1,164 @@
+"""The plan: where SE blocks go, what was skipped and why, as plain frozen data.
+
+A plan holds no fx nodes or modules, so tests can compare plans, the CLI can print them and a
+``weights_only`` checkpoint can store them (``to_dict`` / ``from_dict`` round-trip exactly).
+"""
+
+from __future__ import annotations
+
+import enum
+import warnings
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from .block import SEConfig
+from .errors import CheckpointError
+
+__all__ = ["SiteKind", "SkipReason", "REASON_TEXT", "Site", "Skipped", "Plan"]
+
+
+class SiteKind(enum.StrEnum):
+    RESIDUAL = "residual"
+    INCEPTION = "inception"
+    DENSE = "dense"
+
+
+class SkipReason(enum.StrEnum):
+    ALREADY_ATTENDED = "already-attended"
+    NESTED = "nested"
+    FUSION = "fusion"
+    NO_TRUNK = "no-trunk"
+    TOKEN_SEQUENCE = "token-sequence"
+    NO_SPATIAL_EXTENT = "no-spatial-extent"
+    UNKNOWN_CHANNEL_AXIS = "unknown-channel-axis"
+    NOT_CHANNEL_CONCAT = "not-channel-concat"
+    NO_COMPUTED_BRANCH = "no-computed-branch"
+    EXCLUDED = "excluded"
+    TOO_FEW_CHANNELS = "too-few-channels"
+    NOT_REWRITABLE = "not-rewritable"
+
+
+#: One human sentence per reason; the enum value is for machines.
+REASON_TEXT: dict[SkipReason, str] = {
+    SkipReason.ALREADY_ATTENDED: "already has channel attention",
+    SkipReason.NESTED: "nested inside another site's block (one SE per block)",
+    SkipReason.FUSION: "fusion of features from different inputs or deep paths, not a residual",
+    SkipReason.NO_TRUNK: "both operands are equally deep branches: no trunk to keep unscaled",
+    SkipReason.TOKEN_SEQUENCE: "residual on a token sequence [B, N, C]; SE over tokens is opt-in",
+    SkipReason.NO_SPATIAL_EXTENT: "feature vector without spatial axes: nothing to squeeze",
+    SkipReason.UNKNOWN_CHANNEL_AXIS: "channel axis could not be inferred from the graph",
+    SkipReason.NOT_CHANNEL_CONCAT: "concatenation along a non-channel axis",
+    SkipReason.NO_COMPUTED_BRANCH: "no input is computed by parametric layers or pooling",
+    SkipReason.EXCLUDED: "excluded by the include/exclude selection",
+    SkipReason.TOO_FEW_CHANNELS: "fewer channels than min_channels",
+    SkipReason.NOT_REWRITABLE: "the block that owns it could not be rebuilt",
+}
+
+
+@dataclass(frozen=True)
+class Site:
+    """One SE block to insert.
+
+    Attributes:
+        name: module path the SE block will have, ``owner.attr`` (``layer1.0.se``).
+        kind: residual, inception or dense.
+        owner: path of the module whose forward is rebuilt ("" for the root).
+        node: qualified name of the node that defines the site (the add or the concatenation).
+        source: qualified name of the node whose output the SE block scales.
+        targets: nodes whose ``source`` input is replaced by the SE output; empty means all uses.
+        channels: channel count of ``source``.
+        hidden: bottleneck width of the SE block.
+        channel_axis: axis of ``source`` holding the channels (1, or -1 for channels-last).
+        stage: index of the stage (run of blocks at one feature-map resolution) holding the site.
+    """
+
+    name: str
+    kind: SiteKind
+    owner: str
+    node: str
+    source: str
+    targets: tuple[str, ...]
+    channels: int
+    hidden: int
+    channel_axis: int
+    stage: int = 0
+
+    @property
+    def attr(self) -> str:
+        return self.name.rsplit(".", 1)[-1]
+
+    def added_params(self, bias: bool) -> int:
+        return 2 * self.channels * self.hidden + (self.hidden + self.channels if bias else 0)
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A place that was considered and not used."""
+
+    node: str
+    reason: SkipReason
+    detail: str = ""
+
+    @property
+    def text(self) -> str:
+        return REASON_TEXT[self.reason]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Sites, skipped sites and unanalysed modules, plus the SE configuration to build with."""
+
+    sites: tuple[Site, ...]
+    skipped: tuple[Skipped, ...]
+    unanalysed: tuple[str, ...] = ()
+    config: SEConfig = field(default_factory=SEConfig)
+
+    def __len__(self) -> int:
+        return len(self.sites)
+
+    @property
+    def added_params(self) -> int:
+        return sum(site.added_params(self.config.bias) for site in self.sites)
+
+    def skipped_by_reason(self) -> dict[SkipReason, list[Skipped]]:
+        grouped: dict[SkipReason, list[Skipped]] = {}
+        for skip in self.skipped:
+            grouped.setdefault(skip.reason, []).append(skip)
+        return grouped
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "sites": [{**asdict(s), "kind": str(s.kind), "targets": list(s.targets)} for s in self.sites],
+            "skipped": [{**asdict(s), "reason": str(s.reason)} for s in self.skipped],
+            "unanalysed": list(self.unanalysed),
+            "config": self.config.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Plan:
+        try:
+            sites = tuple(
+                Site(**{
+                    **_known(Site, raw),
+                    "kind": SiteKind(raw["kind"]),
+                    "targets": tuple(raw["targets"]),
+                })
+                for raw in data["sites"]
+            )
+            skipped = tuple(
+                Skipped(**{**_known(Skipped, raw), "reason": SkipReason(raw["reason"])})
+                for raw in data.get("skipped", ())
+            )
+            config = SEConfig.from_dict(data.get("config", {}))
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"malformed plan: {e}") from e
+        return cls(sites, skipped, tuple(data.get("unanalysed", ())), config)
+
+
+def _known(cls: type, raw: Mapping[str, Any]) -> dict[str, Any]:
+    names = {f.name for f in fields(cls)}
+    unknown = set(raw) - names
+    if unknown:
+        warnings.warn(f"ignoring unknown plan keys {sorted(unknown)}", UserWarning, stacklevel=3)
+    return {k: v for k, v in raw.items() if k in names}
