@@ -71,6 +71,9 @@ class Site:
         hidden: bottleneck width of the SE block.
         channel_axis: axis of ``source`` holding the channels (1, or -1 for channels-last).
         stage: index of the stage (run of blocks at one feature-map resolution) holding the site.
+        inline: submodules of ``owner`` (paths relative to it) that must be traced through when
+            the owner is rebuilt because ``source`` or ``targets`` lie inside them; all other
+            submodules stay calls.
     """
 
     name: str
@@ -83,6 +86,7 @@ class Site:
     hidden: int
     channel_axis: int
     stage: int = 0
+    inline: tuple[str, ...] = ()
 
     @property
     def attr(self) -> str:
@@ -129,7 +133,10 @@ class Plan:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "sites": [{**asdict(s), "kind": str(s.kind), "targets": list(s.targets)} for s in self.sites],
+            "sites": [
+                {**asdict(s), "kind": str(s.kind), "targets": list(s.targets), "inline": list(s.inline)}
+                for s in self.sites
+            ],
             "skipped": [{**asdict(s), "reason": str(s.reason)} for s in self.skipped],
             "unanalysed": list(self.unanalysed),
             "config": self.config.to_dict(),
@@ -143,6 +150,7 @@ class Plan:
                     **_known(Site, raw),
                     "kind": SiteKind(raw["kind"]),
                     "targets": tuple(raw["targets"]),
+                    "inline": tuple(raw.get("inline", ())),
                 })
                 for raw in data["sites"]
             )

@@ -1,0 +1,648 @@
+"""Tracing and graph facts: tracer, shapes, qualified node names, dominators, path costs, axes.
+
+Everything here describes a graph; nothing decides placement (that is ``sites.py``) and nothing
+changes a model (``rewrite.py``). Facts are returned from small functions and one ``DataFlow``
+object rather than hidden in ``node.meta``, apart from ``node.meta["val"]``, which
+``FakeTensorProp`` writes.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "SETracer",
+    "DataFlow",
+    "trace",
+    "propagate_shapes",
+    "record_module_inputs",
+    "qualified_names",
+    "node_scope",
+    "call_stack",
+    "channel_axis",
+    "is_add",
+    "is_cat",
+    "cat_dim",
+    "trailing_scaling_input",
+    "gating_products",
+    "tensor_shape",
+    "mode_dependent_leaves",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Tracing
+
+
+def mode_dependent_leaves() -> tuple[type[nn.Module], ...]:
+    """Module classes whose traced form depends on train/eval mode, kept as leaves.
+
+    Traced, timm's ``DropPath`` disappears in eval mode and becomes a fixed random mask in train
+    mode; torchvision's ``StochasticDepth`` bakes in ``training``. As leaves they stay calls.
+    """
+    leaves: list[type[nn.Module]] = []
+    try:
+        from torchvision.ops import StochasticDepth
+
+        leaves.append(StochasticDepth)
+    except ImportError:  # pragma: no cover - torchvision is a dependency
+        pass
+    try:
+        from timm.layers import DropBlock2d, DropPath
+
+        leaves += [DropPath, DropBlock2d]
+    except ImportError:  # pragma: no cover - timm is a dependency
+        pass
+    return tuple(leaves)
+
+
+def _timm_notrace() -> tuple[tuple[type[nn.Module], ...], tuple[Callable[..., Any], ...]]:
+    try:
+        from timm.layers import _fx as timm_fx
+    except ImportError:  # pragma: no cover
+        return (), ()
+    modules = tuple(m for m in timm_fx.get_notrace_modules() if isinstance(m, type))
+    functions = tuple(f for f in timm_fx.get_notrace_functions() if callable(f))
+    return modules, functions
+
+
+class SETracer(fx.Tracer):
+    """fx tracer with timm's no-trace modules and functions, plus mode-dependent leaves.
+
+    ``inline``, when given, turns the tracer around: every submodule is a leaf except the
+    module paths listed (used to rebuild one block while leaving its children as calls).
+    """
+
+    def __init__(
+        self,
+        *,
+        leaf_modules: Sequence[type[nn.Module]] = (),
+        autowrap_functions: Sequence[Callable[..., Any]] = (),
+        inline: Iterable[str] | None = None,
+    ) -> None:
+        timm_modules, timm_functions = _timm_notrace()
+        super().__init__(autowrap_functions=tuple(autowrap_functions) + timm_functions)
+        self.leaf_modules = tuple(leaf_modules) + timm_modules + mode_dependent_leaves()
+        self.inline = None if inline is None else frozenset(inline)
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if self.inline is not None and module_qualified_name not in self.inline:
+            return True
+        if isinstance(m, self.leaf_modules):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+@contextmanager
+def _training_mode(module: nn.Module, mode: bool):
+    """Set every submodule's mode, restoring each one's own flag afterwards."""
+    saved = [(m, m.training) for m in module.modules()]
+    try:
+        module.train(mode)
+        yield
+    finally:
+        for m, flag in saved:
+            m.training = flag
+
+
+def trace(module: nn.Module, *, training: bool = False, inline: Iterable[str] | None = None) -> tuple[fx.Graph, dict[str, Any]]:
+    """Trace ``module`` in the given mode; return the graph and the constants the tracer made.
+
+    The tracer stores tensor constants as attributes of the traced root; they are removed from
+    ``module`` again and returned, so tracing never changes the user's model.
+    """
+    before = set(module.__dict__)
+    tracer = SETracer(inline=inline)
+    try:
+        with _training_mode(module, training):
+            graph = tracer.trace(module)
+    finally:
+        added = {k: module.__dict__[k] for k in set(module.__dict__) - before}
+        for k in added:
+            del module.__dict__[k]
+    return graph, added
+
+
+def _fake_mode():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    return FakeTensorMode(allow_non_fake_inputs=True)
+
+
+def _to_fake(mode: Any, value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        with mode:
+            return torch.empty(value.shape, dtype=value.dtype, device=value.device)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_fake(mode, v) for v in value)
+    if isinstance(value, dict):
+        return {k: _to_fake(mode, v) for k, v in value.items()}
+    return value
+
+
+class _RealShapeProp(fx.Interpreter):
+    """Fallback when fake tensors fail: run for real and keep each node's value."""
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        n.meta["val"] = result
+        return result
+
+
+def propagate_shapes(gm: fx.GraphModule, args: Sequence[Any]) -> None:
+    """Write ``node.meta["val"]`` for every node: fake tensors first, a real run as a fallback.
+
+    Fake tensors make shape propagation nearly free (no real convolution runs); a real run is
+    only used for the rare graphs fake tensors cannot follow.
+    """
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    mode = _fake_mode()
+    try:
+        with torch.no_grad():
+            FakeTensorProp(gm, mode).propagate(*_to_fake(mode, list(args)))
+        return
+    except Exception as e:  # noqa: BLE001 - any failure means "try the slow way"
+        log.debug("fake tensor propagation failed (%s); running for real", e)
+    real = [_real_zeros(a) for a in args]
+    with torch.no_grad():
+        _RealShapeProp(gm).run(*real)
+
+
+def _real_zeros(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return torch.zeros(value.shape, dtype=value.dtype, device=value.device)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_real_zeros(v) for v in value)
+    return value
+
+
+def record_module_inputs(module: nn.Module, args: Sequence[Any]) -> dict[str, tuple[Any, ...]]:
+    """Run ``module`` on fake tensors and return the positional inputs of each submodule's first call.
+
+    Used for models whose top level does not trace: their blocks are then traced on their own,
+    with the inputs recorded here. A forward that fails part-way still yields what ran before.
+    """
+    names = {id(m): n for n, m in module.named_modules()}
+    recorded: dict[str, tuple[Any, ...]] = {}
+
+    def hook(mod: nn.Module, inputs: tuple[Any, ...]) -> None:
+        name = names.get(id(mod))
+        if name is not None and name not in recorded:
+            recorded[name] = inputs
+
+    handles = [m.register_forward_pre_hook(hook) for m in module.modules()]
+    mode = _fake_mode()
+    try:
+        with torch.no_grad(), _training_mode(module, False):
+            module(*_to_fake(mode, list(args)))
+    except Exception as e:  # noqa: BLE001 - partial records are still useful
+        log.debug("forward on fake tensors stopped early: %s", e)
+    finally:
+        for h in handles:
+            h.remove()
+    return recorded
+
+
+# --------------------------------------------------------------------------------------------
+# Names and scopes
+
+
+def call_stack(node: fx.Node) -> list[tuple[str, str]]:
+    """``(call key, module path)`` pairs from outermost to innermost; a call key carries ``@k``
+    for the k-th repeated call of the same module. For ``call_module`` nodes the called module is
+    the last entry."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return [(key, value[0]) for key, value in stack.items()]
+
+
+def node_scope(node: fx.Node) -> str:
+    """Path (relative to the traced root) of the module whose ``forward`` created ``node``."""
+    stack = call_stack(node)
+    if node.op == "call_module":
+        stack = stack[:-1]
+    return stack[-1][1] if stack else ""
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix and name else prefix or name
+
+
+def _op_name(node: fx.Node) -> str:
+    if isinstance(node.target, str):
+        return node.target
+    return getattr(node.target, "__name__", str(node.target))
+
+
+def qualified_names(graph: fx.Graph, prefix: str = "") -> dict[fx.Node, str]:
+    """torchvision-style node names: ``layer1.0.conv1``, ``layer1.0.add``, ``layer1.0.relu_1``.
+
+    Module calls are named after the module, other ops after the module that performs them;
+    repeats get ``_1``, ``_2``, ... in graph order. ``prefix`` is the path of the traced module,
+    so a block traced on its own gets the same names as inside the whole model.
+    """
+    counts: Counter[str] = Counter()
+    names: dict[fx.Node, str] = {}
+    for node in graph.nodes:
+        if node.op in ("call_module", "get_attr"):
+            base = _join(prefix, str(node.target))
+        elif node.op in ("placeholder", "output"):
+            base = _join(prefix, node.name)
+        else:
+            base = _join(_join(prefix, node_scope(node)), _op_name(node))
+        k = counts[base]
+        counts[base] += 1
+        names[node] = base if k == 0 else f"{base}_{k}"
+    return names
+
+
+# --------------------------------------------------------------------------------------------
+# Values
+
+
+def _is_tensor_value(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
+    if isinstance(value, (list, tuple)):
+        return any(_is_tensor_value(v) for v in value)
+    return False
+
+
+def tensor_shape(node: fx.Node) -> tuple[int, ...] | None:
+    value = node.meta.get("val")
+    if isinstance(value, torch.Tensor):
+        return tuple(int(s) for s in value.shape)
+    return None
+
+
+_SIZE_METHODS = {"size", "dim", "numel", "__len__", "ndimension", "nelement", "stride", "data_ptr"}
+
+
+def _is_data_node(node: fx.Node) -> bool:
+    if node.op == "output":
+        return False
+    if "val" in node.meta:
+        return _is_tensor_value(node.meta["val"])
+    # No value recorded (should be rare): judge by the op.
+    if node.op == "call_method" and node.target in _SIZE_METHODS:
+        return False
+    if node.op == "call_function" and node.target is getattr:
+        return node.args[1] not in ("shape", "ndim", "dtype", "device", "is_cuda")
+    return True
+
+
+# --------------------------------------------------------------------------------------------
+# Data flow: input dependence, dominators, regions, parametric costs
+
+
+class DataFlow:
+    """Data edges of one traced graph, with dominators over the input-dependent part.
+
+    Edges that only carry sizes (``x.shape``, ``x.size(0)``) are not data: otherwise ViT's
+    ``class_token.expand(n, -1, -1)`` would look input-dependent.
+    """
+
+    def __init__(self, graph: fx.Graph, root: nn.Module) -> None:
+        self.graph = graph
+        self.root = root
+        self.order: list[fx.Node] = list(graph.nodes)
+        self.index = {n: i for i, n in enumerate(self.order)}
+        self.data = {n: _is_data_node(n) for n in self.order}
+        self.live: dict[fx.Node, bool] = {}
+        self.preds: dict[fx.Node, list[fx.Node]] = {}
+        for n in self.order:
+            ins = [p for p in n.all_input_nodes if self.data.get(p)]
+            self.preds[n] = [p for p in ins if self.live.get(p)]
+            self.live[n] = self.data[n] and (n.op == "placeholder" or bool(self.preds[n]))
+        self.idom: dict[fx.Node, fx.Node | None] = {}
+        for n in self.order:
+            if not self.live[n]:
+                continue
+            new: fx.Node | None = None
+            for i, p in enumerate(self.preds[n]):
+                new = p if i == 0 else self._intersect(p, new)
+            self.idom[n] = new
+        self._parametric: dict[fx.Node, bool] = {}
+
+    def _pos(self, n: fx.Node | None) -> int:
+        return -1 if n is None else self.index[n]
+
+    def _intersect(self, a: fx.Node | None, b: fx.Node | None) -> fx.Node | None:
+        while a is not b:
+            while self._pos(a) > self._pos(b):
+                a = self.idom[a]  # type: ignore[index]
+            while self._pos(b) > self._pos(a):
+                b = self.idom[b]  # type: ignore[index]
+        return a
+
+    def live_inputs(self, node: fx.Node) -> list[fx.Node]:
+        return self.preds.get(node, [])
+
+    def region(self, fork: fx.Node, anchor: fx.Node) -> set[fx.Node]:
+        """Nodes on data paths from ``fork`` to ``anchor``, both excluded."""
+        lo = self.index[fork]
+        seen: set[fx.Node] = set()
+        stack = list(self.preds[anchor])
+        while stack:
+            n = stack.pop()
+            if n in seen or self.index[n] <= lo:
+                continue
+            seen.add(n)
+            stack.extend(self.preds[n])
+        return seen
+
+    def ancestors_within(self, node: fx.Node, region: set[fx.Node]) -> set[fx.Node]:
+        seen: set[fx.Node] = set()
+        stack = list(self.preds[node])
+        while stack:
+            n = stack.pop()
+            if n in seen or n not in region:
+                continue
+            seen.add(n)
+            stack.extend(self.preds[n])
+        return seen
+
+    def is_parametric(self, node: fx.Node) -> bool:
+        """A layer with weights: a module with parameters, or an op fed a parameter or weight."""
+        cached = self._parametric.get(node)
+        if cached is not None:
+            return cached
+        result = False
+        if node.op == "call_module":
+            try:
+                module = self.root.get_submodule(str(node.target))
+                result = any(True for _ in module.parameters())
+            except AttributeError:
+                result = False
+        elif node.op in ("call_function", "call_method"):
+            result = any(
+                self.data.get(p) and not self.live.get(p) for p in node.all_input_nodes
+            )
+        self._parametric[node] = result
+        return result
+
+    def path_costs(self, fork: fx.Node, region: set[fx.Node]) -> tuple[dict[fx.Node, int], dict[fx.Node, bool]]:
+        """Longest count of parametric layers from ``fork`` to each node, and whether a pooling
+        op lies on the way."""
+        cost: dict[fx.Node, int] = {fork: 0}
+        pooled: dict[fx.Node, bool] = {fork: False}
+        for n in sorted(region, key=self.index.__getitem__):
+            ps = [p for p in self.preds[n] if p in cost]
+            cost[n] = int(self.is_parametric(n)) + max((cost[p] for p in ps), default=0)
+            pooled[n] = _is_pool(self.root, n) or any(pooled[p] for p in ps)
+        return cost, pooled
+
+
+# --------------------------------------------------------------------------------------------
+# Op classification
+
+_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
+_ADD_METHODS = {"add", "add_", "__add__", "__iadd__", "__radd__"}
+_CAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
+_MUL_FUNCTIONS = {operator.mul, operator.imul, torch.mul}
+_MUL_METHODS = {"mul", "mul_", "__mul__", "__rmul__"}
+_DIV_FUNCTIONS = {operator.truediv, operator.itruediv, torch.div}
+_DIV_METHODS = {"div", "div_", "__truediv__"}
+_DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout}
+_POOL_FUNCTIONS = {
+    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
+    F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
+    F.lp_pool1d, F.lp_pool2d,
+}
+_POOL_MODULES = (
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.LPPool1d, nn.LPPool2d,
+)
+_IDENTITY_LIKE_MODULES: tuple[type[nn.Module], ...] = (
+    nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+)
+
+
+def _module(root: nn.Module, node: fx.Node) -> nn.Module | None:
+    if node.op != "call_module":
+        return None
+    try:
+        return root.get_submodule(str(node.target))
+    except AttributeError:
+        return None
+
+
+def _is_pool(root: nn.Module, node: fx.Node) -> bool:
+    if node.op == "call_function":
+        return node.target in _POOL_FUNCTIONS
+    return isinstance(_module(root, node), _POOL_MODULES)
+
+
+def is_add(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target in _ADD_FUNCTIONS) or (
+        node.op == "call_method" and node.target in _ADD_METHODS
+    )
+
+
+def is_cat(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in _CAT_FUNCTIONS
+
+
+def cat_dim(node: fx.Node) -> int:
+    if len(node.args) > 1:
+        return int(node.args[1])  # type: ignore[arg-type]
+    return int(node.kwargs.get("dim", node.kwargs.get("axis", 0)))  # type: ignore[arg-type]
+
+
+def _is_mul(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target in _MUL_FUNCTIONS) or (
+        node.op == "call_method" and node.target in _MUL_METHODS
+    )
+
+
+def _is_div(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target in _DIV_FUNCTIONS) or (
+        node.op == "call_method" and node.target in _DIV_METHODS
+    )
+
+
+def _mode_dependent_function(node: fx.Node) -> bool:
+    if node.op != "call_function":
+        return False
+    if node.target in _DROPOUT_FUNCTIONS:
+        return True
+    name = getattr(node.target, "__name__", "")
+    return name in ("stochastic_depth", "drop_path", "drop_block_2d", "drop_block_fast_2d")
+
+
+def trailing_scaling_input(flow: DataFlow, node: fx.Node) -> fx.Node | None:
+    """If ``node`` is a per-sample or per-channel scaling of one tensor (drop-path, stochastic
+    depth, dropout, identity placeholders, layer scale, ``* scale``), the tensor it scales."""
+    live = flow.live_inputs(node)
+    if len(live) != 1:
+        return None
+    module = _module(flow.root, node)
+    if module is not None:
+        return live[0] if isinstance(module, _IDENTITY_LIKE_MODULES + mode_dependent_leaves()) else None
+    if _mode_dependent_function(node):
+        return live[0]
+    if _is_mul(node) or (_is_div(node) and node.args and node.args[0] is live[0]):
+        return live[0]
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Channel axis
+
+_CHANNEL_FIRST_MODULES: tuple[type[nn.Module], ...] = (
+    nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LocalResponseNorm,
+)
+_CHANNEL_LAST_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, nn.LayerNorm, nn.RMSNorm)
+_CHANNEL_FIRST_FUNCTIONS = {
+    F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
+    F.batch_norm, F.group_norm, F.instance_norm,
+}
+_CHANNEL_LAST_FUNCTIONS = {F.linear, F.layer_norm, F.rms_norm}
+
+
+def _builtin(module: nn.Module) -> bool:
+    return type(module).__module__.startswith("torch.nn")
+
+
+def channel_axis(node: fx.Node, flow: DataFlow, _memo: dict[fx.Node, int | None] | None = None, _depth: int = 0) -> int | None:
+    """Non-negative index of the channel axis of ``node``'s output, inferred from the layer that
+    produced the channels and the permutes since; ``None`` when the graph does not tell."""
+    memo = {} if _memo is None else _memo
+    if node in memo:
+        return memo[node]
+    memo[node] = None  # guards against cycles through bad metadata
+    result = _channel_axis(node, flow, memo, _depth)
+    memo[node] = result
+    return result
+
+
+def _channel_axis(node: fx.Node, flow: DataFlow, memo: dict[fx.Node, int | None], depth: int) -> int | None:
+    shape = tensor_shape(node)
+    if shape is None or depth > 200:
+        return None
+    ndim = len(shape)
+    module = _module(flow.root, node)
+    if module is not None and _builtin(module):
+        if isinstance(module, _CHANNEL_FIRST_MODULES):
+            return 1
+        if isinstance(module, _CHANNEL_LAST_MODULES):
+            return ndim - 1
+    if node.op == "call_function" and node.target in _CHANNEL_FIRST_FUNCTIONS:
+        return 1
+    if node.op == "call_function" and node.target in _CHANNEL_LAST_FUNCTIONS:
+        return ndim - 1
+
+    inputs = [p for p in node.all_input_nodes if flow.data.get(p)]
+    first = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+
+    def axis_of(p: fx.Node) -> int | None:
+        return channel_axis(p, flow, memo, depth + 1)
+
+    target = node.target if node.op == "call_method" else getattr(node.target, "__name__", None)
+    if target == "permute" and first is not None:
+        dims = node.args[1:] if node.op == "call_method" else node.args[1]
+        if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+            dims = dims[0]
+        a = axis_of(first)
+        if a is None:
+            return None
+        dims = [int(d) % ndim for d in dims]  # type: ignore[call-overload]
+        return dims.index(a) if a in dims else None
+    if target in ("transpose", "swapaxes", "swapdims") and first is not None and len(node.args) >= 3:
+        a = axis_of(first)
+        if a is None:
+            return None
+        d0, d1 = (int(node.args[1]) % ndim, int(node.args[2]) % ndim)  # type: ignore[call-overload]
+        return d1 if a == d0 else d0 if a == d1 else a
+    if target == "getitem" and first is not None and not isinstance(first.meta.get("val"), torch.Tensor):
+        # An element of a tuple (chunk, split, a module returning several outputs).
+        for p in flow.live_inputs(first) or [p for p in first.all_input_nodes if flow.data.get(p)]:
+            p_shape = tensor_shape(p)
+            if p_shape is not None and len(p_shape) == ndim:
+                return axis_of(p)
+        return None
+    if target in ("flatten", "reshape", "view", "unflatten") and first is not None:
+        in_shape = tensor_shape(first)
+        a = axis_of(first)
+        if a is None or in_shape is None:
+            return None
+        if len(shape) > a and in_shape[: a + 1] == shape[: a + 1]:
+            return a
+        tail = len(in_shape) - a
+        if len(shape) >= tail and in_shape[a:] == shape[len(shape) - tail:]:
+            return len(shape) - tail
+        return None
+    if is_cat(node):
+        for p in inputs:
+            a = axis_of(p)
+            if a is not None:
+                return a
+        return None
+    # Shape-preserving ops (activations, norms traced as functions, adds, products, unknown
+    # leaves that keep the shape): the axis of an input of the same shape.
+    for p in inputs:
+        if tensor_shape(p) == shape:
+            a = axis_of(p)
+            if a is not None:
+                return a
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Existing channel attention
+
+
+def _strip_expand(node: fx.Node) -> fx.Node:
+    while (node.op == "call_method" and node.target in ("expand", "expand_as")) and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
+
+
+def gating_products(flow: DataFlow, nodes: Iterable[fx.Node]) -> list[fx.Node]:
+    """Products ``t * g`` where the gate ``g`` is computed from ``t`` by global pooling: SE,
+    eSE, ECA, CBAM's channel part, SK and split attention all have this shape."""
+    found = []
+    for n in nodes:
+        if not _is_mul(n):
+            continue
+        operands = [a for a in n.args[:2] if isinstance(a, fx.Node) and flow.live.get(a)]
+        if len(operands) != 2:
+            continue
+        for t, g in (operands, operands[::-1]):
+            if _is_gate_of(flow, t, _strip_expand(g)):
+                found.append(n)
+                break
+    return found
+
+
+def _is_gate_of(flow: DataFlow, t: fx.Node, g: fx.Node) -> bool:
+    ts, gs = tensor_shape(t), tensor_shape(g)
+    if ts is None or gs is None or len(gs) > len(ts) or len(ts) < 3:
+        return False
+    gs = (1,) * (len(ts) - len(gs)) + gs
+    if any(gd not in (1, td) for gd, td in zip(gs, ts, strict=True)):
+        return False
+    axis = channel_axis(t, flow)
+    if axis is not None:
+        # The gate runs along the channels and is constant over at least one spatial axis.
+        spatial_pooled = any(gs[d] == 1 and ts[d] > 1 for d in range(1, len(ts)) if d != axis)
+        if gs[axis] != ts[axis] or ts[axis] <= 1 or not spatial_pooled:
+            return False
+    elif not (gs[-1] == 1 < ts[-1] and any(gd == td > 1 for gd, td in zip(gs[1:], ts[1:], strict=True))):
+        # Layout unknown (SK's stacked paths): pooled over the last axis, kept along another.
+        return False
+    return t in flow.ancestors_within(g, set(flow.order[flow.index[t]: flow.index[g]]))

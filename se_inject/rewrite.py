@@ -1,0 +1,251 @@
+"""Plan -> modified model: rebuild each block that owns a site, with the SE call inserted.
+
+Only the owning blocks change. Each one is traced on its own with its children kept as calls
+(unless a site lies inside one), the SE module is inserted between the site's source node and
+its targets, and the result, a :class:`RebuiltBlock`, takes the block's place in its parent. It
+keeps the block's children, parameters and buffers (same objects, same names), so every
+original ``state_dict`` key is unchanged; SE keys read ``<owner>.se.fc1.weight``. Nothing here
+decides placement: ``apply_plan`` replays whatever plan it is given.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .block import SEBlock, SEConfig
+from .errors import PlanMismatchError
+from .graph import qualified_names, trace
+from .plan import Plan, Site
+
+__all__ = ["apply_plan", "remove_se", "RebuiltBlock"]
+
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+)
+
+
+class RebuiltBlock(fx.GraphModule):
+    """A block rebuilt from its traced graph with SE calls inserted.
+
+    It owns the original block's children, parameters and buffers (the same objects) plus the
+    SE blocks. When the block's code differs between train and eval mode (a functional dropout
+    baked in by tracing), it holds one graph per mode and switches on ``train()``, as
+    torchvision's ``DualGraphModule`` does. Attributes it does not have (``stride``,
+    ``downsample``, methods) are looked up on the original block, kept in ``original``.
+    """
+
+    def __init__(
+        self,
+        original: nn.Module,
+        eval_graph: fx.Graph,
+        train_graph: fx.Graph | None,
+        se_blocks: dict[str, SEBlock],
+        constants: dict[str, Any],
+    ) -> None:
+        graphs = [g for g in (eval_graph, train_graph) if g is not None]
+        attrs: dict[str, Any] = {}
+        for graph in graphs:
+            for node in graph.nodes:
+                if node.op in ("get_attr", "call_module"):
+                    target = str(node.target)
+                    attrs[target] = _lookup(original, target, se_blocks, constants)
+        start = train_graph if (original.training and train_graph is not None) else eval_graph
+        super().__init__(attrs, start, class_name=type(original).__name__)
+        _adopt(self, original, se_blocks, constants)
+        self.__dict__["_se_graphs"] = (eval_graph, train_graph)
+        self.__dict__["_se_original"] = original
+        for name in _HOOK_DICTS:
+            if hasattr(original, name):
+                setattr(self, name, copy.copy(getattr(original, name)))
+        self.training = original.training
+
+    @property
+    def original(self) -> nn.Module:
+        return self.__dict__["_se_original"]
+
+    @property
+    def original_class(self) -> type[nn.Module]:
+        return type(self.original)
+
+    def train(self, mode: bool = True) -> RebuiltBlock:
+        eval_graph, train_graph = self.__dict__["_se_graphs"]
+        if train_graph is not None and mode != self.training:
+            self.graph = train_graph if mode else eval_graph
+        return super().train(mode)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            original = self.__dict__.get("_se_original")
+            if original is None or name.startswith("__"):
+                raise
+            return getattr(original, name)
+
+    def _deepcopy_init(self):  # noqa: ANN202 - signature fixed by fx.GraphModule.__deepcopy__
+        return _init_copy
+
+    def restore(self) -> nn.Module:
+        """The original block, holding this block's current children, parameters and buffers."""
+        original = self.original
+        for store in ("_modules", "_parameters", "_buffers"):
+            mine, theirs = getattr(self, store), getattr(original, store)
+            for key in list(theirs):
+                if key in mine:
+                    theirs[key] = mine[key]
+        original.training = self.training
+        return original
+
+
+def _init_copy(res: RebuiltBlock, fake_mod: nn.Module, graph: fx.Graph) -> None:
+    """``__init__`` for ``copy.deepcopy``: rebuild from the copied attribute dictionary."""
+    body = fake_mod.__dict__
+    eval_graph, train_graph = body["_se_graphs"]
+    original = body["_se_original"]
+    se_blocks = {k: m for k, m in body["_modules"].items() if isinstance(m, SEBlock)}
+    constants = {k: v for k, v in body["_buffers"].items() if k not in original._buffers}
+    RebuiltBlock.__init__(res, original, eval_graph, train_graph, se_blocks, constants)
+    res.training = body["training"]
+    if train_graph is not None:
+        res.graph = train_graph if res.training else eval_graph
+
+
+def _lookup(original: nn.Module, target: str, se_blocks: dict[str, SEBlock], constants: dict[str, Any]) -> Any:
+    if target in se_blocks:
+        return se_blocks[target]
+    if target in constants:
+        return constants[target]
+    obj: Any = original
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _adopt(new: nn.Module, original: nn.Module, se_blocks: dict[str, SEBlock], constants: dict[str, Any]) -> None:
+    """Give ``new`` exactly the original's top-level children, parameters and buffers (same
+    objects, same order, same persistence), then the SE blocks, so state_dict keys match."""
+    new._modules = OrderedDict(original._modules)
+    new._modules.update(se_blocks)
+    new._parameters = OrderedDict(original._parameters)
+    new._buffers = OrderedDict(original._buffers)
+    new._non_persistent_buffers_set = set(original._non_persistent_buffers_set)
+    for name, value in constants.items():
+        new.register_buffer(name, value, persistent=False)
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def _module_placement(module: nn.Module) -> tuple[torch.device, torch.dtype]:
+    for tensor in [*module.parameters(), *module.buffers()]:
+        if tensor.is_floating_point():
+            return tensor.device, tensor.dtype
+    return torch.device("cpu"), torch.get_default_dtype()
+
+
+def _insert_sites(graph: fx.Graph, owner_path: str, sites: Iterable[Site]) -> None:
+    by_name = {name: node for node, name in qualified_names(graph, owner_path).items()}
+    for site in sites:
+        source = by_name.get(site.source)
+        if source is None:
+            raise PlanMismatchError(f"site {site.name}: node {site.source!r} not found in {owner_path or 'the model'}")
+        if site.targets:
+            targets = []
+            for t in site.targets:
+                node = by_name.get(t)
+                if node is None or source not in node.all_input_nodes:
+                    raise PlanMismatchError(f"site {site.name}: {t!r} does not consume {site.source!r}")
+                targets.append(node)
+        else:
+            targets = list(source.users)
+        with graph.inserting_after(source):
+            se_node = graph.call_module(site.attr, (source,))
+        for node in targets:
+            node.replace_input_with(source, se_node)
+    graph.lint()
+
+
+def _rebuild(owner: nn.Module, owner_path: str, sites: list[Site], config: SEConfig) -> RebuiltBlock:
+    inline = sorted({p for s in sites for p in s.inline})
+    graphs: dict[bool, fx.Graph] = {}
+    constants: dict[str, Any] = {}
+    for training in (False, True):
+        graph, consts = trace(owner, training=training, inline=inline)
+        _insert_sites(graph, owner_path, sites)
+        graphs[training] = graph
+        constants.update(consts)
+    same = graphs[False].python_code("self").src == graphs[True].python_code("self").src
+    device, dtype = _module_placement(owner)
+    se_blocks = {
+        s.attr: SEBlock.from_config(s.channels, s.hidden, s.channel_axis, config, device=device, dtype=dtype)
+        for s in sites
+    }
+    for block in se_blocks.values():
+        block.train(owner.training)
+    return RebuiltBlock(owner, graphs[False], None if same else graphs[True], se_blocks, constants)
+
+
+def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
+    """Insert the plan's SE blocks into ``model``, in place; nothing is decided here.
+
+    Every owning block is rebuilt before any is swapped in, so a plan that does not fit leaves
+    the model untouched. Returns ``model``, or the rebuilt root when the root owns a site.
+
+    Raises:
+        PlanMismatchError: an owner, node or name in the plan does not exist in ``model``.
+    """
+    by_owner: dict[str, list[Site]] = {}
+    for site in plan.sites:
+        by_owner.setdefault(site.owner, []).append(site)
+    rebuilt: dict[str, RebuiltBlock] = {}
+    for owner_path, sites in by_owner.items():
+        try:
+            owner = model.get_submodule(owner_path) if owner_path else model
+        except AttributeError as e:
+            raise PlanMismatchError(f"the plan names {owner_path!r}, which {type(model).__name__} does not have") from e
+        for site in sites:
+            if getattr(owner, site.attr, None) is not None:
+                raise PlanMismatchError(f"{owner_path or 'the model'} already has an attribute {site.attr!r}")
+        try:
+            rebuilt[owner_path] = _rebuild(owner, owner_path, sites, plan.config)
+        except PlanMismatchError:
+            raise
+        except Exception as e:
+            raise PlanMismatchError(f"could not rebuild {owner_path or 'the model'}: {type(e).__name__}: {e}") from e
+    for path in sorted(rebuilt, key=lambda p: (p.count("."), p) if p else (-1, p)):
+        if path:
+            _replace_module(model, path, rebuilt[path])
+    return rebuilt.get("", model)
+
+
+def _replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, attr = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, attr, new)
+
+
+def remove_se(model: nn.Module) -> nn.Module:
+    """Put every rebuilt block's original back, dropping the SE blocks; changes ``model`` in place.
+
+    Returns ``model`` (or the original root, if the root had been rebuilt). Original keys,
+    parameters (the same objects, with any training they received) and outputs come back.
+    """
+    if isinstance(model, RebuiltBlock):
+        model = model.restore()
+    for path, module in sorted(model.named_modules(), key=lambda item: -item[0].count(".")):
+        if isinstance(module, RebuiltBlock) and path:
+            _replace_module(model, path, module.restore())
+    return model

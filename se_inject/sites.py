@@ -1,0 +1,568 @@
+"""The placement policy: model -> plan (DESIGN.md, "Placement policy", rules 1-8).
+
+Phases, each a small function: find the example input, trace the model into analysis units
+(falling back to its blocks when the whole does not trace), turn additions and
+concatenations into candidates (residual, inception, dense) or skipped places with reasons,
+mark nested ones, then name, size and select the sites.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .block import SEConfig, hidden_width
+from .errors import ConfigError
+from .graph import (
+    DataFlow,
+    call_stack,
+    cat_dim,
+    channel_axis,
+    gating_products,
+    is_add,
+    is_cat,
+    node_scope,
+    propagate_shapes,
+    qualified_names,
+    record_module_inputs,
+    tensor_shape,
+    trace,
+    trailing_scaling_input,
+)
+from .plan import Plan, Site, SiteKind, Skipped, SkipReason
+
+log = logging.getLogger(__name__)
+
+__all__ = ["build_plan", "example_args", "TRUNK_MAX_PARAMETRIC"]
+
+#: A shortcut has at most this many parametric layers (projection: pool + conv + norm, or a
+#: GhostNet-style depthwise + pointwise pair); a deeper "shortcut" means a fusion.
+TRUNK_MAX_PARAMETRIC = 4
+
+#: How deep into an owner's children a source may sit before the owner is not rebuilt.
+_MAX_INLINE_DEPTH = 4
+
+
+@dataclass
+class _Unit:
+    """One traced module: the whole model, or a block of a model that does not trace."""
+
+    path: str
+    module: nn.Module
+    graph: fx.Graph
+    flow: DataFlow
+    names: dict[fx.Node, str]
+    _owned: dict[str, list[fx.Node]] = field(default_factory=dict)
+    _gated: dict[str, list[fx.Node]] = field(default_factory=dict)
+
+    def full(self, rel: str) -> str:
+        return f"{self.path}.{rel}" if self.path and rel else self.path or rel
+
+    def owned_nodes(self, owner_rel: str) -> list[fx.Node]:
+        if owner_rel not in self._owned:
+            self._owned[owner_rel] = [n for n in self.flow.order if _inside(n, owner_rel)]
+        return self._owned[owner_rel]
+
+    def owner_gates(self, owner_rel: str) -> list[fx.Node]:
+        if owner_rel not in self._gated:
+            self._gated[owner_rel] = gating_products(self.flow, self.owned_nodes(owner_rel))
+        return self._gated[owner_rel]
+
+
+@dataclass
+class _Candidate:
+    """A place considered for SE, before naming and selection."""
+
+    unit: _Unit
+    kind: SiteKind
+    anchor: fx.Node
+    owner_rel: str
+    source: fx.Node | None = None
+    targets: tuple[fx.Node, ...] = ()
+    region: set[fx.Node] = field(default_factory=set)
+    structural: bool = False  # a real residual or inception block: others inside it are nested
+    skip: Skipped | None = None
+    rep_source: str = ""
+    rep_targets: tuple[str, ...] = ()
+    inline: tuple[str, ...] = ()
+    channels: int = 0
+    axis: int = 1
+    shape: tuple[int, ...] = ()
+
+
+# --------------------------------------------------------------------------------------------
+# Entry point
+
+
+def build_plan(
+    model: nn.Module,
+    config: SEConfig,
+    *,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    min_channels: int = 0,
+    example_input: Any = None,
+) -> Plan:
+    """Analyse ``model`` (unchanged) and return where SE blocks go under ``config``.
+
+    Raises:
+        ConfigError: a selection option has a bad value.
+    """
+    include, exclude = _check_globs("include", include), _check_globs("exclude", exclude)
+    if min_channels < 0:
+        raise ConfigError(f"min_channels must be >= 0, got {min_channels}")
+    args = example_args(model, example_input)
+    units: list[_Unit] = []
+    unanalysed: list[str] = []
+    _analyse(model, "", args, units, unanalysed)
+    candidates = [c for unit in units for c in _unit_candidates(unit)]
+    _mark_nested(candidates)
+    sites, skipped = _finalise(model, candidates, config, include, exclude, min_channels)
+    return Plan(tuple(sites), tuple(skipped), tuple(unanalysed), config)
+
+
+def _check_globs(what: str, globs: Sequence[str] | None) -> tuple[str, ...] | None:
+    if globs is None:
+        return None
+    if isinstance(globs, str):
+        globs = (globs,)
+    if not all(isinstance(g, str) and g for g in globs):
+        raise ConfigError(f"{what} must be module-name globs (non-empty strings), got {globs!r}")
+    return tuple(globs)
+
+
+def example_args(model: nn.Module, example_input: Any = None) -> tuple[Any, ...]:
+    """The inputs to analyse with: the user's, else one built from the model's config.
+
+    Only shapes matter (analysis runs on fake tensors): timm's ``pretrained_cfg['input_size']``
+    when known, else the first layer's input channels at 224 px, batch 2.
+    """
+    if example_input is not None:
+        return tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
+    ref = next(iter(model.parameters()), None)
+    dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.get_default_dtype()
+    device = ref.device if ref is not None else torch.device("cpu")
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
+    shape: tuple[int, ...] | None = None
+    if isinstance(cfg, dict) and cfg.get("input_size"):
+        shape = (2, *cfg["input_size"])
+    else:
+        for m in model.modules():
+            if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+                spatial = {nn.Conv1d: (224,), nn.Conv2d: (224, 224), nn.Conv3d: (16, 112, 112)}[type(m)]
+                shape = (2, m.in_channels, *spatial)
+                break
+            if isinstance(m, nn.Linear):
+                shape = (2, m.in_features)
+                break
+    if shape is None:
+        raise ConfigError(
+            f"cannot guess an input for {type(model).__name__}; pass example_input=torch.randn(...)"
+        )
+    return (torch.empty(shape, dtype=dtype, device=device),)
+
+
+# --------------------------------------------------------------------------------------------
+# Tracing into units
+
+
+def _graph_module(module: nn.Module, graph: fx.Graph, constants: dict[str, Any]) -> fx.GraphModule:
+    attrs: dict[str, Any] = {}
+    for node in graph.nodes:
+        if node.op in ("get_attr", "call_module"):
+            target = str(node.target)
+            attrs[target] = constants[target] if target in constants else _resolve(module, target)
+    return fx.GraphModule(attrs, graph)
+
+
+def _resolve(module: nn.Module, target: str) -> Any:
+    obj: Any = module
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _analyse(module: nn.Module, path: str, args: Sequence[Any], units: list[_Unit], unanalysed: list[str]) -> None:
+    try:
+        graph, constants = trace(module)
+        propagate_shapes(_graph_module(module, graph, constants), args)
+    except Exception as e:  # noqa: BLE001 - any failure means "analyse the parts"
+        log.debug("%s does not trace (%s: %s); analysing its children", path or "model", type(e).__name__, e)
+        unanalysed.append(path)
+        inputs = record_module_inputs(module, args)
+        for name, child in module.named_children():
+            if not any(True for _ in child.parameters()):
+                continue
+            if name in inputs:
+                _analyse(child, f"{path}.{name}" if path else name, inputs[name], units, unanalysed)
+            else:
+                unanalysed.append(f"{path}.{name}" if path else name)
+        return
+    flow = DataFlow(graph, module)
+    units.append(_Unit(path, module, graph, flow, qualified_names(graph, path)))
+    # Leaves we cannot see into (timm's no-trace blocks): analyse them on their own.
+    for node in graph.nodes:
+        if node.op != "call_module":
+            continue
+        child = module.get_submodule(str(node.target))
+        if type(child).__module__.startswith("torch.") or not any(True for _ in child.parameters()):
+            continue
+        if _is_first_call(node):
+            vals = tuple(a.meta.get("val") if isinstance(a, fx.Node) else a for a in node.args)
+            child_path = f"{path}.{node.target}" if path else str(node.target)
+            _analyse(child, child_path, vals, units, unanalysed)
+
+
+def _is_first_call(node: fx.Node) -> bool:
+    stack = call_stack(node)
+    return not stack or "@" not in stack[-1][0]
+
+
+# --------------------------------------------------------------------------------------------
+# Candidates
+
+
+def _inside(node: fx.Node, owner_rel: str) -> bool:
+    path = str(node.target) if node.op == "call_module" else node_scope(node)
+    return not owner_rel or path == owner_rel or path.startswith(owner_rel + ".")
+
+
+def _unit_candidates(unit: _Unit) -> list[_Candidate]:
+    found: list[_Candidate] = []
+    for node in unit.flow.order:
+        if not unit.flow.live.get(node):
+            continue
+        if is_add(node):
+            cand = _residual(unit, node)
+            if cand is not None:
+                found.append(cand)
+        elif is_cat(node):
+            found.extend(_concatenation(unit, node))
+    return found
+
+
+def _skip(cand: _Candidate, reason: SkipReason, detail: str = "", node: fx.Node | None = None) -> _Candidate:
+    cand.skip = Skipped(cand.unit.names[node if node is not None else cand.anchor], reason, detail)
+    return cand
+
+
+def _residual(unit: _Unit, add: fx.Node) -> _Candidate | None:
+    flow = unit.flow
+    operands = [a for a in add.args[:2] if isinstance(a, fx.Node)]
+    if len(operands) != 2 or not all(flow.live.get(a) for a in operands):
+        return None  # rule 6: a constant, parameter or scalar operand is not a residual
+    shape_a, shape_b = tensor_shape(operands[0]), tensor_shape(operands[1])
+    if shape_a is None or shape_a != shape_b or shape_a != tensor_shape(add):
+        return None
+    owner_rel = node_scope(add)
+    cand = _Candidate(unit, SiteKind.RESIDUAL, add, owner_rel)
+    fork = flow.idom.get(add)
+    if fork is None:
+        return _skip(cand, SkipReason.FUSION, "operands come from different inputs of the model")
+    region = flow.region(fork, add)
+    outside = next((n for n in region if not _inside(n, owner_rel)), None)
+    if outside is not None:
+        return _skip(
+            cand, SkipReason.FUSION,
+            f"operands meet at {unit.names[fork]}; {unit.names[outside]} lies outside {unit.full(owner_rel) or 'the model'}",
+        )
+    cost, _ = flow.path_costs(fork, region)
+    a, b = operands
+    if cost[a] == cost[b]:
+        return _skip(cand, SkipReason.NO_TRUNK, f"both operands have {cost[a]} parametric layers")
+    branch, trunk = (a, b) if cost[a] > cost[b] else (b, a)
+    if cost[trunk] > TRUNK_MAX_PARAMETRIC:
+        return _skip(cand, SkipReason.FUSION, f"the shorter operand still has {cost[trunk]} parametric layers")
+    cand.structural = True
+    cand.region = region
+    source, target = branch, add
+    while (inner := trailing_scaling_input(flow, source)) is not None and inner in region and inner is not fork:
+        source, target = inner, source
+    if cost.get(source, 0) == 0:
+        return _skip(cand, SkipReason.NO_TRUNK, "the branch has no parametric layer before its scalings")
+    cand.source, cand.targets = source, (target,)
+    if not _check_tensor(cand, source):
+        return cand
+    gates = gating_products(flow, region)
+    if gates:
+        return _skip(cand, SkipReason.ALREADY_ATTENDED, f"branch gated at {unit.names[gates[0]]}")
+    return _represent(cand)
+
+
+def _check_tensor(cand: _Candidate, node: fx.Node) -> bool:
+    """Channel axis and layout of the tensor to scale; records a skip and returns False if unfit."""
+    shape = tensor_shape(node)
+    if shape is None:
+        _skip(cand, SkipReason.UNKNOWN_CHANNEL_AXIS, "no shape recorded")
+        return False
+    if len(shape) <= 2:
+        _skip(cand, SkipReason.NO_SPATIAL_EXTENT, f"shape {list(shape)}")
+        return False
+    axis = channel_axis(node, cand.unit.flow)
+    if axis is None:
+        _skip(cand, SkipReason.UNKNOWN_CHANNEL_AXIS, f"shape {list(shape)}")
+        return False
+    if len(shape) == 3 and axis == 2:
+        _skip(cand, SkipReason.TOKEN_SEQUENCE, f"shape {list(shape)}, channels last")
+        return False
+    if axis not in (1, len(shape) - 1):
+        _skip(cand, SkipReason.UNKNOWN_CHANNEL_AXIS, f"channels on axis {axis} of {list(shape)}")
+        return False
+    cand.shape, cand.channels = shape, shape[axis]
+    cand.axis = 1 if axis == 1 else -1
+    return True
+
+
+def _concatenation(unit: _Unit, cat: fx.Node) -> list[_Candidate]:
+    flow = unit.flow
+    raw = cat.args[0] if cat.args else cat.kwargs.get("tensors", ())
+    inputs: list[fx.Node] = []
+    for a in raw if isinstance(raw, (list, tuple)) else ():
+        if isinstance(a, fx.Node) and flow.live.get(a) and a not in inputs:
+            inputs.append(a)
+    if len(inputs) < 2:
+        return []  # rule 6: concatenating a class token or a constant is not a site
+    owner_rel = node_scope(cat)
+    cand = _Candidate(unit, SiteKind.INCEPTION, cat, owner_rel)
+    shape = tensor_shape(cat)
+    axis = channel_axis(cat, flow)
+    if shape is None or axis is None:
+        return [_skip(cand, SkipReason.UNKNOWN_CHANNEL_AXIS)]
+    if cat_dim(cat) % len(shape) != axis:
+        return [_skip(cand, SkipReason.NOT_CHANNEL_CONCAT, f"dim {cat_dim(cat)} of {list(shape)}")]
+    fork = flow.idom.get(cat)
+    if fork is None:
+        return [_skip(cand, SkipReason.FUSION, "inputs come from different inputs of the model")]
+    region = flow.region(fork, cat)
+    cost, pooled = flow.path_costs(fork, region)
+    ancestors = {i: flow.ancestors_within(i, region) for i in inputs}
+    carried = [
+        i for i in inputs
+        if i is fork or (cost[i] == 0 and not pooled[i]) or any(i in ancestors[j] for j in inputs if j is not i)
+    ]
+    computed = [i for i in inputs if i not in carried]
+    if not computed:
+        return [_skip(cand, SkipReason.NO_COMPUTED_BRANCH)]
+    if not carried:
+        cand.structural = True
+        cand.region = region
+        cand.source = cat
+        if not _check_tensor(cand, cat):
+            return [cand]
+        gated = gating_products(flow, region) or (unit.owner_gates(owner_rel) if owner_rel else [])
+        if gated:
+            return [_skip(cand, SkipReason.ALREADY_ATTENDED, f"block gated at {unit.names[gated[0]]}")]
+        return [_represent(cand)]
+    dense = []
+    for producer in computed:
+        consumers = tuple(u for u in producer.users if is_cat(u))
+        owner = _common_owner([producer, *consumers])
+        d = _Candidate(unit, SiteKind.DENSE, cat, owner, source=producer, targets=consumers)
+        if not _check_tensor(d, producer):
+            d.skip = Skipped(unit.names[producer], d.skip.reason, d.skip.detail)  # type: ignore[union-attr]
+            dense.append(d)
+            continue
+        gated = unit.owner_gates(owner) if owner else gating_products(flow, region)
+        if gated:
+            dense.append(_skip(d, SkipReason.ALREADY_ATTENDED, f"block gated at {unit.names[gated[0]]}", producer))
+            continue
+        dense.append(_represent(d))
+    return dense
+
+
+def _common_owner(nodes: Sequence[fx.Node]) -> str:
+    paths = [(str(n.target) if n.op == "call_module" else node_scope(n)).split(".") for n in nodes]
+    common: list[str] = []
+    for parts in zip(*paths, strict=False):
+        if any(p != parts[0] for p in parts) or parts[0] == "":
+            break
+        common.append(parts[0])
+    prefix = ".".join(common)
+    # A leaf module is never an owner: its parent performs the call.
+    for n in nodes:
+        if n.op == "call_module" and str(n.target) == prefix:
+            return prefix.rpartition(".")[0]
+    return prefix
+
+
+# --------------------------------------------------------------------------------------------
+# Owner-level names of the nodes a site touches
+
+
+def _owner_entries(node: fx.Node, owner_rel: str) -> list[tuple[str, str]]:
+    return [(k, p) for k, p in call_stack(node) if not owner_rel or p.startswith(owner_rel + ".")]
+
+
+def _call_name(unit: _Unit, key: str, path: str) -> str:
+    k = int(key.rsplit("@", 1)[1]) if "@" in key else 0
+    full = unit.full(path)
+    return full if k == 0 else f"{full}_{k}"
+
+
+def _rep(unit: _Unit, node: fx.Node, owner_rel: str, depth: int) -> tuple[str, list[str], str | None]:
+    """Name of ``node`` in the owner's graph when the first ``depth`` nested calls are traced
+    through; also the paths traced through and the call key that stands for the node."""
+    entries = _owner_entries(node, owner_rel)
+    if node.op == "call_module":
+        entries = entries[:-1] + [("", entries[-1][1])] if entries else entries
+    if depth < len(entries) and entries[depth][0]:
+        key, path = entries[depth]
+        return _call_name(unit, key, path), [p for _, p in entries[:depth]], key
+    inline = [p for k, p in entries if k]
+    return unit.names[node], inline, None
+
+
+def _represent(cand: _Candidate) -> _Candidate:
+    """Find how shallowly the owner can be rebuilt: children stay calls unless the source or a
+    target lies inside them; record a NOT_REWRITABLE skip if no depth works."""
+    unit, src = cand.unit, cand.source
+    assert src is not None
+    for depth in range(_MAX_INLINE_DEPTH):
+        rep_src, inline, key = _rep(unit, src, cand.owner_rel, depth)
+        if key is not None and any(key in dict(call_stack(u)) for u in src.users):
+            continue  # the source is not the output of that call
+        reps, ok = [], True
+        for t in cand.targets:
+            rep_t, inline_t, _ = _rep(unit, t, cand.owner_rel, depth)
+            if rep_t == rep_src:
+                ok = False
+                break
+            reps.append(rep_t)
+            inline += inline_t
+        if not ok:
+            continue
+        prefix = len(cand.owner_rel) + 1 if cand.owner_rel else 0
+        cand.rep_source = rep_src
+        cand.rep_targets = tuple(dict.fromkeys(reps))
+        cand.inline = tuple(sorted({p[prefix:] for p in inline}))
+        return cand
+    return _skip(cand, SkipReason.NOT_REWRITABLE, "the scaled tensor is buried too deep inside the block's children")
+
+
+# --------------------------------------------------------------------------------------------
+# Nesting, naming, selection
+
+
+def _mark_nested(candidates: list[_Candidate]) -> None:
+    """Rule 2 and 7: one SE per block. Places inside a bigger residual or inception block are
+    nested, whether that block got a site or was skipped for already having attention."""
+    outer: list[_Candidate] = []
+    for cand in sorted(candidates, key=lambda c: -len(c.region)):
+        probe = cand.source if cand.kind is SiteKind.DENSE else cand.anchor
+        host = next((o for o in outer if o.unit is cand.unit and probe in o.region), None)
+        if host is not None:
+            if cand.skip is None or cand.skip.reason is not SkipReason.ALREADY_ATTENDED:
+                node = cand.source if cand.kind is SiteKind.DENSE and cand.source is not None else cand.anchor
+                _skip(cand, SkipReason.NESTED, f"inside {cand.unit.names[host.anchor]}", node)
+            continue
+        if cand.structural:
+            outer.append(cand)
+
+
+def _finalise(
+    model: nn.Module,
+    candidates: list[_Candidate],
+    config: SEConfig,
+    include: tuple[str, ...] | None,
+    exclude: tuple[str, ...] | None,
+    min_channels: int,
+) -> tuple[list[Site], list[Skipped]]:
+    order: dict[int, int] = {}
+    for c in candidates:
+        order.setdefault(id(c.unit), len(order))
+    candidates = sorted(candidates, key=lambda c: (order[id(c.unit)], c.unit.flow.index[c.source or c.anchor]))
+    sites: list[Site] = []
+    skipped: list[Skipped] = []
+    taken: dict[str, set[str]] = {}
+    seen_sources: dict[tuple[int, fx.Node], int] = {}
+    stage, last_spatial = 0, None
+    for cand in candidates:
+        if cand.skip is not None:
+            skipped.append(cand.skip)
+            continue
+        assert cand.source is not None
+        key = (id(cand.unit), cand.source)
+        if key in seen_sources:  # dense: one SE per producer, whatever the number of consumers
+            site = sites[seen_sources[key]]
+            merged = tuple(dict.fromkeys(site.targets + cand.rep_targets))
+            sites[seen_sources[key]] = _replace(site, targets=merged)
+            continue
+        owner = cand.unit.full(cand.owner_rel)
+        name = _free_name(model, owner, taken)
+        node_name = cand.unit.names[cand.anchor]
+        if include is not None and not _matches(include, name, owner):
+            skipped.append(Skipped(node_name, SkipReason.EXCLUDED, "not matched by include"))
+            continue
+        if exclude is not None and _matches(exclude, name, owner):
+            skipped.append(Skipped(node_name, SkipReason.EXCLUDED, "matched by exclude"))
+            continue
+        if cand.channels < min_channels:
+            skipped.append(Skipped(node_name, SkipReason.TOO_FEW_CHANNELS, f"{cand.channels} < {min_channels}"))
+            continue
+        taken.setdefault(owner, set()).add(name.rsplit(".", 1)[-1])
+        spatial = tuple(s for d, s in enumerate(cand.shape) if d != 0 and d != cand.axis % len(cand.shape))
+        if last_spatial is not None and spatial != last_spatial:
+            stage += 1
+        last_spatial = spatial
+        seen_sources[key] = len(sites)
+        sites.append(
+            Site(
+                name=name,
+                kind=cand.kind,
+                owner=owner,
+                node=node_name,
+                source=cand.rep_source,
+                targets=cand.rep_targets if cand.kind is not SiteKind.INCEPTION else (),
+                channels=cand.channels,
+                hidden=hidden_width(cand.channels, config.reduction, config.min_hidden, config.hidden),
+                channel_axis=cand.axis,
+                stage=stage,
+                inline=cand.inline,
+            )
+        )
+    return _drop_conflicting_owners(sites, skipped)
+
+
+def _replace(site: Site, **changes: Any) -> Site:
+    from dataclasses import replace
+
+    return replace(site, **changes)
+
+
+def _matches(globs: tuple[str, ...], name: str, owner: str) -> bool:
+    return any(fnmatch.fnmatchcase(name, g) or fnmatch.fnmatchcase(owner, g) for g in globs)
+
+
+def _free_name(model: nn.Module, owner: str, taken: dict[str, set[str]]) -> str:
+    """``owner.se``, ``owner.se_1``, ...: the first name the owner does not already use.
+
+    An attribute set to ``None`` counts as free, so timm blocks built without attention
+    (``self.se = None``) get ``se`` and their keys match timm's SE-ResNets.
+    """
+    module = model.get_submodule(owner) if owner else model
+    used = taken.get(owner, set())
+    k = 0
+    while True:
+        attr = "se" if k == 0 else f"se_{k}"
+        if attr not in used and getattr(module, attr, None) is None:
+            return f"{owner}.{attr}" if owner else attr
+        k += 1
+
+
+def _drop_conflicting_owners(sites: list[Site], skipped: list[Skipped]) -> tuple[list[Site], list[Skipped]]:
+    """An owner inside a module that another owner traces through could not be swapped in."""
+    inlined = {f"{s.owner}.{p}" if s.owner else p for s in sites for p in s.inline}
+    kept = []
+    for site in sites:
+        if any(site.owner == p or site.owner.startswith(p + ".") for p in inlined):
+            skipped.append(Skipped(site.node, SkipReason.NOT_REWRITABLE, "its block is traced through by an outer site"))
+        else:
+            kept.append(site)
+    return kept, skipped
