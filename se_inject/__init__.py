@@ -2,14 +2,14 @@
 
 from .api import apply_plan as apply_plan
 from .api import find_sites as find_sites
-from .api import freeze_except_se as freeze_except_se
 from .api import inject_se as inject_se
 from .api import remove_se as remove_se
-from .api import se_modules as se_modules
-from .api import se_parameters as se_parameters
 from .block import SEBlock as SEBlock
 from .block import SEConfig as SEConfig
 from .errors import SEInjectError as SEInjectError
+from .finetune import freeze_except_se as freeze_except_se
+from .finetune import se_modules as se_modules
+from .finetune import se_parameters as se_parameters
 from .plan import Plan as Plan
 from .plan import Site as Site
 from .plan import SiteKind as SiteKind
