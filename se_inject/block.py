@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
+import torch.fx
 from torch import nn
 
 from .errors import ConfigError
@@ -145,12 +146,11 @@ class SEBlock(nn.Module):
         self.act = nn.ReLU(inplace=True)
         self.fc2 = nn.Linear(hidden, channels, bias=bias, **dd)
         self._gate = GATES[gate][0]
-        self._pool = POOLS[pool]
         if identity_init:
             nn.init.zeros_(self.fc2.weight)
             if self.fc2.bias is not None:
                 nn.init.zeros_(self.fc2.bias)
-        self._register_load_state_dict_pre_hook(_flatten_conv_weights)
+        self.register_load_state_dict_pre_hook(_flatten_conv_weights)
 
     @classmethod
     def from_config(
@@ -176,19 +176,33 @@ class SEBlock(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        axis = self.channel_axis % x.ndim
-        squeeze_dims = tuple(d for d in range(1, x.ndim) if d != axis)
-        z = self.fc2(self.act(self.fc1(self._pool(x, squeeze_dims))))
-        shape = [1] * x.ndim
-        shape[0] = -1
-        shape[axis] = self.channels
-        return x * self._gate(z).view(shape)
+        squeezed = _squeeze(x, self.channel_axis, self.pool_name)
+        z = self.fc2(self.act(self.fc1(squeezed)))
+        return _excite(x, self._gate(z), self.channel_axis)
 
     def extra_repr(self) -> str:
         return (
             f"channels={self.channels}, hidden={self.hidden}, channel_axis={self.channel_axis}, "
             f"gate={self.gate_name}, pool={self.pool_name}"
         )
+
+
+# Wrapped for torch.fx: they depend on ``x.ndim``, which a symbolic tracer cannot branch on,
+# so an injected model stays traceable by any fx tracer (feature extractors included).
+@torch.fx.wrap
+def _squeeze(x: torch.Tensor, channel_axis: int, pool: str) -> torch.Tensor:
+    """[B, C]: ``pool`` over every axis except batch and channel."""
+    axis = channel_axis % x.ndim
+    return POOLS[pool](x, tuple(d for d in range(1, x.ndim) if d != axis))
+
+
+@torch.fx.wrap
+def _excite(x: torch.Tensor, gate: torch.Tensor, channel_axis: int) -> torch.Tensor:
+    """``x`` scaled channel-wise by ``gate`` [B, C]."""
+    shape = [1] * x.ndim
+    shape[0] = -1
+    shape[channel_axis % x.ndim] = gate.shape[-1]
+    return x * gate.view(shape)
 
 
 def _flatten_conv_weights(

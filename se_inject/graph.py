@@ -20,6 +20,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from .block import SEBlock
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -94,7 +96,8 @@ class SETracer(fx.Tracer):
     ) -> None:
         timm_modules, timm_functions = _timm_notrace()
         super().__init__(autowrap_functions=tuple(autowrap_functions) + timm_functions)
-        self.leaf_modules = tuple(leaf_modules) + timm_modules + mode_dependent_leaves()
+        # SEBlock is a leaf so our own blocks read as one call (and as attention) in the graph.
+        self.leaf_modules = tuple(leaf_modules) + timm_modules + mode_dependent_leaves() + (SEBlock,)
         self.inline = None if inline is None else frozenset(inline)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
@@ -613,10 +616,14 @@ def _strip_expand(node: fx.Node) -> fx.Node:
 
 
 def gating_products(flow: DataFlow, nodes: Iterable[fx.Node]) -> list[fx.Node]:
-    """Products ``t * g`` where the gate ``g`` is computed from ``t`` by global pooling: SE,
-    eSE, ECA, CBAM's channel part, SK and split attention all have this shape."""
+    """Products ``t * g`` where the gate ``g`` is computed from ``t`` by global pooling (SE,
+    eSE, ECA, CBAM's channel part, SK and split attention all have this shape), and calls of
+    our own ``SEBlock``."""
     found = []
     for n in nodes:
+        if isinstance(_module(flow.root, n), SEBlock):
+            found.append(n)
+            continue
         if not _is_mul(n):
             continue
         operands = [a for a in n.args[:2] if isinstance(a, fx.Node) and flow.live.get(a)]

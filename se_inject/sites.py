@@ -198,8 +198,8 @@ def _analyse(module: nn.Module, path: str, args: Sequence[Any], units: list[_Uni
         unanalysed.append(path)
         inputs = record_module_inputs(module, args)
         for name, child in module.named_children():
-            if not any(True for _ in child.parameters()):
-                continue
+            if type(child).__module__.startswith("torch.") or not any(True for _ in child.parameters()):
+                continue  # builtin layers are leaves: nothing inside to analyse
             if name in inputs:
                 _analyse(child, f"{path}.{name}" if path else name, inputs[name], units, unanalysed)
             else:
