@@ -16,6 +16,7 @@ __all__ = [
     "WeightsError",
     "CheckpointError",
     "UnsafeCheckpointError",
+    "OutputPathError",
 ]
 
 
@@ -49,3 +50,7 @@ class CheckpointError(SEInjectError, ValueError):
 
 class UnsafeCheckpointError(CheckpointError):
     """A checkpoint would run code when unpickled; it was refused and nothing ran."""
+
+
+class OutputPathError(SEInjectError, OSError):
+    """An output file cannot be written there (missing folder, a directory, read-only place)."""
