@@ -1,0 +1,380 @@
+"""Checkpoints: plain data that ``torch.load(path, weights_only=True)`` reads, and rebuilding from them.
+
+A checkpoint is a dict of plain values and tensors, never pickled classes::
+
+    {
+        "format": "se-inject", "format_version": 1,
+        "se_inject_version": "0.1.0", "torch_version": "2.14.1",
+        "model": {"source": "timm", "name": "resnet50"},    # None for a custom model
+        "weights": {"kind": "pretrained", "detail": "..."},  # what the base weights were
+        "se_only": False,
+        "plan": Plan.to_dict(),
+        "state_dict": {"conv1.weight": tensor, ..., "layer1.0.se.fc1.weight": tensor, ...},
+    }
+
+A full checkpoint holds every tensor of the injected model; an SE-only checkpoint (the
+adapter-style option, a few MB) holds the tensors of the :class:`~se_inject.block.SEBlock`
+modules only, selected by type, never by a name such as ``"se"`` (timm's ``seresnet*`` have
+``.se.`` modules of their own).
+
+:func:`load` replays the saved plan with :func:`~se_inject.apply_plan` (no graph analysis) on a
+base model rebuilt from the recorded registry name with random init (nothing is downloaded),
+or on the ``base_model`` you pass, then loads the saved tensors strictly.
+
+Writes are atomic: the file is written next to its destination under a temporary name and
+moved into place with ``os.replace``, so a failure leaves an existing file untouched and no
+partial file behind.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from collections.abc import Mapping
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .block import SEBlock
+from .errors import (
+    CheckpointError,
+    OutputPathError,
+    SEInjectError,
+    UnknownModelError,
+    WeightsError,
+)
+from .plan import Plan
+from .rewrite import apply_plan
+from .zoo import (
+    ModelSpec,
+    Source,
+    WeightsInfo,
+    WeightsKind,
+    create_model,
+    create_model_for_state,
+    load_strict,
+    model_origin,
+    pretrained_from_cache,
+    read_pickle,
+    resolve_name,
+    tag_origin,
+)
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "PLAN_ATTR",
+    "save",
+    "load",
+    "read_checkpoint",
+    "checkpoint_dict",
+    "check_output_path",
+    "atomic_save",
+    "se_state_dict",
+]
+
+FORMAT = "se-inject"
+FORMAT_VERSION = 1
+
+#: Attribute holding the plan an injected model was built from (set by ``apply_plan`` / ``load``).
+PLAN_ATTR = "se_inject_plan"
+
+_KEYS_SHOWN = 4
+
+
+# --- writing --------------------------------------------------------------------------------
+
+
+def check_output_path(path: str | os.PathLike[str]) -> Path:
+    """Check, before any work is done, that a file can be written at ``path``.
+
+    A probe file is created and removed in the destination folder, so the answer is also right
+    for root and for read-only file systems, where permission bits say nothing.
+
+    Raises:
+        OutputPathError: the folder does not exist, ``path`` is a folder, or nothing can be
+            written there.
+    """
+    file = Path(path)
+    if file.is_dir():
+        raise OutputPathError(f"cannot write {str(file)!r}: it is a directory; give a file name such as model.pt")
+    folder = file.parent
+    if not folder.is_dir():
+        raise OutputPathError(f"cannot write {str(file)!r}: folder {str(folder)!r} does not exist")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{file.name}.", suffix=".probe", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OutputPathError(f"cannot write {str(file)!r}: {e.strerror or e}") from e
+    return file
+
+
+def _new_file_mode(existing: Path) -> int:
+    try:
+        return existing.stat().st_mode & 0o777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
+    """``torch.save(obj)`` to ``path`` through a temporary file in the same folder and ``os.replace``.
+
+    Raises:
+        OutputPathError: the file cannot be written; an existing ``path`` is left untouched and
+            no temporary file remains.
+    """
+    file = check_output_path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{file.name}.", suffix=".tmp", dir=file.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, _new_file_mode(file))
+        os.replace(tmp, file)
+    except BaseException as e:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        if isinstance(e, OSError) and not isinstance(e, SEInjectError):
+            raise OutputPathError(f"cannot write {str(file)!r}: {e.strerror or e}") from e
+        raise
+    return file
+
+
+def se_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors of the model's :class:`SEBlock` modules, under their full keys."""
+    state: dict[str, torch.Tensor] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, SEBlock):
+            state.update(module.state_dict(prefix=f"{name}." if name else ""))
+    return state
+
+
+def _version() -> str:
+    try:
+        return metadata.version("se-inject")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _recorded_plan(model: nn.Module) -> Plan | None:
+    plan = getattr(model, PLAN_ATTR, None)
+    return plan if isinstance(plan, Plan) else None
+
+
+def checkpoint_dict(
+    model: nn.Module,
+    *,
+    plan: Plan | None = None,
+    se_only: bool = False,
+    origin: ModelSpec | None = None,
+    weights: WeightsInfo | None = None,
+) -> dict[str, Any]:
+    """The plain-data checkpoint of an injected model (what :func:`save` writes).
+
+    Raises:
+        CheckpointError: no plan was given and none is recorded on the model.
+    """
+    plan = plan if plan is not None else _recorded_plan(model)
+    if plan is None:
+        raise CheckpointError(
+            f"{type(model).__name__} has no recorded SE plan; pass plan= (the Plan it was injected with)"
+        )
+    origin = origin if origin is not None else model_origin(model)
+    state = se_state_dict(model) if se_only else model.state_dict()
+    return _plain({
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "se_inject_version": _version(),
+        "torch_version": str(torch.__version__),
+        "model": None if origin is None else {"source": str(origin.source), "name": origin.name},
+        "weights": None if weights is None else weights.to_dict(),
+        "se_only": se_only,
+        "plan": plan.to_dict(),
+        "state_dict": {k: v.detach().to("cpu") for k, v in state.items()},
+    })
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with every container and scalar turned into its exact built-in type.
+
+    ``weights_only`` unpickling refuses subclasses (``torch.__version__`` is a ``TorchVersion``,
+    plans hold ``StrEnum`` values), so they are converted here rather than found at load time.
+    """
+    if isinstance(value, torch.Tensor):
+        return value
+    if value is None or type(value) in (bool, int, float, str):
+        return value
+    if isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    if isinstance(value, Mapping):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    raise CheckpointError(f"cannot store {type(value).__name__} in a weights_only checkpoint")
+
+
+def save(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    se_only: bool = False,
+    *,
+    plan: Plan | None = None,
+    origin: ModelSpec | None = None,
+    weights: WeightsInfo | None = None,
+) -> Path:
+    """Write an injected model (or only its SE weights) as a ``weights_only``-loadable checkpoint.
+
+    The model is not changed. The plan is the one recorded on the model by ``inject_se`` /
+    ``apply_plan`` unless ``plan`` is given; the registry name comes from models built by
+    :mod:`se_inject.zoo` and from timm's ``pretrained_cfg`` unless ``origin`` is given (without
+    one, :func:`load` needs a ``base_model``).
+
+    Example:
+        >>> model = inject_se(timm.create_model("resnet50"))
+        >>> save(model, "model.pt")                      # everything
+        >>> save(model, "se.pt", se_only=True)           # adapter: SE weights + plan
+
+    Raises:
+        CheckpointError: no plan is known for the model.
+        OutputPathError: the file cannot be written (an existing file is left untouched).
+    """
+    data = checkpoint_dict(model, plan=plan, se_only=se_only, origin=origin, weights=weights)
+    return atomic_save(data, path)
+
+
+# --- reading --------------------------------------------------------------------------------
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read and validate an se-inject checkpoint as plain data (nothing is built).
+
+    Raises:
+        CheckpointError: missing, corrupt, not an se-inject checkpoint, or a newer format.
+        UnsafeCheckpointError: the file would run code when unpickled (refused).
+    """
+    data = read_pickle(path, what="checkpoint", error=CheckpointError)
+    where = repr(str(path))
+    if not isinstance(data, Mapping) or data.get("format") != FORMAT:
+        hint = ""
+        if isinstance(data, Mapping) and data and all(isinstance(v, torch.Tensor) for v in data.values()):
+            hint = " (it looks like a plain state dict: use it as base weights with --weights PATH)"
+        raise CheckpointError(f"{where} is not an se-inject checkpoint{hint}")
+    version = data.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{where} has checkpoint format version {version!r}; this se-inject reads up to {FORMAT_VERSION}, upgrade it"
+        )
+    state = data.get("state_dict")
+    if not isinstance(state, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise CheckpointError(f"{where} has no valid state_dict (name -> tensor)")
+    if not isinstance(data.get("plan"), Mapping):
+        raise CheckpointError(f"{where} has no plan")
+    return dict(data)
+
+
+def _spec(data: Mapping[str, Any], where: str) -> ModelSpec:
+    recorded = data.get("model")
+    if not isinstance(recorded, Mapping) or not recorded.get("name"):
+        raise CheckpointError(
+            f"{where} records no registry model name (saved from a custom model); pass base_model="
+        )
+    try:
+        source = Source(recorded.get("source"))
+    except ValueError as e:
+        raise CheckpointError(f"{where} records an unknown model source {recorded.get('source')!r}") from e
+    try:
+        return resolve_name(f"{source}:{recorded['name']}")
+    except UnknownModelError as e:
+        raise CheckpointError(f"{where} was saved from {source}:{recorded['name']}, which is not installed here: {e}") from e
+
+
+def _se_only_base(spec: ModelSpec, data: Mapping[str, Any], where: str) -> nn.Module:
+    # SE weights were trained on top of specific base weights: reuse the library's pretrained
+    # ones when that is what they were and they are cached; never download.
+    weights = data.get("weights") or {}
+    if weights.get("kind") == WeightsKind.PRETRAINED:
+        found = pretrained_from_cache(spec)
+        if found is not None:
+            return found[0]
+    warnings.warn(
+        f"{where} holds SE weights only; the rebuilt {spec} base has RANDOM weights "
+        f"(saved on top of: {weights.get('detail', 'unknown weights')}); pass base_model= to attach them to yours",
+        UserWarning,
+        stacklevel=3,
+    )
+    return create_model(spec)
+
+
+def load(path: str | os.PathLike[str], base_model: nn.Module | None = None) -> nn.Module:
+    """Rebuild an injected model from a checkpoint written by :func:`save` or ``se-inject -o``.
+
+    Without ``base_model`` the base is rebuilt from the recorded registry name with random init
+    (nothing is downloaded); a full checkpoint then overwrites every tensor. With ``base_model``
+    (a model with no registry name, or your own pretrained base for an SE-only file) the plan is
+    applied to it, in place. Either way the saved tensors are loaded strictly.
+
+    Example:
+        >>> model = load("model.pt")                                   # full checkpoint
+        >>> model = load("se.pt", base_model=timm.create_model("resnet50", pretrained=True))
+
+    Raises:
+        CheckpointError: missing, corrupt or foreign file, or no way to rebuild the base model.
+        UnsafeCheckpointError: the file would run code when unpickled (refused; nothing ran).
+        PlanMismatchError: the saved plan does not fit ``base_model``.
+        WeightsError: the saved tensors do not fit the rebuilt model (names a few keys).
+    """
+    data = read_checkpoint(path)
+    where = f"checkpoint {str(path)!r}"
+    plan = Plan.from_dict(data["plan"])
+    state: Mapping[str, torch.Tensor] = data["state_dict"]
+    se_only = bool(data.get("se_only"))
+    spec = None
+    if base_model is not None:
+        model = base_model
+    else:
+        spec = _spec(data, where)
+        model = _se_only_base(spec, data, where) if se_only else create_model_for_state(spec, state)
+    model = apply_plan(model, plan)
+    if se_only:
+        _load_se_only(model, state, where)
+    else:
+        load_strict(model, state, where)
+    if spec is not None:
+        tag_origin(model, spec)
+    if _recorded_plan(model) is None:
+        object.__setattr__(model, PLAN_ATTR, plan)
+    return model
+
+
+def _load_se_only(model: nn.Module, state: Mapping[str, torch.Tensor], where: str) -> None:
+    own = se_state_dict(model)
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    if missing or unexpected or wrong:
+        parts = [
+            f"{len(keys)} {label}: {', '.join(keys[:_KEYS_SHOWN])}"
+            for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+            if keys
+        ]
+        raise WeightsError(f"{where} SE weights do not fit the model: {'; '.join(parts)}")
+    model.load_state_dict(dict(state), strict=False)
+
