@@ -6,6 +6,8 @@ from .api import inject_se as inject_se
 from .api import remove_se as remove_se
 from .block import SEBlock as SEBlock
 from .block import SEConfig as SEConfig
+from .checkpoint import load as load
+from .checkpoint import save as save
 from .errors import SEInjectError as SEInjectError
 from .finetune import freeze_except_se as freeze_except_se
 from .finetune import se_modules as se_modules
@@ -31,7 +33,9 @@ __all__ = [
     "find_sites",
     "freeze_except_se",
     "inject_se",
+    "load",
     "remove_se",
+    "save",
     "se_modules",
     "se_parameters",
 ]
