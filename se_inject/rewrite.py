@@ -178,16 +178,81 @@ def _insert_sites(graph: fx.Graph, owner_path: str, sites: Iterable[Site]) -> No
     graph.lint()
 
 
-def _rebuild(owner: nn.Module, owner_path: str, sites: list[Site], config: SEConfig) -> RebuiltBlock:
-    inline = sorted({p for s in sites for p in s.inline})
-    graphs: dict[bool, fx.Graph] = {}
-    constants: dict[str, Any] = {}
-    for training in (False, True):
-        graph, consts = trace(owner, training=training, inline=inline)
+def _reads_training(cls: type) -> bool:
+    """Whether any method the class defines reads ``self.training``.
+
+    Only code traced through (the owner's own methods, and inlined children) can bake the mode
+    into a graph; children kept as calls switch modes themselves. A second trace in train mode
+    is needed only when this is true, which halves the cost of rebuilding most blocks.
+    """
+    for klass in cls.__mro__:
+        if klass in (nn.Module, fx.GraphModule, object):
+            continue
+        for value in vars(klass).values():
+            code = getattr(value, "__code__", None)
+            if code is not None and "training" in code.co_names:
+                return True
+    return False
+
+
+_PRIMITIVES = (bool, int, float, str, type(None))
+
+
+def _signature(module: nn.Module, inline: tuple[str, ...]) -> tuple[Any, ...] | None:
+    """What a children-as-calls trace of ``module`` can depend on: its class, its plain
+    attributes (``stride``, ``use_res_connect``, ``downsample is None``) and the classes of its
+    children, recursively for inlined ones. ``None`` when an attribute is not plain data."""
+    items: list[Any] = [type(module)]
+    for key, value in sorted(vars(module).items()):
+        if key.startswith("_") or key == "training":
+            continue
+        if not isinstance(value, _PRIMITIVES + (tuple,)) or (
+            isinstance(value, tuple) and not all(isinstance(v, _PRIMITIVES) for v in value)
+        ):
+            return None
+        items.append((key, value))
+    items.append(tuple((name, type(child)) for name, child in module._modules.items()))
+    items.append(tuple(sorted(module._parameters)) + tuple(sorted(module._buffers)))
+    for path in inline:
+        sub = _signature(module.get_submodule(path), ())
+        if sub is None:
+            return None
+        items.append((path, sub))
+    return tuple(items)
+
+
+class _TraceCache:
+    """Traces of owners, shared between blocks with the same signature.
+
+    Tracing patches ``nn.Module`` itself, which costs milliseconds per trace once timm and
+    torchvision are loaded; ResNet-152's 50 blocks have only a handful of signatures.
+    """
+
+    def __init__(self) -> None:
+        self._graphs: dict[tuple[Any, ...], dict[bool, fx.Graph]] = {}
+
+    def graphs(self, owner: nn.Module, inline: tuple[str, ...]) -> tuple[dict[bool, fx.Graph], dict[str, Any]]:
+        key = _signature(owner, inline)
+        if key is not None and key in self._graphs:
+            return {mode: copy.deepcopy(g) for mode, g in self._graphs[key].items()}, {}
+        traced = [owner, *(owner.get_submodule(p) for p in inline)]
+        modes = (False, True) if any(_reads_training(type(m)) for m in traced) else (False,)
+        graphs: dict[bool, fx.Graph] = {}
+        constants: dict[str, Any] = {}
+        for training in modes:
+            graphs[training], consts = trace(owner, training=training, inline=inline)
+            constants.update(consts)
+        if key is not None and not constants:  # constants are per instance: never share them
+            self._graphs[key] = {mode: copy.deepcopy(g) for mode, g in graphs.items()}
+        return graphs, constants
+
+
+def _rebuild(owner: nn.Module, owner_path: str, sites: list[Site], config: SEConfig, cache: _TraceCache) -> RebuiltBlock:
+    inline = tuple(sorted({p for s in sites for p in s.inline}))
+    graphs, constants = cache.graphs(owner, inline)
+    for graph in graphs.values():
         _insert_sites(graph, owner_path, sites)
-        graphs[training] = graph
-        constants.update(consts)
-    same = graphs[False].python_code("self").src == graphs[True].python_code("self").src
+    same = len(graphs) == 1 or graphs[False].python_code("self").src == graphs[True].python_code("self").src
     device, dtype = _module_placement(owner)
     se_blocks = {
         s.attr: SEBlock.from_config(s.channels, s.hidden, s.channel_axis, config, device=device, dtype=dtype)
@@ -211,6 +276,7 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
     for site in plan.sites:
         by_owner.setdefault(site.owner, []).append(site)
     rebuilt: dict[str, RebuiltBlock] = {}
+    cache = _TraceCache()
     for owner_path, sites in by_owner.items():
         try:
             owner = model.get_submodule(owner_path) if owner_path else model
@@ -220,7 +286,7 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
             if getattr(owner, site.attr, None) is not None:
                 raise PlanMismatchError(f"{owner_path or 'the model'} already has an attribute {site.attr!r}")
         try:
-            rebuilt[owner_path] = _rebuild(owner, owner_path, sites, plan.config)
+            rebuilt[owner_path] = _rebuild(owner, owner_path, sites, plan.config, cache)
         except PlanMismatchError:
             raise
         except Exception as e:
