@@ -436,9 +436,9 @@ def read_pickle(file: str | os.PathLike[str], *, what: str, error: type[SEInject
                 "(only tensors and plain data are accepted; nothing was run)"
             ) from None
         raise error(f"{what} {str(path)!r} is not a readable torch file (corrupt or another format)") from e
-    except (RuntimeError, EOFError, ValueError, OSError) as e:
+    except Exception as e:  # zip, struct, EOF and OS errors alike mean an unreadable file
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise error(f"{what} {str(path)!r} is corrupt or truncated: {first}") from e
+        raise error(f"{what} {str(path)!r} is not a readable torch file (corrupt or truncated: {first})") from e
 
 
 def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:

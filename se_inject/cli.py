@@ -1,0 +1,439 @@
+"""The ``se-inject`` command: build a model, insert SE blocks, report, save.
+
+``se-inject resnet50 --reduction 16 -o model.pt``
+
+The report goes to stdout (a rich table, or JSON with ``--json``); progress and warnings go to
+stderr. Every error of ours (:class:`~se_inject.errors.SEInjectError`) and every bad command
+line is caught in one place, :meth:`_Command.main`, and printed as one line on stderr with a
+non-zero exit status (1 for our errors, 2 for usage errors) and no traceback.
+
+This module parses options, calls :mod:`se_inject.zoo`, the public API,
+:mod:`se_inject.complexity` and :mod:`se_inject.checkpoint`, and renders; it never touches the
+graph.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Any
+
+import torch
+import typer
+from rich.console import Console
+from rich.table import Table
+from typer.core import TyperCommand
+
+from . import __version__
+from .api import apply_plan, find_sites
+from .block import SEConfig
+from .checkpoint import check_output_path, save
+from .complexity import Complexity, compare, count
+from .errors import ConfigError, NoSitesError, SEInjectError
+from .plan import Plan, SkipReason
+from .zoo import LoadedModel, Source, WeightsKind, default_input_size, load_model
+
+__all__ = ["app", "main", "build_report", "parse_input_size"]
+
+_ERROR_PREFIX = "se-inject: error:"
+
+#: What would help, per reason every candidate was skipped for (shown when there is no site).
+_HELP: dict[SkipReason, str] = {
+    SkipReason.EXCLUDED: "loosen --include/--exclude (globs match module names such as 'layer1.*')",
+    SkipReason.TOO_FEW_CHANNELS: "lower --min-channels",
+    SkipReason.ALREADY_ATTENDED: "it already has channel attention; use a variant of the model without it",
+    SkipReason.TOKEN_SEQUENCE: "SE over token sequences is not available from the command line",
+}
+
+
+class _Command(TyperCommand):
+    """The typer command, with every error printed as one line (the one place errors are caught)."""
+
+    def main(  # type: ignore[override]
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except typer.TyperException as e:  # bad option values, missing MODEL, unknown options
+            _error_line(e.format_message())
+            code = int(getattr(e, "exit_code", 2))
+        except SEInjectError as e:
+            _error_line(str(e))
+            code = 1
+        except typer.Abort:
+            _error_line("aborted")
+            code = 1
+        else:
+            code = rv if isinstance(rv, int) else 0
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
+def _error_line(message: str) -> None:
+    # Plain write, not rich: rich would wrap a long message over several lines at 80 columns.
+    text = " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+    sys.stderr.write(f"{_ERROR_PREFIX} {text}\n")
+    sys.stderr.flush()
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"se-inject {__version__}")
+        raise typer.Exit(0)
+
+
+app = typer.Typer(
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def parse_input_size(text: str | None, default: tuple[int, ...]) -> tuple[int, ...]:
+    """``--input-size``: ``224`` (square), ``256x192`` / ``256,192`` (H, W) or ``3,224,224``.
+
+    The numbers replace the trailing dimensions of ``default`` (channels first, no batch); one
+    number sets both spatial sides.
+
+    Raises:
+        ConfigError: not positive integers, or more numbers than ``default`` has dimensions.
+    """
+    if text is None:
+        return default
+    parts = [p for p in text.replace("x", ",").replace("X", ",").split(",")]
+    try:
+        numbers = [int(p) for p in parts]
+    except ValueError:
+        numbers = []
+    if not numbers or any(n < 1 for n in numbers) or len(numbers) > len(default):
+        raise ConfigError(
+            f"bad --input-size {text!r}: give 224, 256x192 or C,H,W (positive integers, up to {len(default)})"
+        )
+    if len(numbers) == 1 and len(default) >= 2:
+        numbers = numbers * 2
+    return (*default[: len(default) - len(numbers)], *numbers)
+
+
+def _number(value: float) -> float | int:
+    return int(value) if float(value).is_integer() else value
+
+
+def _no_sites_message(name: str, plan: Plan) -> str:
+    if not plan.skipped:
+        why = "it has no residual additions or channel concatenations (a plain network such as VGG)"
+        helps = ["SE goes on residual branches and after concatenations; there is none to use"]
+    else:
+        grouped = plan.skipped_by_reason()
+        why = f"all {len(plan.skipped)} candidate places were skipped: " + ", ".join(
+            f"{len(items)} {items[0].text}" for items in grouped.values()
+        )
+        helps = [_HELP[r] for r in grouped if r in _HELP] or ["see --dry-run --json for each skipped place's reason"]
+    if plan.unanalysed:
+        why += f"; could not analyse {', '.join(plan.unanalysed[:3])}"
+    return f"no SE site in {name}: {why}. What would help: {'; '.join(helps)}. Nothing was written."
+
+
+def build_report(
+    loaded: LoadedModel,
+    plan: Plan,
+    complexity: Complexity,
+    *,
+    requested: str,
+    requested_weights: str,
+    output: Path | None,
+    se_only: bool,
+    dry_run: bool,
+) -> dict[str, Any]:
+    """The machine-readable report (what ``--json`` prints)."""
+    costs = {c.name: c for c in complexity.se}
+    sites = []
+    for site in plan.sites:
+        cost = costs.get(site.name)
+        sites.append({
+            "name": site.name,
+            "kind": str(site.kind),
+            "owner": site.owner,
+            "node": site.node,
+            "channels": site.channels,
+            "hidden": site.hidden,
+            "channel_axis": site.channel_axis,
+            "stage": site.stage,
+            "params": site.added_params(plan.config.bias),
+            "fc_macs": None if cost is None else cost.fc_macs,
+            "pool_adds": None if cost is None else cost.pool_adds,
+            "scale_muls": None if cost is None else cost.scale_muls,
+        })
+    return {
+        "model": loaded.spec.name,
+        "source": str(loaded.spec.source),
+        "requested": requested,
+        "weights": {**loaded.weights.to_dict(), "requested": requested_weights},
+        "config": plan.config.to_dict(),
+        "sites": sites,
+        "skipped": [
+            {"node": s.node, "reason": str(s.reason), "text": s.text, "detail": s.detail} for s in plan.skipped
+        ],
+        "unanalysed": list(plan.unanalysed),
+        **complexity.to_dict(),
+        "dry_run": dry_run,
+        "output": None if output is None or dry_run else str(output),
+        "se_only": se_only,
+    }
+
+
+def _fmt(n: int | None, sign: bool = False) -> str:
+    if n is None:
+        return "n/a"
+    return f"{n:+,}" if sign else f"{n:,}"
+
+
+def _si(n: int | None) -> str:
+    if n is None:
+        return "n/a"
+    for scale, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= scale:
+            return f"{n / scale:.3f} {unit}"
+    return str(n)
+
+
+def _render(console: Console, report: dict[str, Any], plan: Plan, complexity: Complexity) -> None:
+    cfg = plan.config
+    source_note = "" if report["requested"].startswith(f"{report['source']}:") else f" (name found in {report['source']})"
+    console.print(f"[bold]se-inject[/] {report['source']}:{report['model']}{source_note}")
+    weights = report["weights"]
+    style = "bold red" if weights["kind"] == WeightsKind.RANDOM and weights["requested"] != "random" else ""
+    console.print(f"weights: [{style}]{weights['detail']}[/]" if style else f"weights: {weights['detail']}")
+    gate = f"{cfg.gate}" + (", identity start" if cfg.identity_init else ", paper init")
+    console.print(
+        f"SE: reduction {_number(cfg.reduction)}, hidden >= {cfg.min_hidden}, "
+        f"{'with' if cfg.bias else 'no'} biases, gate {gate}"
+    )
+
+    sites = Table(title=f"SE sites ({len(plan.sites)})", title_justify="left")
+    sites.add_column("module")
+    sites.add_column("kind")
+    for label in ("channels", "hidden", "axis", "params"):
+        sites.add_column(label, justify="right")
+    for site in report["sites"]:
+        sites.add_row(
+            site["name"], site["kind"], str(site["channels"]), str(site["hidden"]), str(site["channel_axis"]),
+            _fmt(site["params"]),
+        )
+    console.print(sites)
+
+    if plan.skipped or plan.unanalysed:
+        skipped = Table(title=f"Skipped ({len(plan.skipped)})", title_justify="left")
+        skipped.add_column("reason")
+        skipped.add_column("count", justify="right")
+        skipped.add_column("where")
+        for items in plan.skipped_by_reason().values():
+            nodes = [s.node for s in items]
+            shown = ", ".join(nodes[:3]) + (f", ... (+{len(nodes) - 3})" if len(nodes) > 3 else "")
+            skipped.add_row(items[0].text, str(len(items)), shown)
+        if plan.unanalysed:
+            skipped.add_row("could not be analysed", str(len(plan.unanalysed)), ", ".join(plan.unanalysed[:3]))
+        console.print(skipped)
+
+    size = "x".join(str(s) for s in complexity.input_size)
+    totals = Table(title=f"Totals (one {size} input)", title_justify="left")
+    totals.add_column("count")
+    for label in ("before", "after", "added", "added %"):
+        totals.add_column(label, justify="right")
+    pct = complexity.macs_added_pct
+    totals.add_row(
+        "parameters",
+        _fmt(complexity.params_before),
+        _fmt(complexity.params_after),
+        _fmt(complexity.params_added, sign=True),
+        f"{complexity.params_added_pct:+.2f}",
+    )
+    totals.add_row(
+        "multiply-adds (MACs)",
+        _fmt(complexity.macs_before),
+        _fmt(complexity.macs_after),
+        _fmt(complexity.macs_added, sign=True),
+        "n/a" if pct is None else f"{pct:+.3f}",
+    )
+    console.print(totals)
+    console.print(
+        f"  = {_si(complexity.params_before)} -> {_si(complexity.params_after)} parameters, "
+        f"{_si(complexity.macs_before)} -> {_si(complexity.macs_after)} MACs"
+    )
+
+    ops = Table(title="SE blocks' own work per image", title_justify="left")
+    ops.add_column("operation")
+    ops.add_column("ops", justify="right")
+    ops.add_column("in MACs above")
+    ops.add_row("FC multiply-adds (fc1 + fc2)", _fmt(complexity.se_fc_macs), "yes")
+    ops.add_row("squeeze: pooling additions", _fmt(complexity.se_pool_adds), "no")
+    ops.add_row("scale: multiplications", _fmt(complexity.se_scale_muls), "no")
+    console.print(ops)
+
+    if report["dry_run"]:
+        console.print("dry run: nothing written")
+    elif report["output"]:
+        what = "SE weights + plan" if report["se_only"] else "full model + plan"
+        console.print(f"wrote {report['output']} ({what})")
+
+
+@app.command(cls=_Command)
+def inject(
+    model: Annotated[
+        str,
+        typer.Argument(
+            metavar="MODEL",
+            help="timm:NAME, torchvision:NAME, or a bare NAME (timm first, then torchvision).",
+            show_default=False,
+        ),
+    ],
+    reduction: Annotated[float, typer.Option("--reduction", "-r", help="SE reduction ratio r (>= 1).")] = 16,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write the injected model here (.pt).", show_default=False)
+    ] = None,
+    weights: Annotated[
+        str,
+        typer.Option(help="auto | pretrained | random | PATH to a state dict (.pt/.pth/.safetensors)."),
+    ] = "auto",
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the plan and projected totals; write nothing.")] = False,
+    include: Annotated[
+        list[str] | None, typer.Option(help="Only sites in modules matching this glob (repeatable).", show_default=False)
+    ] = None,
+    exclude: Annotated[
+        list[str] | None, typer.Option(help="No sites in modules matching this glob (repeatable).", show_default=False)
+    ] = None,
+    min_channels: Annotated[int, typer.Option(min=0, help="Skip sites with fewer channels.")] = 0,
+    paper_init: Annotated[
+        bool, typer.Option("--paper-init", help="Plain sigmoid gate, ordinary init (no identity start).")
+    ] = False,
+    no_bias: Annotated[bool, typer.Option("--no-bias", help="SE layers without biases.")] = False,
+    input_size: Annotated[
+        str | None,
+        typer.Option(help="Input for counting MACs: 224, 256x192 or 3,224,224 (default: the model's).",
+                     show_default=False),
+    ] = None,
+    se_only: Annotated[
+        bool, typer.Option("--se-only", help="With -o: write only the SE weights and the plan (adapter file).")
+    ] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Machine-readable report on stdout.")] = False,
+    version: Annotated[
+        bool | None,
+        typer.Option("--version", callback=_version_callback, is_eager=True, help="Show the version and exit."),
+    ] = None,
+) -> None:
+    """Insert Squeeze-and-Excitation blocks into MODEL and report what was added."""
+    err = Console(stderr=True, highlight=False)
+    out = Console(highlight=False)
+
+    def show_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+        loud = "RANDOM" in str(message)
+        err.print(f"[bold red]WARNING:[/] {message}" if loud else f"[yellow]warning:[/] {message}")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        warnings.showwarning = show_warning
+        report, plan, complexity = _run(
+            err,
+            model=model,
+            reduction=_number(reduction),
+            output=output,
+            weights=weights,
+            dry_run=dry_run,
+            include=include or None,
+            exclude=exclude or None,
+            min_channels=min_channels,
+            identity_init=not paper_init,
+            bias=not no_bias,
+            input_size=input_size,
+            se_only=se_only,
+        )
+    if json_output:
+        typer.echo(json.dumps(report, indent=2))
+    else:
+        _render(out, report, plan, complexity)
+
+
+def _run(
+    err: Console,
+    *,
+    model: str,
+    reduction: float,
+    output: Path | None,
+    weights: str,
+    dry_run: bool,
+    include: list[str] | None,
+    exclude: list[str] | None,
+    min_channels: int,
+    identity_init: bool,
+    bias: bool,
+    input_size: str | None,
+    se_only: bool,
+) -> tuple[dict[str, Any], Plan, Complexity]:
+    # Check everything cheap before building anything.
+    SEConfig(reduction=reduction, bias=bias, identity_init=identity_init,
+             gate="scaled_sigmoid" if identity_init else "sigmoid")
+    if input_size is not None:
+        parse_input_size(input_size, (3, 224, 224))
+    if output is not None and not dry_run:
+        check_output_path(output)
+    elif output is not None:
+        err.print("[yellow]warning:[/] --dry-run: --output is ignored, nothing is written")
+    if se_only and output is None:
+        err.print("[yellow]warning:[/] --se-only has no effect without --output")
+
+    err.print(f"[dim]building {model} (weights: {weights})...[/]")
+    loaded = load_model(model, weights)
+    net = loaded.model
+    spec = loaded.spec
+    if spec.source is Source.TORCHVISION and not model.startswith("torchvision:"):
+        err.print(f"[dim]'{model}' is not in timm; using torchvision's[/]")
+    size = parse_input_size(input_size, default_input_size(spec, net))
+
+    err.print(f"[dim]counting the base model at {'x'.join(map(str, size))}...[/]")
+    before = count(net, size)
+    err.print("[dim]analysing the graph...[/]")
+    plan = find_sites(
+        net,
+        reduction,
+        identity_init=identity_init,
+        bias=bias,
+        include=include,
+        exclude=exclude,
+        min_channels=min_channels,
+        example_input=torch.zeros(1, *size),
+    )
+    if not plan.sites:
+        raise NoSitesError(_no_sites_message(str(spec), plan))
+    # The dry run applies the plan to this in-memory copy too, so its totals are measured,
+    # not estimated; it only writes nothing.
+    net = apply_plan(net, plan)
+    after = count(net, size)
+    complexity = compare(before, after)
+    if output is not None and not dry_run:
+        err.print(f"[dim]writing {output}...[/]")
+        save(net, output, se_only, plan=plan, origin=spec, weights=loaded.weights)
+    report = build_report(
+        loaded,
+        plan,
+        complexity,
+        requested=model,
+        requested_weights=weights,
+        output=output,
+        se_only=se_only,
+        dry_run=dry_run,
+    )
+    return report, plan, complexity
+
+
+def main() -> None:
+    """Console-script entry point (``se-inject``)."""
+    app()
