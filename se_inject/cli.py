@@ -212,7 +212,8 @@ def _render(console: Console, report: dict[str, Any], plan: Plan, complexity: Co
     console.print(f"[bold]se-inject[/] {report['source']}:{report['model']}{source_note}")
     weights = report["weights"]
     style = "bold red" if weights["kind"] == WeightsKind.RANDOM and weights["requested"] != "random" else ""
-    console.print(f"weights: [{style}]{weights['detail']}[/]" if style else f"weights: {weights['detail']}")
+    line = f"weights: [{style}]{weights['detail']}[/]" if style else f"weights: {weights['detail']}"
+    console.print(line, soft_wrap=True)
     gate = f"{cfg.gate}" + (", identity start" if cfg.identity_init else ", paper init")
     console.print(
         f"SE: reduction {_number(cfg.reduction)}, hidden >= {cfg.min_hidden}, "
@@ -231,7 +232,9 @@ def _render(console: Console, report: dict[str, Any], plan: Plan, complexity: Co
         )
     console.print(sites)
 
-    if plan.skipped or plan.unanalysed:
+    if not (plan.skipped or plan.unanalysed):
+        console.print("skipped: none")
+    else:
         skipped = Table(title=f"Skipped ({len(plan.skipped)})", title_justify="left")
         skipped.add_column("reason")
         skipped.add_column("count", justify="right")
@@ -336,7 +339,8 @@ def inject(
 
     def show_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
         loud = "RANDOM" in str(message)
-        err.print(f"[bold red]WARNING:[/] {message}" if loud else f"[yellow]warning:[/] {message}")
+        text = f"[bold red]WARNING:[/] {message}" if loud else f"[yellow]warning:[/] {message}"
+        err.print(text, soft_wrap=True)
 
     with warnings.catch_warnings():
         warnings.simplefilter("default")
