@@ -36,6 +36,8 @@ import pickletools
 import re
 import socket
 import sys
+import threading
+import urllib.request
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -278,15 +280,38 @@ class _Pretrained:
     host: str | None
 
 
+def _probe_address(host: str) -> tuple[str, int]:
+    """Where a download of ``https://host/...`` would connect: the HTTPS proxy if one is set."""
+    proxy = urllib.request.getproxies().get("https")
+    if proxy and not urllib.request.proxy_bypass(host):
+        parsed = urlparse(proxy if "://" in proxy else f"http://{proxy}")
+        if parsed.hostname:
+            return parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)
+    return host, 443
+
+
 def _host_reachable(host: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
-    """True when ``host:443`` accepts a TCP connection within ``timeout`` seconds."""
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on") and "huggingface" in host:
+    """True when ``host`` (or the HTTPS proxy) accepts a TCP connection within ``timeout`` seconds.
+
+    The name lookup runs in a daemon thread too: without a reachable DNS server it can block
+    far longer than the connect timeout.
+    """
+    if "huggingface" in host and os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
         return False
-    try:
-        with socket.create_connection((host, 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
+    address = _probe_address(host)
+    answer: list[bool] = []
+
+    def probe() -> None:
+        try:
+            with socket.create_connection(address, timeout=timeout):
+                answer.append(True)
+        except OSError:
+            answer.append(False)
+
+    thread = threading.Thread(target=probe, name="se-inject-probe", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(answer and answer[0])
 
 
 def _torch_hub_cached(url: str) -> str | None:

@@ -93,6 +93,24 @@ def test_offline_is_decided_within_seconds() -> None:
     assert time.monotonic() - start < zoo.PROBE_TIMEOUT_S + 2
 
 
+def test_a_hanging_name_lookup_is_cut_short(monkeypatch) -> None:
+    import socket
+
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: time.sleep(30))
+    start = time.monotonic()
+    assert not zoo._host_reachable("huggingface.co", timeout=0.5)
+    assert time.monotonic() - start < 2
+
+
+def test_probe_goes_through_the_https_proxy(monkeypatch) -> None:
+    for name in ("https_proxy", "no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    assert zoo._probe_address("huggingface.co") == ("proxy.example", 3128)
+    monkeypatch.setenv("NO_PROXY", "huggingface.co")
+    assert zoo._probe_address("huggingface.co") == ("huggingface.co", 443)
+
+
 def test_pretrained_from_the_torch_hub_cache(offline, tmp_path) -> None:
     reference = torchvision.models.resnet18()
     url = torchvision.models.get_model_weights("resnet18").DEFAULT.url
