@@ -230,10 +230,11 @@ def _real_zeros(value: Any) -> Any:
 
 
 def record_module_inputs(module: nn.Module, args: Sequence[Any]) -> dict[str, tuple[Any, ...]]:
-    """Run ``module`` on fake tensors and return the positional inputs of each submodule's first call.
+    """Run ``module`` and return the positional inputs of each submodule's first call.
 
     Used for models whose top level does not trace: their blocks are then traced on their own,
-    with the inputs recorded here. A forward that fails part-way still yields what ran before.
+    with the inputs recorded here. Fake tensors first; a forward on zeros when control flow
+    depends on values. A forward that fails part-way still yields what ran before.
     """
     names = {id(m): n for n, m in module.named_modules()}
     recorded: dict[str, tuple[Any, ...]] = {}
@@ -244,12 +245,17 @@ def record_module_inputs(module: nn.Module, args: Sequence[Any]) -> dict[str, tu
             recorded[name] = inputs
 
     handles = [m.register_forward_pre_hook(hook) for m in module.modules()]
-    mode = _fake_mode()
     try:
         with torch.no_grad(), _training_mode(module, False):
-            module(*_to_fake(mode, list(args)))
-    except Exception as e:  # noqa: BLE001 - partial records are still useful
-        log.debug("forward on fake tensors stopped early: %s", e)
+            try:
+                module(*_to_fake(_fake_mode(), list(args)))
+            except Exception as e:  # noqa: BLE001 - data-dependent control flow: run for real
+                log.debug("forward on fake tensors stopped early (%s); running on zeros", e)
+                recorded.clear()
+                try:
+                    module(*[_real_zeros(a) for a in args])
+                except Exception as e2:  # noqa: BLE001 - partial records are still useful
+                    log.debug("forward on zeros stopped early: %s", e2)
     finally:
         for h in handles:
             h.remove()
