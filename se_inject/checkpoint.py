@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .api import apply_plan
 from .block import SEBlock
 from .errors import (
     CheckpointError,
@@ -48,7 +49,6 @@ from .errors import (
     WeightsError,
 )
 from .plan import Plan
-from .rewrite import apply_plan
 from .zoo import (
     ModelSpec,
     Source,

@@ -99,26 +99,35 @@ app = typer.Typer(
 )
 
 
+def _size_numbers(text: str, most: int) -> list[int]:
+    parts = text.replace("x", ",").replace("X", ",").split(",")
+    try:
+        numbers = [int(p) for p in parts]
+    except ValueError:
+        numbers = []
+    if not numbers or any(n < 1 for n in numbers) or len(numbers) > most:
+        raise ConfigError(
+            f"bad --input-size {text!r}: give 224, 256x192 or C,H,W (positive integers, at most {most})"
+        )
+    return numbers
+
+
 def parse_input_size(text: str | None, default: tuple[int, ...]) -> tuple[int, ...]:
     """``--input-size``: ``224`` (square), ``256x192`` / ``256,192`` (H, W) or ``3,224,224``.
 
     The numbers replace the trailing dimensions of ``default`` (channels first, no batch); one
     number sets both spatial sides.
 
+    Example:
+        >>> parse_input_size("256x192", (3, 224, 224))
+        (3, 256, 192)
+
     Raises:
         ConfigError: not positive integers, or more numbers than ``default`` has dimensions.
     """
     if text is None:
         return default
-    parts = [p for p in text.replace("x", ",").replace("X", ",").split(",")]
-    try:
-        numbers = [int(p) for p in parts]
-    except ValueError:
-        numbers = []
-    if not numbers or any(n < 1 for n in numbers) or len(numbers) > len(default):
-        raise ConfigError(
-            f"bad --input-size {text!r}: give 224, 256x192 or C,H,W (positive integers, up to {len(default)})"
-        )
+    numbers = _size_numbers(text, len(default))
     if len(numbers) == 1 and len(default) >= 2:
         numbers = numbers * 2
     return (*default[: len(default) - len(numbers)], *numbers)
@@ -131,7 +140,10 @@ def _number(value: float) -> float | int:
 def _no_sites_message(name: str, plan: Plan) -> str:
     if not plan.skipped:
         why = "it has no residual additions or channel concatenations (a plain network such as VGG)"
-        helps = ["SE goes on residual branches and after concatenations; there is none to use"]
+        helps = [
+            "nothing from the command line: the paper's placement for plain networks "
+            "(SE after each convolution's non-linearity) is not the default"
+        ]
     else:
         grouped = plan.skipped_by_reason()
         why = f"all {len(plan.skipped)} candidate places were skipped: " + ", ".join(
@@ -386,7 +398,7 @@ def _run(
     SEConfig(reduction=reduction, bias=bias, identity_init=identity_init,
              gate="scaled_sigmoid" if identity_init else "sigmoid")
     if input_size is not None:
-        parse_input_size(input_size, (3, 224, 224))
+        _size_numbers(input_size, 5)  # the format; the count is checked against the model's size later
     if output is not None and not dry_run:
         check_output_path(output)
     elif output is not None:

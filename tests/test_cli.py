@@ -22,7 +22,8 @@ import torchvision
 from typer.testing import CliRunner
 
 from se_inject import zoo
-from se_inject.cli import app
+from se_inject.cli import app, parse_input_size
+from se_inject.errors import ConfigError
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 SCRIPT = Path(sys.executable).with_name("se-inject")
@@ -219,6 +220,37 @@ def test_output_full_and_se_only(tmp_path) -> None:
     assert set(se["state_dict"]) < set(full["state_dict"])
     assert len(se["state_dict"]) == 8 * 4  # fc1/fc2 weight and bias per block
     assert sorted(p.name for p in tmp_path.iterdir()) == ["full.pt", "se.pt"]
+
+
+@pytest.mark.parametrize(
+    ("text", "default", "size"),
+    [
+        ("64", (3, 224, 224), (3, 64, 64)),
+        ("256x192", (3, 224, 224), (3, 256, 192)),
+        ("1,32,32", (3, 224, 224), (1, 32, 32)),
+        ("112", (3, 16, 112, 112), (3, 16, 112, 112)),
+        ("8,64,64", (3, 16, 112, 112), (3, 8, 64, 64)),
+    ],
+)
+def test_parse_input_size(text: str, default: tuple[int, ...], size: tuple[int, ...]) -> None:
+    assert parse_input_size(text, default) == size
+
+
+@pytest.mark.parametrize("text", ["", "0", "64x", "1,2,3,4", "a,b"])
+def test_parse_input_size_rejects(text: str) -> None:
+    with pytest.raises(ConfigError, match="bad --input-size"):
+        parse_input_size(text, (3, 224, 224))
+
+
+def test_cli_never_touches_the_graph() -> None:
+    import ast
+
+    import se_inject.cli as cli
+
+    tree = ast.parse(Path(cli.__file__).read_text())
+    modules = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    modules |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert not {m for m in modules if m.rsplit(".", 1)[-1] in ("graph", "sites", "rewrite")}
 
 
 def test_version() -> None:
