@@ -96,10 +96,14 @@ def check_output_path(path: str | os.PathLike[str]) -> Path:
     for root and for read-only file systems, where permission bits say nothing.
 
     Raises:
-        OutputPathError: the folder does not exist, ``path`` is a folder, or nothing can be
-            written there.
+        OutputPathError: the folder does not exist, ``path`` is a folder, nothing can be
+            written there, or the name ends in ``.safetensors`` (a checkpoint is a torch file).
     """
     file = Path(path)
+    if file.suffix == ".safetensors":
+        raise OutputPathError(
+            f"cannot write {str(file)!r}: checkpoints are torch files (they hold the plan too); use a .pt name"
+        )
     if file.is_dir():
         raise OutputPathError(f"cannot write {str(file)!r}: it is a directory; give a file name such as model.pt")
     folder = file.parent
@@ -252,7 +256,8 @@ def save(
 
     Raises:
         CheckpointError: no plan is known for the model.
-        OutputPathError: the file cannot be written (an existing file is left untouched).
+        OutputPathError: the file cannot be written (an existing file is left untouched), or
+            its name ends in ``.safetensors``.
     """
     data = checkpoint_dict(model, plan=plan, se_only=se_only, origin=origin, weights=weights)
     return atomic_save(data, path)

@@ -444,8 +444,10 @@ def read_pickle(file: str | os.PathLike[str], *, what: str, error: type[SEInject
             unpickler refused it before anything ran.
     """
     path = Path(file)
+    if path.is_dir():
+        raise error(f"{what} {str(path)!r} is a directory, not a file")
     if not path.is_file():
-        raise error(f"{what} {str(path)!r} does not exist" + (" (it is a directory)" if path.is_dir() else ""))
+        raise error(f"{what} {str(path)!r} does not exist")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch warns about pickle protocols it then refuses
@@ -477,9 +479,9 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
         UnsafeCheckpointError: unpickling it would run code (refused; nothing ran).
     """
     file = Path(path)
-    if not file.is_file():
-        raise WeightsError(f"weights file {str(file)!r} does not exist")
     if file.suffix == ".safetensors":
+        if not file.is_file():
+            raise WeightsError(f"weights file {str(file)!r} does not exist")
         try:
             from safetensors.torch import load_file
 

@@ -323,8 +323,9 @@ def test_bad_option_value_is_one_line_too(tmp_path) -> None:
         ("missing/model.pt", r"cannot write 'missing/model.pt': folder 'missing' does not exist"),
         (".", r"cannot write '\.': it is a directory"),
         ("/proc/model.pt", r"cannot write '/proc/model.pt'"),
+        ("model.safetensors", r"cannot write 'model.safetensors': checkpoints are torch files"),
     ],
-    ids=["missing-folder", "directory", "read-only"],
+    ids=["missing-folder", "directory", "read-only", "safetensors-name"],
 )
 def test_unwritable_output(tmp_path, output: str, message: str) -> None:
     if output.startswith("/proc") and not Path("/proc/self").exists():
@@ -343,6 +344,7 @@ def _write(path: Path, content) -> None:
     ("name", "content", "message"),
     [
         ("missing.pt", None, r"weights file 'missing.pt' does not exist"),
+        (".", None, r"weights file '\.' is a directory, not a file"),
         ("corrupt.pt", b"\x80\x02 not a pickle", r"weights file 'corrupt.pt' is not a readable torch file"),
         ("corrupt.safetensors", b"\x00" * 16, r"'corrupt.safetensors' is not a readable safetensors file"),
         (
@@ -352,7 +354,7 @@ def _write(path: Path, content) -> None:
             r"1 wrong shape: conv1.weight",
         ),
     ],
-    ids=["missing", "corrupt-pt", "corrupt-safetensors", "wrong-architecture"],
+    ids=["missing", "directory", "corrupt-pt", "corrupt-safetensors", "wrong-architecture"],
 )
 def test_bad_weights(tmp_path, name: str, content, message: str) -> None:
     _write(tmp_path / name, content)
