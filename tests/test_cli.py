@@ -400,11 +400,24 @@ def test_model_with_no_sites(tmp_path, args: list[str], message: str) -> None:
     fails(run(*args, "-o", "model.pt"), message + r".*Nothing was written\.$", tmp_path)
 
 
-def test_failed_run_leaves_an_existing_output_untouched(tmp_path) -> None:
+def test_failed_run_before_writing_leaves_an_existing_output_untouched(tmp_path) -> None:
     (tmp_path / "model.pt").write_bytes(b"the previous model")
     _write(tmp_path / "corrupt.pt", b"junk")
     result = run("torchvision:resnet18", "--weights", "corrupt.pt", "-o", "model.pt")
     fails(result, r"not a readable torch file", tmp_path, ("model.pt", "corrupt.pt"))
+    assert (tmp_path / "model.pt").read_bytes() == b"the previous model"
+
+
+def test_failed_write_leaves_an_existing_output_untouched(tmp_path, monkeypatch) -> None:
+    (tmp_path / "model.pt").write_bytes(b"the previous model")
+
+    def disk_full(obj, handle, *args, **kwargs):
+        handle.write(b"half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    result = run(*SMALL, "-o", "model.pt")
+    fails(result, r"cannot write 'model.pt': No space left on device", tmp_path, ("model.pt",))
     assert (tmp_path / "model.pt").read_bytes() == b"the previous model"
 
 
