@@ -95,6 +95,10 @@ def check_output_path(path: str | os.PathLike[str]) -> Path:
     A probe file is created and removed in the destination folder, so the answer is also right
     for root and for read-only file systems, where permission bits say nothing.
 
+    Example:
+        >>> check_output_path("runs/model.pt")
+        PosixPath('runs/model.pt')
+
     Raises:
         OutputPathError: the folder does not exist, ``path`` is a folder, nothing can be
             written there, or the name ends in ``.safetensors`` (a checkpoint is a torch file).
@@ -155,7 +159,12 @@ def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
 
 
 def se_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The tensors of the model's :class:`SEBlock` modules, under their full keys."""
+    """The tensors of the model's :class:`SEBlock` modules, under their full keys.
+
+    Example:
+        >>> sorted(se_state_dict(inject_se(torchvision.models.resnet18())))[:2]
+        ['layer1.0.se.fc1.bias', 'layer1.0.se.fc1.weight']
+    """
     state: dict[str, torch.Tensor] = {}
     for name, module in model.named_modules():
         if isinstance(module, SEBlock):
@@ -268,6 +277,10 @@ def save(
 
 def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read and validate an se-inject checkpoint as plain data (nothing is built).
+
+    Example:
+        >>> read_checkpoint("model.pt")["model"]
+        {'source': 'timm', 'name': 'resnet50'}
 
     Raises:
         CheckpointError: missing, corrupt, not an se-inject checkpoint, or a newer format.

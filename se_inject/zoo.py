@@ -200,7 +200,12 @@ def resolve_name(name: str) -> ModelSpec:
 
 
 def model_origin(model: nn.Module) -> ModelSpec | None:
-    """The registry name a model was created from, if it was created here (or is a timm model)."""
+    """The registry name a model was created from, if it was created here (or is a timm model).
+
+    Example:
+        >>> model_origin(timm.create_model("resnet50.a1_in1k"))
+        ModelSpec(source=<Source.TIMM: 'timm'>, name='resnet50')
+    """
     origin = getattr(model, _ORIGIN_ATTR, None)
     if isinstance(origin, ModelSpec):
         return origin
@@ -251,6 +256,10 @@ def default_input_size(spec: ModelSpec, model: nn.Module | None = None) -> tuple
 
     timm: the model's ``pretrained_cfg['input_size']``; torchvision: 299x299 for
     ``inception_v3``, 3x16x112x112 clips for the video models, 224x224 otherwise.
+
+    Example:
+        >>> default_input_size(resolve_name("torchvision:inception_v3"))
+        (3, 299, 299)
     """
     if spec.source is Source.TIMM:
         cfg = getattr(model, "pretrained_cfg", None) if model is not None else None
@@ -515,6 +524,9 @@ def _unwrap_state_dict(data: Any, file: Path) -> dict[str, torch.Tensor]:
 def load_strict(model: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
     """``load_state_dict(strict=True)`` with a one-line error naming a few bad keys.
 
+    Example:
+        >>> load_strict(model, torch.load("resnet18.pth", weights_only=True), "resnet18.pth")
+
     Raises:
         WeightsError: missing, unexpected or wrongly shaped keys.
     """
@@ -564,6 +576,11 @@ def create_model_for_state(spec: ModelSpec, state: Mapping[str, torch.Tensor]) -
 
     Nothing is loaded and nothing is downloaded; keys that do not fit are left for
     :func:`load_strict` to report.
+
+    Example:
+        >>> state = torchvision.models.resnet18(num_classes=10).state_dict()
+        >>> create_model_for_state(resolve_name("torchvision:resnet18"), state).fc.out_features
+        10
     """
     model = create_model(spec)
     width = _classifier_width(model, state)
