@@ -314,7 +314,7 @@ def _host_reachable(host: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
         try:
             with socket.create_connection(address, timeout=timeout):
                 answer.append(True)
-        except OSError:
+        except Exception:  # OSError mostly; any failure to connect means "not reachable"
             answer.append(False)
 
     thread = threading.Thread(target=probe, name="se-inject-probe", daemon=True)
