@@ -49,6 +49,24 @@ _HELP: dict[SkipReason, str] = {
 }
 
 
+def _usage_error_types() -> tuple[type[Exception], ...]:
+    # typer >= 0.2x vendors click and raises typer.TyperException subclasses; older typer
+    # raises click's own ClickException. Catch whichever exist.
+    found: list[type[Exception]] = []
+    if isinstance(getattr(typer, "TyperException", None), type):
+        found.append(typer.TyperException)
+    try:
+        import click
+    except ImportError:
+        pass
+    else:
+        found.append(click.ClickException)
+    return tuple(found)
+
+
+_USAGE_ERRORS = _usage_error_types()
+
+
 class _Command(TyperCommand):
     """The typer command, with every error printed as one line (the one place errors are caught)."""
 
@@ -62,8 +80,8 @@ class _Command(TyperCommand):
     ) -> Any:
         try:
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        except typer.TyperException as e:  # bad option values, missing MODEL, unknown options
-            _error_line(e.format_message())
+        except _USAGE_ERRORS as e:  # bad option values, missing MODEL, unknown options
+            _error_line(e.format_message())  # type: ignore[attr-defined]
             code = int(getattr(e, "exit_code", 2))
         except SEInjectError as e:
             _error_line(str(e))
