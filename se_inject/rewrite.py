@@ -198,26 +198,35 @@ def _reads_training(cls: type) -> bool:
 _PRIMITIVES = (bool, int, float, str, type(None))
 
 
-def _signature(module: nn.Module, inline: tuple[str, ...]) -> tuple[Any, ...] | None:
-    """What a children-as-calls trace of ``module`` can depend on: its class, its plain
-    attributes (``stride``, ``use_res_connect``, ``downsample is None``) and the classes of its
-    children, recursively for inlined ones. ``None`` when an attribute is not plain data."""
-    items: list[Any] = [type(module)]
+def _plain_attributes(module: nn.Module) -> tuple[Any, ...] | None:
+    items = []
     for key, value in sorted(vars(module).items()):
         if key.startswith("_") or key == "training":
             continue
-        if not isinstance(value, _PRIMITIVES + (tuple,)) or (
-            isinstance(value, tuple) and not all(isinstance(v, _PRIMITIVES) for v in value)
+        if isinstance(value, _PRIMITIVES) or (
+            isinstance(value, tuple) and all(isinstance(v, _PRIMITIVES) for v in value)
         ):
+            items.append((key, value))
+        elif not callable(value):
             return None
-        items.append((key, value))
-    items.append(tuple((name, type(child)) for name, child in module._modules.items()))
-    items.append(tuple(sorted(module._parameters)) + tuple(sorted(module._buffers)))
-    for path in inline:
-        sub = _signature(module.get_submodule(path), ())
-        if sub is None:
+    return tuple(items)
+
+
+def _signature(module: nn.Module) -> tuple[Any, ...] | None:
+    """What a trace of ``module`` can depend on: for the block and every module inside it, the
+    class, the plain attributes (``stride``, ``use_res_connect``, ``downsample is None``) and the
+    names, shapes and dtypes of parameters and buffers. ``None`` (never shared) when an
+    attribute is data of some other kind."""
+    items: list[Any] = []
+    for path, sub in module.named_modules(remove_duplicate=False):
+        attrs = _plain_attributes(sub)
+        if attrs is None:
             return None
-        items.append((path, sub))
+        tensors = tuple(
+            (name, tuple(t.shape), t.dtype) if t is not None else (name, None)
+            for name, t in [*sub._parameters.items(), *sub._buffers.items()]
+        )
+        items.append((path, type(sub), attrs, tensors))
     return tuple(items)
 
 
@@ -225,14 +234,17 @@ class _TraceCache:
     """Traces of owners, shared between blocks with the same signature.
 
     Tracing patches ``nn.Module`` itself, which costs milliseconds per trace once timm and
-    torchvision are loaded; ResNet-152's 50 blocks have only a handful of signatures.
+    torchvision are loaded; ResNet-152's 50 blocks have only a handful of signatures. The
+    signature covers the whole block (a forward may loop over a ModuleList or read a child's
+    stride), so two blocks share a trace only when nothing a trace could see differs.
     """
 
     def __init__(self) -> None:
         self._graphs: dict[tuple[Any, ...], dict[bool, fx.Graph]] = {}
 
     def graphs(self, owner: nn.Module, inline: tuple[str, ...]) -> tuple[dict[bool, fx.Graph], dict[str, Any]]:
-        key = _signature(owner, inline)
+        key = _signature(owner)
+        key = None if key is None else (key, inline)
         if key is not None and key in self._graphs:
             return {mode: copy.deepcopy(g) for mode, g in self._graphs[key].items()}, {}
         traced = [owner, *(owner.get_submodule(p) for p in inline)]
