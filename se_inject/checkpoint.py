@@ -48,7 +48,7 @@ from .errors import (
     UnknownModelError,
     WeightsError,
 )
-from .plan import Plan
+from .plan import PLAN_ATTR, Plan
 from .zoo import (
     ModelSpec,
     Source,
@@ -67,7 +67,6 @@ from .zoo import (
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
-    "PLAN_ATTR",
     "save",
     "load",
     "read_checkpoint",
@@ -80,8 +79,6 @@ __all__ = [
 FORMAT = "se-inject"
 FORMAT_VERSION = 1
 
-#: Attribute holding the plan an injected model was built from (set by ``apply_plan`` / ``load``).
-PLAN_ATTR = "se_inject_plan"
 
 _KEYS_SHOWN = 4
 
@@ -377,8 +374,6 @@ def load(path: str | os.PathLike[str], base_model: nn.Module | None = None) -> n
         load_strict(model, state, where)
     if spec is not None:
         tag_origin(model, spec)
-    if _recorded_plan(model) is None:
-        object.__setattr__(model, PLAN_ATTR, plan)
     return model
 
 

@@ -15,7 +15,11 @@ from typing import Any
 from .block import SEConfig
 from .errors import CheckpointError
 
-__all__ = ["SiteKind", "SkipReason", "REASON_TEXT", "Site", "Skipped", "Plan"]
+__all__ = ["SiteKind", "SkipReason", "REASON_TEXT", "Site", "Skipped", "Plan", "PLAN_ATTR"]
+
+#: Attribute of an injected model holding the plan it was built from (a plain attribute, not a
+#: module or a state_dict entry), so ``save`` can record it.
+PLAN_ATTR = "se_inject_plan"
 
 
 class SiteKind(enum.StrEnum):
@@ -130,6 +134,10 @@ class Plan:
         for skip in self.skipped:
             grouped.setdefault(skip.reason, []).append(skip)
         return grouped
+
+    def merged(self, later: Plan) -> Plan:
+        """This plan followed by ``later`` (a second injection into the same model)."""
+        return Plan(self.sites + later.sites, later.skipped, later.unanalysed, self.config)
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -22,7 +22,7 @@ from torch import nn
 from .block import SEBlock, SEConfig
 from .errors import PlanMismatchError
 from .graph import qualified_names, trace
-from .plan import Plan, Site
+from .plan import PLAN_ATTR, Plan, Site
 
 __all__ = ["apply_plan", "remove_se", "RebuiltBlock"]
 
@@ -306,7 +306,11 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
     for path in sorted(rebuilt, key=lambda p: (p.count("."), p) if p else (-1, p)):
         if path:
             _replace_module(model, path, rebuilt[path])
-    return rebuilt.get("", model)
+    result = rebuilt.get("", model)
+    earlier = getattr(model, PLAN_ATTR, None)
+    recorded = earlier.merged(plan) if isinstance(earlier, Plan) else plan
+    object.__setattr__(result, PLAN_ATTR, recorded)  # plain attribute: no module, no state_dict key
+    return result
 
 
 def _replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
@@ -326,4 +330,5 @@ def remove_se(model: nn.Module) -> nn.Module:
     for path, module in sorted(model.named_modules(), key=lambda item: -item[0].count(".")):
         if isinstance(module, RebuiltBlock) and path:
             _replace_module(model, path, module.restore())
+    model.__dict__.pop(PLAN_ATTR, None)
     return model

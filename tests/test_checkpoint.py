@@ -132,6 +132,19 @@ def test_se_only_without_base_warns_random(tmp_path) -> None:
     assert torch.equal(rebuilt.layer1[0].se.fc2.weight, model.layer1[0].se.fc2.weight)
 
 
+def test_save_right_after_inject_uses_the_recorded_plan(tmp_path) -> None:
+    from se_inject import inject_se, remove_se
+    from se_inject.plan import PLAN_ATTR, Plan
+
+    model = inject_se(_Tiny())
+    assert isinstance(getattr(model, PLAN_ATTR), Plan)
+    assert PLAN_ATTR not in "".join(model.state_dict())
+    rebuilt = load(save(model, tmp_path / "m.pt"), base_model=_Tiny())
+    assert set(rebuilt.state_dict()) == set(model.state_dict())
+    remove_se(model)
+    assert not hasattr(model, PLAN_ATTR)
+
+
 def test_save_needs_a_plan(tmp_path) -> None:
     with pytest.raises(CheckpointError, match="no recorded SE plan; pass plan="):
         save(_Tiny(), tmp_path / "m.pt")
