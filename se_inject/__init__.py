@@ -9,9 +9,13 @@ from .block import SEConfig as SEConfig
 from .checkpoint import load as load
 from .checkpoint import save as save
 from .errors import SEInjectError as SEInjectError
+from .finetune import HeadNotFoundError as HeadNotFoundError
+from .finetune import find_head as find_head
 from .finetune import freeze_except_se as freeze_except_se
+from .finetune import param_groups as param_groups
 from .finetune import se_modules as se_modules
 from .finetune import se_parameters as se_parameters
+from .finetune import se_state_dict_keys as se_state_dict_keys
 from .plan import Plan as Plan
 from .plan import Site as Site
 from .plan import SiteKind as SiteKind
@@ -24,6 +28,7 @@ __all__ = [
     "SEBlock",
     "SEConfig",
     "SEInjectError",
+    "HeadNotFoundError",
     "Plan",
     "Site",
     "SiteKind",
@@ -31,11 +36,14 @@ __all__ = [
     "SkipReason",
     "apply_plan",
     "find_sites",
+    "find_head",
     "freeze_except_se",
     "inject_se",
     "load",
     "remove_se",
     "save",
     "se_modules",
+    "param_groups",
     "se_parameters",
+    "se_state_dict_keys",
 ]

@@ -8,12 +8,13 @@ object rather than hidden in ``node.meta``, apart from ``node.meta["val"]``, whi
 
 from __future__ import annotations
 
+import inspect
 import logging
 import operator
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.fx as fx
@@ -28,6 +29,9 @@ __all__ = [
     "SETracer",
     "DataFlow",
     "trace",
+    "Traced",
+    "standalone_concrete_args",
+    "required_positional",
     "propagate_shapes",
     "record_module_inputs",
     "qualified_names",
@@ -99,6 +103,13 @@ class SETracer(fx.Tracer):
         # SEBlock is a leaf so our own blocks read as one call (and as attention) in the graph.
         self.leaf_modules = tuple(leaf_modules) + timm_modules + mode_dependent_leaves() + (SEBlock,)
         self.inline = None if inline is None else frozenset(inline)
+        self.module_calls: dict[str, list[tuple[tuple[str, ...], tuple[str, ...]]]] = {}
+
+    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if not self.is_leaf_module(m, self.path_of_module(m)):
+            calls = self.module_calls.setdefault(self.path_of_module(m), [])
+            calls.append((tuple(_arg_kind(a) for a in args), tuple(sorted(kwargs))))
+        return super().call_module(m, forward, args, kwargs)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if self.inline is not None and module_qualified_name not in self.inline:
@@ -120,8 +131,27 @@ def _training_mode(module: nn.Module, mode: bool):
             m.training = flag
 
 
-def trace(module: nn.Module, *, training: bool = False, inline: Iterable[str] | None = None) -> tuple[fx.Graph, dict[str, Any]]:
-    """Trace ``module`` in the given mode; return the graph and the constants the tracer made.
+class Traced(NamedTuple):
+    """A trace: the graph, the tensor constants the tracer made, and how each submodule that
+    was traced through got called (``CallKind`` per argument, one tuple per call)."""
+
+    graph: fx.Graph
+    constants: dict[str, Any]
+    calls: dict[str, list[tuple[tuple[str, ...], tuple[str, ...]]]]
+
+
+def _arg_kind(value: Any) -> str:
+    return "tensor" if isinstance(value, fx.Proxy) else type(value).__name__
+
+
+def trace(
+    module: nn.Module,
+    *,
+    training: bool = False,
+    inline: Iterable[str] | None = None,
+    concrete_args: dict[str, Any] | None = None,
+) -> Traced:
+    """Trace ``module`` in the given mode.
 
     The tracer stores tensor constants as attributes of the traced root; they are removed from
     ``module`` again and returned, so tracing never changes the user's model.
@@ -130,12 +160,43 @@ def trace(module: nn.Module, *, training: bool = False, inline: Iterable[str] | 
     tracer = SETracer(inline=inline)
     try:
         with _training_mode(module, training):
-            graph = tracer.trace(module)
+            graph = tracer.trace(module, concrete_args=concrete_args)
     finally:
         added = {k: module.__dict__[k] for k in set(module.__dict__) - before}
         for k in added:
             del module.__dict__[k]
-    return graph, added
+    return Traced(graph, added, tracer.module_calls)
+
+
+def standalone_concrete_args(module: nn.Module) -> dict[str, Any]:
+    """Defaults of the parameters of ``module.forward`` after the required ones: a block traced
+    on its own must take the path its parent takes when it leaves them out."""
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    return {
+        p.name: p.default
+        for p in params
+        if p.default is not inspect.Parameter.empty
+        and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    }
+
+
+def required_positional(module: nn.Module) -> int | None:
+    """How many positional parameters ``module.forward`` requires; None for ``*args``."""
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
+        return None
+    return sum(
+        1
+        for p in params
+        if p.default is inspect.Parameter.empty
+        and p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    )
 
 
 def _fake_mode():

@@ -21,7 +21,7 @@ from torch import nn
 
 from .block import SEBlock, SEConfig
 from .errors import PlanMismatchError
-from .graph import qualified_names, trace
+from .graph import qualified_names, standalone_concrete_args, trace
 from .plan import PLAN_ATTR, Plan, Site
 
 __all__ = ["apply_plan", "remove_se", "RebuiltBlock"]
@@ -247,13 +247,14 @@ class _TraceCache:
         key = None if key is None else (key, inline)
         if key is not None and key in self._graphs:
             return {mode: copy.deepcopy(g) for mode, g in self._graphs[key].items()}, {}
-        traced = [owner, *(owner.get_submodule(p) for p in inline)]
-        modes = (False, True) if any(_reads_training(type(m)) for m in traced) else (False,)
+        code_owners = [owner, *(owner.get_submodule(p) for p in inline)]
+        modes = (False, True) if any(_reads_training(type(m)) for m in code_owners) else (False,)
         graphs: dict[bool, fx.Graph] = {}
         constants: dict[str, Any] = {}
         for training in modes:
-            graphs[training], consts = trace(owner, training=training, inline=inline)
-            constants.update(consts)
+            traced = trace(owner, training=training, inline=inline, concrete_args=standalone_concrete_args(owner))
+            graphs[training] = traced.graph
+            constants.update(traced.constants)
         if key is not None and not constants:  # constants are per instance: never share them
             self._graphs[key] = {mode: copy.deepcopy(g) for mode, g in graphs.items()}
         return graphs, constants

@@ -32,6 +32,7 @@ from .graph import (
     propagate_shapes,
     qualified_names,
     record_module_inputs,
+    required_positional,
     tensor_shape,
     trace,
     trailing_scaling_input,
@@ -59,11 +60,24 @@ class _Unit:
     graph: fx.Graph
     flow: DataFlow
     names: dict[fx.Node, str]
+    calls: dict[str, list[tuple[tuple[str, ...], tuple[str, ...]]]]
     _owned: dict[str, list[fx.Node]] = field(default_factory=dict)
     _gated: dict[str, list[fx.Node]] = field(default_factory=dict)
 
     def full(self, rel: str) -> str:
         return f"{self.path}.{rel}" if self.path and rel else self.path or rel
+
+    def rewritable_owner(self, scope: str) -> str:
+        """``scope`` or its nearest ancestor that can be traced on its own: every call passes
+        exactly its required arguments, all tensors (lists, ``None`` and other Python values
+        would become placeholders and change the graph). The unit's root always qualifies."""
+        while scope:
+            calls = self.calls.get(scope, [])
+            required = required_positional(self.module.get_submodule(scope))
+            if calls and all(kinds == ("tensor",) * len(kinds) and not kw and len(kinds) == required for kinds, kw in calls):
+                return scope
+            scope = scope.rpartition(".")[0]
+        return scope
 
     def owned_nodes(self, owner_rel: str) -> list[fx.Node]:
         if owner_rel not in self._owned:
@@ -191,7 +205,7 @@ def _resolve(module: nn.Module, target: str) -> Any:
 
 def _analyse(module: nn.Module, path: str, args: Sequence[Any], units: list[_Unit], unanalysed: list[str]) -> None:
     try:
-        graph, constants = trace(module)
+        graph, constants, calls = trace(module)
         propagate_shapes(_graph_module(module, graph, constants), args)
     except Exception as e:  # noqa: BLE001 - any failure means "analyse the parts"
         log.debug("%s does not trace (%s: %s); analysing its children", path or "model", type(e).__name__, e)
@@ -206,7 +220,7 @@ def _analyse(module: nn.Module, path: str, args: Sequence[Any], units: list[_Uni
                 unanalysed.append(f"{path}.{name}" if path else name)
         return
     flow = DataFlow(graph, module)
-    units.append(_Unit(path, module, graph, flow, qualified_names(graph, path)))
+    units.append(_Unit(path, module, graph, flow, qualified_names(graph, path), calls))
     # Leaves we cannot see into (timm's no-trace blocks): analyse them on their own.
     for node in graph.nodes:
         if node.op != "call_module":
@@ -261,17 +275,17 @@ def _residual(unit: _Unit, add: fx.Node) -> _Candidate | None:
     shape_a, shape_b = tensor_shape(operands[0]), tensor_shape(operands[1])
     if shape_a is None or shape_a != shape_b or shape_a != tensor_shape(add):
         return None
-    owner_rel = node_scope(add)
-    cand = _Candidate(unit, SiteKind.RESIDUAL, add, owner_rel)
+    scope = node_scope(add)
+    cand = _Candidate(unit, SiteKind.RESIDUAL, add, unit.rewritable_owner(scope))
     fork = flow.idom.get(add)
     if fork is None:
         return _skip(cand, SkipReason.FUSION, "operands come from different inputs of the model")
     region = flow.region(fork, add)
-    outside = next((n for n in region if not _inside(n, owner_rel)), None)
+    outside = next((n for n in region if not _inside(n, scope)), None)
     if outside is not None:
         return _skip(
             cand, SkipReason.FUSION,
-            f"operands meet at {unit.names[fork]}; {unit.names[outside]} lies outside {unit.full(owner_rel) or 'the model'}",
+            f"operands meet at {unit.names[fork]}; {unit.names[outside]} lies outside {unit.full(scope) or 'the model'}",
         )
     cost, _ = flow.path_costs(fork, region)
     a, b = operands
@@ -329,7 +343,7 @@ def _concatenation(unit: _Unit, cat: fx.Node) -> list[_Candidate]:
             inputs.append(a)
     if len(inputs) < 2:
         return []  # rule 6: concatenating a class token or a constant is not a site
-    owner_rel = node_scope(cat)
+    owner_rel = unit.rewritable_owner(node_scope(cat))
     cand = _Candidate(unit, SiteKind.INCEPTION, cat, owner_rel)
     shape = tensor_shape(cat)
     axis = channel_axis(cat, flow)
@@ -363,7 +377,7 @@ def _concatenation(unit: _Unit, cat: fx.Node) -> list[_Candidate]:
     dense = []
     for producer in computed:
         consumers = tuple(u for u in producer.users if is_cat(u))
-        owner = _common_owner([producer, *consumers])
+        owner = unit.rewritable_owner(_common_owner([producer, *consumers]))
         d = _Candidate(unit, SiteKind.DENSE, cat, owner, source=producer, targets=consumers)
         if not _check_tensor(d, producer):
             d.skip = Skipped(unit.names[producer], d.skip.reason, d.skip.detail)  # type: ignore[union-attr]
