@@ -201,3 +201,37 @@ class RootResidual(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
         return x + self.conv2(torch.relu(self.conv1(x)))
+
+
+class AppendList(nn.Module):
+    """VoVNet-style: the block's forward takes a list from its parent."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv = conv_bn(c, c)
+
+    def forward(self, x: torch.Tensor, feats: list[torch.Tensor]) -> torch.Tensor:
+        feats.append(self.conv(x))
+        return torch.cat(feats, 1)
+
+
+class PassesList(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.inner = AppendList(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x, [x])
+
+
+class OptionalArg(nn.Module):
+    """DLA-style: an optional argument the parent leaves at None."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.branch = conv_bn(c, c)
+
+    def forward(self, x: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+        if extra is not None:
+            x = x + extra
+        return x + self.branch(x)

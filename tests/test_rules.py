@@ -9,6 +9,8 @@ from nets import (
     Dense,
     Gated,
     Inception,
+    OptionalArg,
+    PassesList,
     Res2NetLike,
     Residual,
     Residual1d,
@@ -155,3 +157,17 @@ def test_plan_is_plain_data_that_round_trips() -> None:
     plan = find_sites(nn.Sequential(Residual(4), Dense(4, 2, 2), Inception(8)))
     assert Plan.from_dict(plan.to_dict()) == plan
     assert [s.stage for s in plan.sites] == [0] * len(plan.sites)
+
+
+def test_block_called_with_a_list_is_rebuilt_through_its_parent() -> None:
+    model = nn.Sequential(PassesList(4))
+    (site,) = find_sites(model).sites
+    assert (site.owner, site.inline, str(site.kind)) == ("0", ("inner",), "dense")
+    _identity(model, torch.randn(2, 4, 8, 8))
+
+
+def test_optional_arguments_keep_their_defaults_when_rebuilt() -> None:
+    model = nn.Sequential(OptionalArg(4))
+    (site,) = find_sites(model).sites
+    assert site.owner == "0"
+    _identity(model, torch.randn(2, 4, 8, 8))
