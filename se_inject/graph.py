@@ -40,6 +40,7 @@ __all__ = [
     "channel_axis",
     "is_add",
     "is_cat",
+    "is_upsample",
     "cat_dim",
     "trailing_scaling_input",
     "gating_products",
@@ -558,6 +559,28 @@ def _is_pool(root: nn.Module, node: fx.Node) -> bool:
     return isinstance(_module(root, node), _POOL_MODULES)
 
 
+_UPSAMPLE_FUNCTIONS = {
+    F.interpolate, F.upsample, F.upsample_nearest, F.upsample_bilinear, F.pixel_shuffle,
+    F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
+}
+_UPSAMPLE_MODULES = (
+    nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.PixelShuffle,
+    nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+)
+_SPATIAL_ONLY_FUNCTIONS = _POOL_FUNCTIONS | {F.interpolate, F.upsample, F.upsample_nearest, F.upsample_bilinear, F.pad}
+_SPATIAL_ONLY_MODULES = _POOL_MODULES + (
+    nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d,
+    nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReplicationPad2d,
+)
+
+
+def is_upsample(root: nn.Module, node: fx.Node) -> bool:
+    """Ops that raise resolution: a branch through one of them fuses scales, it is no residual."""
+    if node.op == "call_function":
+        return node.target in _UPSAMPLE_FUNCTIONS
+    return isinstance(_module(root, node), _UPSAMPLE_MODULES)
+
+
 def is_add(node: fx.Node) -> bool:
     return (node.op == "call_function" and node.target in _ADD_FUNCTIONS) or (
         node.op == "call_method" and node.target in _ADD_METHODS
@@ -659,6 +682,11 @@ def _channel_axis(node: fx.Node, flow: DataFlow, memo: dict[fx.Node, int | None]
 
     inputs = [p for p in node.all_input_nodes if flow.data.get(p)]
     first = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+    spatial_only = (node.op == "call_function" and node.target in _SPATIAL_ONLY_FUNCTIONS) or isinstance(
+        module, _SPATIAL_ONLY_MODULES
+    )
+    if spatial_only and first is not None:
+        return channel_axis(first, flow, memo, depth + 1)  # pooling, resizing, padding keep channels
 
     def axis_of(p: fx.Node) -> int | None:
         return channel_axis(p, flow, memo, depth + 1)

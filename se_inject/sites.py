@@ -28,6 +28,7 @@ from .graph import (
     gating_products,
     is_add,
     is_cat,
+    is_upsample,
     node_scope,
     propagate_shapes,
     qualified_names,
@@ -294,6 +295,9 @@ def _residual(unit: _Unit, add: fx.Node) -> _Candidate | None:
     branch, trunk = (a, b) if cost[a] > cost[b] else (b, a)
     if cost[trunk] > TRUNK_MAX_PARAMETRIC:
         return _skip(cand, SkipReason.FUSION, f"the shorter operand still has {cost[trunk]} parametric layers")
+    upsampled = next((n for n in sorted(region, key=flow.index.__getitem__) if is_upsample(unit.module, n)), None)
+    if upsampled is not None:
+        return _skip(cand, SkipReason.FUSION, f"the branch changes resolution at {unit.names[upsampled]}: a multi-scale merge")
     cand.structural = True
     cand.region = region
     source, target = branch, add
@@ -476,7 +480,9 @@ def _mark_nested(candidates: list[_Candidate]) -> None:
                 node = cand.source if cand.kind is SiteKind.DENSE and cand.source is not None else cand.anchor
                 _skip(cand, SkipReason.NESTED, f"inside {cand.unit.names[host.anchor]}", node)
             continue
-        if cand.structural:
+        # Hosts: blocks that got a site, or that already have attention (so that a second
+        # injection nests the same places as the first).
+        if cand.structural and (cand.skip is None or cand.skip.reason is SkipReason.ALREADY_ATTENDED):
             outer.append(cand)
 
 
