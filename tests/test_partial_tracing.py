@@ -95,11 +95,6 @@ def test_untraceable_top_level_gets_se_in_its_blocks():
         assert torch.equal(injected(x), before)
 
 
-@pytest.mark.xfail(
-    reason="sites.py takes a same-module FPN merge for a residual and nests c4's block under it "
-    "(filed in /work/notes/core-requests.md)",
-    strict=False,
-)
 def test_feature_pyramid_merge_is_a_fusion_not_a_residual():
     plan = find_sites(_TinyFPN(), example_input=torch.randn(2, 3, 32, 32))
     assert sorted(s.name for s in plan.sites) == ["c3.1.se", "c4.1.se"]
