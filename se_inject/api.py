@@ -31,12 +31,27 @@ def find_sites(
     hidden: int | None = None,
     gate: str | None = None,
     pool: str = "avg",
+    placement: str = "standard",
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     min_channels: int = 0,
+    stages: Sequence[int] | None = None,
+    resolutions: Sequence[int] | None = None,
+    plain: bool = False,
+    tokens: bool = False,
     example_input: torch.Tensor | tuple[torch.Tensor, ...] | None = None,
 ) -> Plan:
     """Analyse ``model`` and return the plan ``inject_se`` would apply; the model is not changed.
+
+    Options, beyond the SE block's own (``reduction``, ``hidden``, ``bias``, ``gate``, ``pool``,
+    ``identity_init``): ``placement`` is where on a residual branch the block goes
+    (``standard``: end of the branch, before the sum; ``pre``: start of the branch, after the
+    fork; ``inner``: after the branch's last spatial convolution; the paper's trunk-scaling
+    POST and Identity variants are refused). ``include``/``exclude`` (module-name globs),
+    ``min_channels``, ``stages`` (indices of runs of sites at one resolution) and
+    ``resolutions`` (feature-map sizes at the analysis input) select sites. ``plain`` adds the
+    SE-VGG placement to networks without residual or concatenation sites; ``tokens`` turns
+    residuals on token sequences into sites.
 
     Example:
         >>> plan = find_sites(torchvision.models.resnet50())
@@ -54,6 +69,7 @@ def find_sites(
         gate=gate or ("scaled_sigmoid" if identity_init else "sigmoid"),
         pool=pool,
         identity_init=identity_init,
+        placement=placement,
     )
     return build_plan(
         model,
@@ -61,6 +77,10 @@ def find_sites(
         include=include,
         exclude=exclude,
         min_channels=min_channels,
+        stages=stages,
+        resolutions=resolutions,
+        plain=plain,
+        tokens=tokens,
         example_input=example_input,
     )
 
@@ -75,9 +95,14 @@ def inject_se(
     hidden: int | None = None,
     gate: str | None = None,
     pool: str = "avg",
+    placement: str = "standard",
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     min_channels: int = 0,
+    stages: Sequence[int] | None = None,
+    resolutions: Sequence[int] | None = None,
+    plain: bool = False,
+    tokens: bool = False,
     example_input: torch.Tensor | tuple[torch.Tensor, ...] | None = None,
 ) -> nn.Module:
     """Insert SE blocks at the sites of ``find_sites(model, ...)``; changes ``model`` in place.
@@ -103,9 +128,14 @@ def inject_se(
         hidden=hidden,
         gate=gate,
         pool=pool,
+        placement=placement,
         include=include,
         exclude=exclude,
         min_channels=min_channels,
+        stages=stages,
+        resolutions=resolutions,
+        plain=plain,
+        tokens=tokens,
         example_input=example_input,
     )
     if not plan.sites:

@@ -41,6 +41,12 @@ __all__ = [
     "is_add",
     "is_cat",
     "is_upsample",
+    "is_activation",
+    "is_norm",
+    "is_conv",
+    "is_spatial_conv",
+    "is_unary_elementwise",
+    "input_name",
     "cat_dim",
     "trailing_scaling_input",
     "gating_products",
@@ -354,19 +360,28 @@ def _op_name(node: fx.Node) -> str:
     return getattr(node.target, "__name__", str(node.target))
 
 
+def input_name(prefix: str, k: int) -> str:
+    """Name of the k-th input of the module at ``prefix`` (``layer1.0.<input0>``)."""
+    return _join(prefix, f"<input{k}>")
+
+
 def qualified_names(graph: fx.Graph, prefix: str = "") -> dict[fx.Node, str]:
     """torchvision-style node names: ``layer1.0.conv1``, ``layer1.0.add``, ``layer1.0.relu_1``.
 
     Module calls are named after the module, other ops after the module that performs them;
-    repeats get ``_1``, ``_2``, ... in graph order. ``prefix`` is the path of the traced module,
+    repeats get ``_1``, ``_2``, ... in graph order; inputs are ``<input0>``, ``<input1>``, ...
+    ``prefix`` is the path of the traced module,
     so a block traced on its own gets the same names as inside the whole model.
     """
     counts: Counter[str] = Counter()
     names: dict[fx.Node, str] = {}
+    inputs = 0
     for node in graph.nodes:
         if node.op in ("call_module", "get_attr"):
             base = _join(prefix, str(node.target))
-        elif node.op in ("placeholder", "output"):
+        elif node.op == "placeholder":
+            base, inputs = input_name(prefix, inputs), inputs + 1
+        elif node.op == "output":
             base = _join(prefix, node.name)
         else:
             base = _join(_join(prefix, node_scope(node)), _op_name(node))
@@ -579,6 +594,62 @@ def is_upsample(root: nn.Module, node: fx.Node) -> bool:
     if node.op == "call_function":
         return node.target in _UPSAMPLE_FUNCTIONS
     return isinstance(_module(root, node), _UPSAMPLE_MODULES)
+
+
+_ACTIVATION_FUNCTIONS = {
+    F.relu, F.relu_, F.relu6, F.gelu, F.silu, F.hardswish, F.mish, F.elu, F.leaky_relu, F.selu,
+    F.hardtanh, torch.relu, torch.relu_, torch.sigmoid, torch.tanh, F.sigmoid, F.tanh,
+}
+_ACTIVATION_METHODS = {"relu", "relu_", "sigmoid", "tanh"}
+
+
+def is_activation(root: nn.Module, node: fx.Node) -> bool:
+    module = _module(root, node)
+    if module is not None:
+        return type(module).__module__ == "torch.nn.modules.activation" and not isinstance(module, nn.MultiheadAttention)
+    return (node.op == "call_function" and node.target in _ACTIVATION_FUNCTIONS) or (
+        node.op == "call_method" and node.target in _ACTIVATION_METHODS
+    )
+
+
+def is_norm(root: nn.Module, node: fx.Node) -> bool:
+    module = _module(root, node)
+    return isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)) or (
+        node.op == "call_function" and node.target in (F.batch_norm, F.group_norm, F.layer_norm, F.instance_norm)
+    )
+
+
+_CONV_FUNCTIONS = {F.conv1d, F.conv2d, F.conv3d}
+
+
+def is_conv(root: nn.Module, node: fx.Node) -> bool:
+    module = _module(root, node)
+    return isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) or (
+        node.op == "call_function" and node.target in _CONV_FUNCTIONS
+    )
+
+
+def is_spatial_conv(root: nn.Module, node: fx.Node) -> bool:
+    """A convolution with a kernel wider than 1 (a 3x3, not a 1x1 projection)."""
+    module = _module(root, node)
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return max(module.kernel_size) > 1
+    if node.op == "call_function" and node.target in _CONV_FUNCTIONS and len(node.args) > 1:
+        weight = node.args[1]
+        shape = tensor_shape(weight) if isinstance(weight, fx.Node) else None
+        return shape is not None and max(shape[2:], default=1) > 1
+    return False
+
+
+def is_unary_elementwise(flow: DataFlow, node: fx.Node) -> bool:
+    """One data input, same shape out: a norm, an activation, a dropout."""
+    live = flow.live_inputs(node)
+    if len(live) != 1 or is_add(node) or _is_mul(node) or is_cat(node):
+        return False
+    module = _module(flow.root, node)
+    if module is not None:
+        return _builtin(module) and (_keeps_shape(module) or isinstance(module, _SHAPE_KEEPING_MODULES))
+    return tensor_shape(node) == tensor_shape(live[0]) and tensor_shape(node) is not None
 
 
 def is_add(node: fx.Node) -> bool:

@@ -26,6 +26,7 @@ class SiteKind(enum.StrEnum):
     RESIDUAL = "residual"
     INCEPTION = "inception"
     DENSE = "dense"
+    PLAIN = "plain"
 
 
 class SkipReason(enum.StrEnum):
@@ -41,6 +42,7 @@ class SkipReason(enum.StrEnum):
     EXCLUDED = "excluded"
     TOO_FEW_CHANNELS = "too-few-channels"
     NOT_REWRITABLE = "not-rewritable"
+    NO_SPATIAL_CONV = "no-spatial-conv"
 
 
 #: One human sentence per reason; the enum value is for machines.
@@ -57,6 +59,7 @@ REASON_TEXT: dict[SkipReason, str] = {
     SkipReason.EXCLUDED: "excluded by the include/exclude selection",
     SkipReason.TOO_FEW_CHANNELS: "fewer channels than min_channels",
     SkipReason.NOT_REWRITABLE: "the block that owns it could not be rebuilt",
+    SkipReason.NO_SPATIAL_CONV: "placement 'inner' needs a spatial convolution in the branch",
 }
 
 
@@ -78,6 +81,8 @@ class Site:
         inline: submodules of ``owner`` (paths relative to it) that must be traced through when
             the owner is rebuilt because ``source`` or ``targets`` lie inside them; all other
             submodules stay calls.
+        prefix_tokens: leading tokens (class, distillation) left out of the squeeze.
+        spatial: the non-channel, non-batch sizes of ``source`` at the analysis input.
     """
 
     name: str
@@ -91,6 +96,8 @@ class Site:
     channel_axis: int
     stage: int = 0
     inline: tuple[str, ...] = ()
+    prefix_tokens: int = 0
+    spatial: tuple[int, ...] = ()
 
     @property
     def attr(self) -> str:
@@ -142,7 +149,13 @@ class Plan:
     def to_dict(self) -> dict[str, Any]:
         return {
             "sites": [
-                {**asdict(s), "kind": str(s.kind), "targets": list(s.targets), "inline": list(s.inline)}
+                {
+                    **asdict(s),
+                    "kind": str(s.kind),
+                    "targets": list(s.targets),
+                    "inline": list(s.inline),
+                    "spatial": list(s.spatial),
+                }
                 for s in self.sites
             ],
             "skipped": [{**asdict(s), "reason": str(s.reason)} for s in self.skipped],
@@ -159,6 +172,7 @@ class Plan:
                     "kind": SiteKind(raw["kind"]),
                     "targets": tuple(raw["targets"]),
                     "inline": tuple(raw.get("inline", ())),
+                    "spatial": tuple(raw.get("spatial", ())),
                 })
                 for raw in data["sites"]
             )

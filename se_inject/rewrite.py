@@ -268,7 +268,9 @@ def _rebuild(owner: nn.Module, owner_path: str, sites: list[Site], config: SECon
     same = len(graphs) == 1 or graphs[False].python_code("self").src == graphs[True].python_code("self").src
     device, dtype = _module_placement(owner)
     se_blocks = {
-        s.attr: SEBlock.from_config(s.channels, s.hidden, s.channel_axis, config, device=device, dtype=dtype)
+        s.attr: SEBlock.from_config(
+            s.channels, s.hidden, s.channel_axis, config, prefix_tokens=s.prefix_tokens, device=device, dtype=dtype
+        )
         for s in sites
     }
     for block in se_blocks.values():

@@ -26,8 +26,14 @@ from .graph import (
     cat_dim,
     channel_axis,
     gating_products,
+    input_name,
+    is_activation,
     is_add,
     is_cat,
+    is_conv,
+    is_norm,
+    is_spatial_conv,
+    is_unary_elementwise,
     is_upsample,
     node_scope,
     propagate_shapes,
@@ -42,7 +48,7 @@ from .plan import Plan, Site, SiteKind, Skipped, SkipReason
 
 log = logging.getLogger(__name__)
 
-__all__ = ["build_plan", "example_args", "TRUNK_MAX_PARAMETRIC"]
+__all__ = ["build_plan", "example_args", "Selection", "TRUNK_MAX_PARAMETRIC"]
 
 #: A shortcut has at most this many parametric layers (projection: pool + conv + norm, or a
 #: GhostNet-style depthwise + pointwise pair); a deeper "shortcut" means a fusion.
@@ -80,6 +86,25 @@ class _Unit:
             scope = scope.rpartition(".")[0]
         return scope
 
+    def prefix_tokens(self) -> int:
+        """Class and distillation tokens in front of a token sequence: timm's
+        ``num_prefix_tokens``, else the constant tokens concatenated in front of the patches."""
+        declared = getattr(self.module, "num_prefix_tokens", None)
+        if isinstance(declared, int):
+            return declared
+        for node in self.flow.order:
+            shape = tensor_shape(node)
+            if not is_cat(node) or shape is None or len(shape) != 3 or cat_dim(node) % 3 != 1:
+                continue
+            count = 0
+            for a in node.args[0] if isinstance(node.args[0], (list, tuple)) else ():
+                if not isinstance(a, fx.Node) or self.flow.live.get(a):
+                    break
+                count += (tensor_shape(a) or (0, 0))[1]
+            if count:
+                return count
+        return 0
+
     def owned_nodes(self, owner_rel: str) -> list[fx.Node]:
         if owner_rel not in self._owned:
             self._owned[owner_rel] = [n for n in self.flow.order if _inside(n, owner_rel)]
@@ -110,10 +135,22 @@ class _Candidate:
     channels: int = 0
     axis: int = 1
     shape: tuple[int, ...] = ()
+    prefix_tokens: int = 0
 
 
 # --------------------------------------------------------------------------------------------
 # Entry point
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which of the found sites to keep (DESIGN.md rule 8)."""
+
+    include: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] | None = None
+    min_channels: int = 0
+    stages: tuple[int, ...] | None = None
+    resolutions: tuple[int, ...] | None = None
 
 
 def build_plan(
@@ -123,24 +160,58 @@ def build_plan(
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     min_channels: int = 0,
+    stages: Sequence[int] | None = None,
+    resolutions: Sequence[int] | None = None,
+    plain: bool = False,
+    tokens: bool = False,
     example_input: Any = None,
 ) -> Plan:
     """Analyse ``model`` (unchanged) and return where SE blocks go under ``config``.
 
+    ``plain`` adds the paper's SE-VGG placement (after the non-linearity that follows each
+    convolution) to models that have no residual or concatenation site; ``tokens`` turns
+    residual branches on token sequences into sites (squeezing over the tokens, class and
+    distillation tokens left out).
+
     Raises:
         ConfigError: a selection option has a bad value.
     """
-    include, exclude = _check_globs("include", include), _check_globs("exclude", exclude)
+    selection = Selection(
+        _check_globs("include", include),
+        _check_globs("exclude", exclude),
+        min_channels,
+        _check_ints("stages", stages),
+        _check_ints("resolutions", resolutions),
+    )
     if min_channels < 0:
         raise ConfigError(f"min_channels must be >= 0, got {min_channels}")
     args = example_args(model, example_input)
     units: list[_Unit] = []
     unanalysed: list[str] = []
     _analyse(model, "", args, units, unanalysed)
-    candidates = [c for unit in units for c in _unit_candidates(unit)]
+    policy = _Policy(config.placement, tokens)
+    candidates = [c for unit in units for c in _unit_candidates(unit, policy)]
     _mark_nested(candidates)
-    sites, skipped = _finalise(model, candidates, config, include, exclude, min_channels)
+    if plain and not any(c.skip is None for c in candidates):
+        candidates += [c for unit in units for c in _plain_candidates(unit)]
+    sites, skipped = _finalise(model, candidates, config, selection)
     return Plan(tuple(sites), tuple(skipped), tuple(unanalysed), config)
+
+
+@dataclass(frozen=True)
+class _Policy:
+    placement: str = "standard"
+    tokens: bool = False
+
+
+def _check_ints(what: str, values: Sequence[int] | None) -> tuple[int, ...] | None:
+    if values is None:
+        return None
+    if isinstance(values, int):
+        values = (values,)
+    if not all(isinstance(v, int) and v >= 0 for v in values):
+        raise ConfigError(f"{what} must be non-negative integers, got {values!r}")
+    return tuple(values)
 
 
 def _check_globs(what: str, globs: Sequence[str] | None) -> tuple[str, ...] | None:
@@ -249,17 +320,17 @@ def _inside(node: fx.Node, owner_rel: str) -> bool:
     return not owner_rel or path == owner_rel or path.startswith(owner_rel + ".")
 
 
-def _unit_candidates(unit: _Unit) -> list[_Candidate]:
+def _unit_candidates(unit: _Unit, policy: _Policy) -> list[_Candidate]:
     found: list[_Candidate] = []
     for node in unit.flow.order:
         if not unit.flow.live.get(node):
             continue
         if is_add(node):
-            cand = _residual(unit, node)
+            cand = _residual(unit, node, policy)
             if cand is not None:
                 found.append(cand)
         elif is_cat(node):
-            found.extend(_concatenation(unit, node))
+            found.extend(_concatenation(unit, node, policy))
     return found
 
 
@@ -268,7 +339,7 @@ def _skip(cand: _Candidate, reason: SkipReason, detail: str = "", node: fx.Node 
     return cand
 
 
-def _residual(unit: _Unit, add: fx.Node) -> _Candidate | None:
+def _residual(unit: _Unit, add: fx.Node, policy: _Policy) -> _Candidate | None:
     flow = unit.flow
     operands = [a for a in add.args[:2] if isinstance(a, fx.Node)]
     if len(operands) != 2 or not all(flow.live.get(a) for a in operands):
@@ -306,15 +377,46 @@ def _residual(unit: _Unit, add: fx.Node) -> _Candidate | None:
     if cost.get(source, 0) == 0:
         return _skip(cand, SkipReason.NO_TRUNK, "the branch has no parametric layer before its scalings")
     cand.source, cand.targets = source, (target,)
-    if not _check_tensor(cand, source):
-        return cand
     gates = gating_products(flow, region)
     if gates:
         return _skip(cand, SkipReason.ALREADY_ATTENDED, f"branch gated at {unit.names[gates[0]]}")
+    if policy.placement == "pre":
+        branch_side = flow.ancestors_within(branch, region) | {branch}
+        trunk_side = flow.ancestors_within(trunk, region) | {trunk}
+        heads = tuple(u for u in fork.users if fork in flow.preds.get(u, ()) and u in branch_side and u not in trunk_side)
+        if not heads:
+            return _skip(cand, SkipReason.NOT_REWRITABLE, "no layer of the branch alone reads the fork")
+        cand.source, cand.targets = fork, heads
+    elif policy.placement == "inner":
+        placed = _after_last_spatial_conv(unit, flow.ancestors_within(branch, region) | {branch}, add)
+        if placed is None:
+            return _skip(cand, SkipReason.NO_SPATIAL_CONV, "the branch has no spatial convolution")
+        cand.source, cand.targets = placed
+    if not _check_tensor(cand, cand.source, policy):
+        return cand
     return _represent(cand)
 
 
-def _check_tensor(cand: _Candidate, node: fx.Node) -> bool:
+def _after_last_spatial_conv(
+    unit: _Unit, branch: set[fx.Node], add: fx.Node
+) -> tuple[fx.Node, tuple[fx.Node, ...]] | None:
+    """The branch's last spatial convolution, followed through its norm and activation; and
+    the branch nodes that read it (the paper's "SE 3x3" placement)."""
+    flow = unit.flow
+    convs = [n for n in sorted(branch, key=flow.index.__getitem__) if is_spatial_conv(unit.module, n)]
+    if not convs:
+        return None
+    source = convs[-1]
+    while True:
+        users = [u for u in source.users if source in flow.preds.get(u, ())]
+        if len(users) != 1 or users[0] is add or users[0] not in branch or not is_unary_elementwise(flow, users[0]):
+            break
+        source = users[0]
+    targets = tuple(u for u in source.users if source in flow.preds.get(u, ()) and (u in branch or u is add))
+    return (source, targets) if targets else None
+
+
+def _check_tensor(cand: _Candidate, node: fx.Node, policy: _Policy | None = None) -> bool:
     """Channel axis and layout of the tensor to scale; records a skip and returns False if unfit."""
     shape = tensor_shape(node)
     if shape is None:
@@ -328,8 +430,10 @@ def _check_tensor(cand: _Candidate, node: fx.Node) -> bool:
         _skip(cand, SkipReason.UNKNOWN_CHANNEL_AXIS, f"shape {list(shape)}")
         return False
     if len(shape) == 3 and axis == 2:
-        _skip(cand, SkipReason.TOKEN_SEQUENCE, f"shape {list(shape)}, channels last")
-        return False
+        if policy is None or not policy.tokens:
+            _skip(cand, SkipReason.TOKEN_SEQUENCE, f"shape {list(shape)}, channels last")
+            return False
+        cand.prefix_tokens = cand.unit.prefix_tokens()
     if axis not in (1, len(shape) - 1):
         _skip(cand, SkipReason.UNKNOWN_CHANNEL_AXIS, f"channels on axis {axis} of {list(shape)}")
         return False
@@ -338,7 +442,7 @@ def _check_tensor(cand: _Candidate, node: fx.Node) -> bool:
     return True
 
 
-def _concatenation(unit: _Unit, cat: fx.Node) -> list[_Candidate]:
+def _concatenation(unit: _Unit, cat: fx.Node, policy: _Policy) -> list[_Candidate]:
     flow = unit.flow
     raw = cat.args[0] if cat.args else cat.kwargs.get("tensors", ())
     inputs: list[fx.Node] = []
@@ -372,18 +476,24 @@ def _concatenation(unit: _Unit, cat: fx.Node) -> list[_Candidate]:
         cand.structural = True
         cand.region = region
         cand.source = cat
-        if not _check_tensor(cand, cat):
+        if not _check_tensor(cand, cat, policy):
             return [cand]
         gated = gating_products(flow, region) or (unit.owner_gates(owner_rel) if owner_rel else [])
         if gated:
             return [_skip(cand, SkipReason.ALREADY_ATTENDED, f"block gated at {unit.names[gated[0]]}")]
+        if policy.placement == "pre":
+            # The whole module is the branch: scale its input for every branch that reads it.
+            cand.source = fork
+            cand.targets = tuple(u for u in fork.users if fork in flow.preds.get(u, ()) and u in region)
+            if not _check_tensor(cand, fork, policy):
+                return [cand]
         return [_represent(cand)]
     dense = []
     for producer in computed:
         consumers = tuple(u for u in producer.users if is_cat(u))
         owner = unit.rewritable_owner(_common_owner([producer, *consumers]))
         d = _Candidate(unit, SiteKind.DENSE, cat, owner, source=producer, targets=consumers)
-        if not _check_tensor(d, producer):
+        if not _check_tensor(d, producer, policy):
             d.skip = Skipped(unit.names[producer], d.skip.reason, d.skip.detail)  # type: ignore[union-attr]
             dense.append(d)
             continue
@@ -408,6 +518,31 @@ def _common_owner(nodes: Sequence[fx.Node]) -> str:
         if n.op == "call_module" and str(n.target) == prefix:
             return prefix.rpartition(".")[0]
     return prefix
+
+
+def _plain_candidates(unit: _Unit) -> list[_Candidate]:
+    """SE-VGG: after the non-linearity that follows each convolution (opt-in, plain networks)."""
+    flow = unit.flow
+    found = []
+    for node in flow.order:
+        if not flow.live.get(node) or not is_activation(unit.module, node):
+            continue
+        producer = flow.preds[node][0] if len(flow.preds[node]) == 1 else None
+        if producer is not None and is_norm(unit.module, producer) and len(flow.preds[producer]) == 1:
+            producer = flow.preds[producer][0]
+        if producer is None or not is_conv(unit.module, producer):
+            continue
+        owner = unit.rewritable_owner(_scope_of(node))
+        cand = _Candidate(unit, SiteKind.PLAIN, node, owner, source=node)
+        if _check_tensor(cand, node):
+            found.append(_represent(cand))
+        else:
+            found.append(cand)
+    return found
+
+
+def _scope_of(node: fx.Node) -> str:
+    return str(node.target).rpartition(".")[0] if node.op == "call_module" else node_scope(node)
 
 
 # --------------------------------------------------------------------------------------------
@@ -443,7 +578,11 @@ def _represent(cand: _Candidate) -> _Candidate:
     unit, src = cand.unit, cand.source
     assert src is not None
     for depth in range(_MAX_INLINE_DEPTH):
-        rep_src, inline, key = _rep(unit, src, cand.owner_rel, depth)
+        if not _inside(src, cand.owner_rel) or src.op == "placeholder":
+            # The fork is the owner's own input ("pre" placement): its first placeholder.
+            rep_src, inline, key = input_name(unit.full(cand.owner_rel), 0), [], None
+        else:
+            rep_src, inline, key = _rep(unit, src, cand.owner_rel, depth)
         if key is not None and any(key in dict(call_stack(u)) for u in src.users):
             continue  # the source is not the output of that call
         reps, ok = [], True
@@ -486,29 +625,36 @@ def _mark_nested(candidates: list[_Candidate]) -> None:
             outer.append(cand)
 
 
+def _spatial(cand: _Candidate) -> tuple[int, ...]:
+    axis = cand.axis % len(cand.shape)
+    return tuple(size for d, size in enumerate(cand.shape) if d not in (0, axis))
+
+
 def _finalise(
-    model: nn.Module,
-    candidates: list[_Candidate],
-    config: SEConfig,
-    include: tuple[str, ...] | None,
-    exclude: tuple[str, ...] | None,
-    min_channels: int,
+    model: nn.Module, candidates: list[_Candidate], config: SEConfig, selection: Selection
 ) -> tuple[list[Site], list[Skipped]]:
     order: dict[int, int] = {}
     for c in candidates:
         order.setdefault(id(c.unit), len(order))
     candidates = sorted(candidates, key=lambda c: (order[id(c.unit)], c.unit.flow.index[c.source or c.anchor]))
+    # Stages are counted over every usable site before selection, so indices do not depend on it.
+    stages: dict[int, int] = {}
+    stage, last = -1, None
+    for cand in candidates:
+        if cand.skip is None:
+            if _spatial(cand) != last:
+                stage, last = stage + 1, _spatial(cand)
+            stages[id(cand)] = stage
     sites: list[Site] = []
     skipped: list[Skipped] = []
     taken: dict[str, set[str]] = {}
     seen_sources: dict[tuple[int, fx.Node], int] = {}
-    stage, last_spatial = 0, None
     for cand in candidates:
         if cand.skip is not None:
             skipped.append(cand.skip)
             continue
         assert cand.source is not None
-        key = (id(cand.unit), cand.source)
+        key = (id(cand.unit), cand.source, cand.rep_source)
         if key in seen_sources:  # dense: one SE per producer, whatever the number of consumers
             site = sites[seen_sources[key]]
             merged = tuple(dict.fromkeys(site.targets + cand.rep_targets))
@@ -517,20 +663,11 @@ def _finalise(
         owner = cand.unit.full(cand.owner_rel)
         name = _free_name(model, owner, taken)
         node_name = cand.unit.names[cand.anchor]
-        if include is not None and not _matches(include, name, owner):
-            skipped.append(Skipped(node_name, SkipReason.EXCLUDED, "not matched by include"))
-            continue
-        if exclude is not None and _matches(exclude, name, owner):
-            skipped.append(Skipped(node_name, SkipReason.EXCLUDED, "matched by exclude"))
-            continue
-        if cand.channels < min_channels:
-            skipped.append(Skipped(node_name, SkipReason.TOO_FEW_CHANNELS, f"{cand.channels} < {min_channels}"))
+        reason = _deselected(selection, name, owner, cand.channels, stages[id(cand)], _spatial(cand))
+        if reason is not None:
+            skipped.append(Skipped(node_name, *reason))
             continue
         taken.setdefault(owner, set()).add(name.rsplit(".", 1)[-1])
-        spatial = tuple(s for d, s in enumerate(cand.shape) if d != 0 and d != cand.axis % len(cand.shape))
-        if last_spatial is not None and spatial != last_spatial:
-            stage += 1
-        last_spatial = spatial
         seen_sources[key] = len(sites)
         sites.append(
             Site(
@@ -539,15 +676,33 @@ def _finalise(
                 owner=owner,
                 node=node_name,
                 source=cand.rep_source,
-                targets=cand.rep_targets if cand.kind is not SiteKind.INCEPTION else (),
+                targets=cand.rep_targets,
                 channels=cand.channels,
                 hidden=hidden_width(cand.channels, config.reduction, config.min_hidden, config.hidden),
                 channel_axis=cand.axis,
-                stage=stage,
+                stage=stages[id(cand)],
                 inline=cand.inline,
+                prefix_tokens=cand.prefix_tokens,
+                spatial=_spatial(cand),
             )
         )
     return _drop_conflicting_owners(sites, skipped)
+
+
+def _deselected(
+    selection: Selection, name: str, owner: str, channels: int, stage: int, spatial: tuple[int, ...]
+) -> tuple[SkipReason, str] | None:
+    if selection.include is not None and not _matches(selection.include, name, owner):
+        return SkipReason.EXCLUDED, "not matched by include"
+    if selection.exclude is not None and _matches(selection.exclude, name, owner):
+        return SkipReason.EXCLUDED, "matched by exclude"
+    if selection.stages is not None and stage not in selection.stages:
+        return SkipReason.EXCLUDED, f"stage {stage} not selected"
+    if selection.resolutions is not None and max(spatial, default=0) not in selection.resolutions:
+        return SkipReason.EXCLUDED, f"resolution {'x'.join(map(str, spatial))} not selected"
+    if channels < selection.min_channels:
+        return SkipReason.TOO_FEW_CHANNELS, f"{channels} < {selection.min_channels}"
+    return None
 
 
 def _replace(site: Site, **changes: Any) -> Site:
