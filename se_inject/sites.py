@@ -228,7 +228,8 @@ def example_args(model: nn.Module, example_input: Any = None) -> tuple[Any, ...]
     """The inputs to analyse with: the user's, else one built from the model's config.
 
     Only shapes matter (analysis runs on fake tensors): timm's ``pretrained_cfg['input_size']``
-    when known, else the first layer's input channels at 224 px, batch 2.
+    when known, else the first layer's input channels at the model's ``image_size`` or 224 px,
+    batch 2.
     """
     if example_input is not None:
         return tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
@@ -237,12 +238,14 @@ def example_args(model: nn.Module, example_input: Any = None) -> tuple[Any, ...]
     device = ref.device if ref is not None else torch.device("cpu")
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
     shape: tuple[int, ...] | None = None
+    image_size = getattr(model, "image_size", None)  # torchvision's ViT checks its input size
     if isinstance(cfg, dict) and cfg.get("input_size"):
         shape = (2, *cfg["input_size"])
     else:
         for m in model.modules():
             if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-                spatial = {nn.Conv1d: (224,), nn.Conv2d: (224, 224), nn.Conv3d: (16, 112, 112)}[type(m)]
+                side = image_size if isinstance(image_size, int) else 224
+                spatial = {nn.Conv1d: (side,), nn.Conv2d: (side, side), nn.Conv3d: (16, 112, 112)}[type(m)]
                 shape = (2, m.in_channels, *spatial)
                 break
             if isinstance(m, nn.Linear):
