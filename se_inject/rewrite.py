@@ -190,9 +190,16 @@ def _reads_training(cls: type) -> bool:
             continue
         for value in vars(klass).values():
             code = getattr(value, "__code__", None)
-            if code is not None and "training" in code.co_names:
+            if code is not None and _code_reads_training(code):
                 return True
     return False
+
+
+def _code_reads_training(code: Any) -> bool:
+    # Nested functions and comprehensions have code objects of their own.
+    return "training" in code.co_names or any(
+        _code_reads_training(c) for c in code.co_consts if hasattr(c, "co_names")
+    )
 
 
 _PRIMITIVES = (bool, int, float, str, type(None))
