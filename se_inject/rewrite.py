@@ -178,30 +178,6 @@ def _insert_sites(graph: fx.Graph, owner_path: str, sites: Iterable[Site]) -> No
     graph.lint()
 
 
-def _reads_training(cls: type) -> bool:
-    """Whether any method the class defines reads ``self.training``.
-
-    Only code traced through (the owner's own methods, and inlined children) can bake the mode
-    into a graph; children kept as calls switch modes themselves. A second trace in train mode
-    is needed only when this is true, which halves the cost of rebuilding most blocks.
-    """
-    for klass in cls.__mro__:
-        if klass in (nn.Module, fx.GraphModule, object):
-            continue
-        for value in vars(klass).values():
-            code = getattr(value, "__code__", None)
-            if code is not None and _code_reads_training(code):
-                return True
-    return False
-
-
-def _code_reads_training(code: Any) -> bool:
-    # Nested functions and comprehensions have code objects of their own.
-    return "training" in code.co_names or any(
-        _code_reads_training(c) for c in code.co_consts if hasattr(c, "co_names")
-    )
-
-
 _PRIMITIVES = (bool, int, float, str, type(None))
 
 
@@ -254,11 +230,11 @@ class _TraceCache:
         key = None if key is None else (key, inline)
         if key is not None and key in self._graphs:
             return {mode: copy.deepcopy(g) for mode, g in self._graphs[key].items()}, {}
-        code_owners = [owner, *(owner.get_submodule(p) for p in inline)]
-        modes = (False, True) if any(_reads_training(type(m)) for m in code_owners) else (False,)
         graphs: dict[bool, fx.Graph] = {}
         constants: dict[str, Any] = {}
-        for training in modes:
+        # Both modes, always: any code the trace inlines may read self.training, and a missed
+        # one would silently train with the eval graph.
+        for training in (False, True):
             traced = trace(owner, training=training, inline=inline, concrete_args=standalone_concrete_args(owner))
             graphs[training] = traced.graph
             constants.update(traced.constants)
@@ -272,7 +248,7 @@ def _rebuild(owner: nn.Module, owner_path: str, sites: list[Site], config: SECon
     graphs, constants = cache.graphs(owner, inline)
     for graph in graphs.values():
         _insert_sites(graph, owner_path, sites)
-    same = len(graphs) == 1 or graphs[False].python_code("self").src == graphs[True].python_code("self").src
+    same = graphs[False].python_code("self").src == graphs[True].python_code("self").src
     device, dtype = _module_placement(owner)
     se_blocks = {
         s.attr: SEBlock.from_config(
