@@ -381,7 +381,8 @@ def _render(console: Console, report: dict[str, Any], plan: Plan, complexity: Co
     )
     console.print(
         f"SE: {width}, {'with' if cfg.bias else 'no'} biases, gate {gate}, {cfg.pool} pool, "
-        f"placement {cfg.placement}"
+        f"placement {cfg.placement}",
+        soft_wrap=True,
     )
     chosen = _describe_selection(report["selection"])
     if chosen:
