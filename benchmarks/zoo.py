@@ -1,0 +1,481 @@
+"""Zoo sweep: analyse and inject every torchvision classifier and one model per timm module.
+
+For each model (random init; nothing is downloaded) the sweep records the plan (sites, skipped
+sites by reason, parts that could not be traced), whether the injected model's outputs are
+bit-for-bit those of the original (``torch.equal``, in ``eval()`` and, seeded, in ``train()``)
+and whether it kept its class, plus the time ``find_sites`` took. A model that raises, or runs
+past ``--timeout`` seconds, is recorded as a crash with its error and the sweep goes on.
+
+Which models:
+
+* torchvision: every classification model (``torchvision.models.list_models(module=
+  torchvision.models)``), not the detection, segmentation, video or optical-flow ones.
+* timm: the model with the fewest parameters of every model module (``timm.list_modules()``).
+  Counting needs every model built once (on the meta device, ~20 minutes on 2 cores), so the
+  choice is cached in ``results/timm_smallest.json`` per timm version; ``--refresh-selection``
+  recounts.
+
+What it measures: analysis time is ``find_sites`` alone, at the model's default input size
+(shapes only: it runs on fake tensors). The identity check runs real forwards at the smallest
+of 64 / 96 / 128 px / the native size that the original model accepts, batch 2. Crashes of the
+original model itself (a forward that fails at every size) are crashes too, with the cause.
+
+Usage::
+
+    python benchmarks/zoo.py                 # full sweep -> results/zoo.md (+ results/zoo.jsonl)
+    python benchmarks/zoo.py --quick         # ~12 models, < 2 minutes, what CI runs
+    python benchmarks/zoo.py --only 'timm:*vit*' --output /tmp/vit.md
+    python benchmarks/zoo.py --resume        # keep finished models from results/zoo.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import fnmatch
+import json
+import signal
+import sys
+import time
+import traceback
+import warnings
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+import torchvision
+from torch import nn
+
+from se_inject import SEBlock, apply_plan, find_sites
+from se_inject.zoo import ModelSpec, Source, create_model
+
+__all__ = ["ZooResult", "QUICK", "select_models", "run_model", "sweep", "render_markdown", "summary_line", "main"]
+
+RESULTS = Path(__file__).parent / "results"
+SELECTION_FILE = RESULTS / "timm_smallest.json"
+
+#: The ``--quick`` subset: one model per placement rule and per library, all small.
+QUICK: tuple[str, ...] = (
+    "torchvision:resnet18",
+    "torchvision:mobilenet_v3_small",
+    "torchvision:squeezenet1_1",
+    "torchvision:shufflenet_v2_x0_5",
+    "torchvision:googlenet",
+    "torchvision:regnet_x_400mf",
+    "timm:test_resnet",
+    "timm:test_convnext",
+    "timm:test_efficientnet",
+    "timm:test_vit",
+    "timm:ese_vovnet19b_slim_dw",
+    "timm:dla46x_c",
+)
+
+_SIZES = (64, 96, 128)
+
+
+@dataclass
+class ZooResult:
+    """One model's row of the table (plain data, one JSON line in the cache)."""
+
+    source: str
+    name: str
+    family: str
+    params: int = 0
+    status: str = "ok"  # ok | crash | timeout
+    sites: int = 0
+    kinds: dict[str, int] = field(default_factory=dict)
+    skipped: dict[str, int] = field(default_factory=dict)
+    unanalysed: list[str] = field(default_factory=list)
+    identity: str = "n/a"  # yes | no | n/a (no SE inserted, or not reached)
+    identity_detail: str = ""
+    class_kept: str = "n/a"
+    analysis_s: float = 0.0
+    total_s: float = 0.0
+    input_size: list[int] = field(default_factory=list)
+    error: str = ""
+
+    @property
+    def key(self) -> str:
+        return f"{self.source}:{self.name}"
+
+
+# --------------------------------------------------------------------------------------------
+# Which models
+
+
+def _count_params_meta(name: str) -> int:
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = timm.create_model(name, pretrained=False)
+    return sum(p.numel() for p in model.parameters())
+
+
+def timm_smallest(refresh: bool = False) -> dict[str, str]:
+    """timm module -> the name of its model with the fewest parameters (cached per timm version)."""
+    cached: dict[str, Any] = {}
+    if SELECTION_FILE.is_file() and not refresh:
+        data = json.loads(SELECTION_FILE.read_text())
+        if data.get("timm_version") == timm.__version__:
+            cached = data.get("models", {})
+    modules = timm.list_modules()
+    missing = [m for m in modules if m not in cached]
+    for module in missing:
+        best: tuple[str, int] | None = None
+        for name in timm.list_models(module=module):
+            try:
+                n = _count_params_meta(name)
+            except Exception:  # noqa: BLE001 - a model that cannot be built is not a candidate
+                continue
+            if best is None or n < best[1]:
+                best = (name, n)
+        if best is not None:
+            cached[module] = {"name": best[0], "params": best[1]}
+    if missing:
+        SELECTION_FILE.parent.mkdir(parents=True, exist_ok=True)
+        SELECTION_FILE.write_text(json.dumps({
+            "timm_version": timm.__version__,
+            "criterion": "fewest parameters (meta-device instantiation)",
+            "models": dict(sorted(cached.items())),
+        }, indent=1) + "\n")
+    return {m: cached[m]["name"] for m in modules if m in cached}
+
+
+def select_models(*, quick: bool = False, only: Sequence[str] = (), refresh: bool = False) -> list[tuple[str, str, str]]:
+    """``(source, name, family)`` triples to sweep, torchvision first, each sorted by name."""
+    if quick:
+        chosen = []
+        for key in QUICK:
+            source, name = key.split(":", 1)
+            family = _timm_module(name) if source == "timm" else "torchvision"
+            chosen.append((source, name, family))
+    else:
+        chosen = [("torchvision", n, _tv_family(n)) for n in sorted(torchvision.models.list_models(module=torchvision.models))]
+        chosen += [("timm", name, module) for module, name in sorted(timm_smallest(refresh).items())]
+    if only:
+        chosen = [c for c in chosen if any(fnmatch.fnmatchcase(f"{c[0]}:{c[1]}", p) or fnmatch.fnmatchcase(c[1], p) for p in only)]
+    return chosen
+
+
+def _timm_module(name: str) -> str:
+    from timm.models._registry import _model_to_module
+
+    return _model_to_module.get(name, "?")
+
+
+def _tv_family(name: str) -> str:
+    fn = torchvision.models.get_model_builder(name)
+    return fn.__module__.rsplit(".", 1)[-1]
+
+
+# --------------------------------------------------------------------------------------------
+# One model
+
+
+class _Timeout(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: int) -> Iterator[None]:
+    """Raise ``_Timeout`` in the main thread after ``seconds`` (0: no limit)."""
+    if seconds <= 0 or not hasattr(signal, "SIGALRM"):
+        yield
+        return
+
+    def _raise(signum: int, frame: Any) -> None:
+        raise _Timeout(f"ran past {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, _raise)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def _in_channels(model: nn.Module) -> int:
+    cfg = getattr(model, "pretrained_cfg", None)
+    if isinstance(cfg, dict) and cfg.get("input_size"):
+        return int(cfg["input_size"][0])
+    for m in model.modules():
+        if isinstance(m, nn.modules.conv._ConvNd):
+            return m.in_channels
+    return 3
+
+
+def _native_size(model: nn.Module) -> int:
+    cfg = getattr(model, "pretrained_cfg", None)
+    if isinstance(cfg, dict) and cfg.get("input_size"):
+        return int(cfg["input_size"][-1])
+    return 299 if type(model).__name__ == "Inception3" else 224
+
+
+def _equal(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    return type(a) is type(b)
+
+
+def _detach(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, (list, tuple)):
+        return type(value)(_detach(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _detach(v) for k, v in value.items()}
+    # torchvision's InceptionOutputs / GoogLeNetOutputs are namedtuples: handled above.
+    return value
+
+
+def _forward(model: nn.Module, x: torch.Tensor, *, training: bool) -> Any:
+    model.train(training)
+    torch.manual_seed(1234)  # same dropout / drop-path masks for the original and the injected model
+    with torch.no_grad():
+        out = model(x)
+    model.eval()
+    return _detach(out)
+
+
+def _working_input(model: nn.Module) -> tuple[torch.Tensor, Any]:
+    """The smallest input the original accepts in eval mode, and its eval output."""
+    channels, native = _in_channels(model), _native_size(model)
+    sizes = sorted({s for s in _SIZES if s <= native} | {native})
+    last: Exception | None = None
+    for size in sizes:
+        x = torch.randn(2, channels, size, size, generator=torch.Generator().manual_seed(0))
+        try:
+            return x, _forward(model, x, training=False)
+        except _Timeout:
+            raise
+        except Exception as e:  # noqa: BLE001 - too small for this model: try the next size
+            last = e
+    raise RuntimeError(f"the original model accepts none of the sizes {sizes}: {type(last).__name__}: {last}")
+
+
+def run_model(source: str, name: str, family: str = "", *, timeout: int = 600) -> ZooResult:
+    """Analyse, inject and check one model; never raises (a failure is a ``crash`` row)."""
+    result = ZooResult(source, name, family)
+    start = time.perf_counter()
+    try:
+        with _time_limit(timeout), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _run_model(result)
+    except _Timeout as e:
+        result.status, result.error = "timeout", str(e)
+    except Exception as e:  # noqa: BLE001 - the sweep records every failure and goes on
+        result.status = "crash"
+        frame = traceback.extract_tb(e.__traceback__)[-1]
+        where = f"{Path(frame.filename).name}:{frame.lineno}"
+        result.error = f"{type(e).__name__} at {where}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+    result.total_s = round(time.perf_counter() - start, 2)
+    return result
+
+
+def _run_model(result: ZooResult) -> None:
+    torch.manual_seed(0)
+    model = create_model(ModelSpec(Source(result.source), result.name)).eval()
+    original_class = type(model)
+    result.params = sum(p.numel() for p in model.parameters())
+
+    start = time.perf_counter()
+    plan = find_sites(model)
+    result.analysis_s = round(time.perf_counter() - start, 3)
+    result.sites = len(plan.sites)
+    result.kinds = dict(Counter(str(s.kind) for s in plan.sites))
+    result.skipped = {str(k): len(v) for k, v in plan.skipped_by_reason().items()}
+    result.unanalysed = ["(root)" if p == "" else p for p in plan.unanalysed]
+    if not plan.sites:
+        return
+
+    x, eval_before = _working_input(model)
+    result.input_size = list(x.shape)
+    saved = copy.deepcopy(model.state_dict())  # a train-mode forward moves BatchNorm statistics
+    try:
+        train_before = _forward(model, x, training=True)
+    except Exception:  # noqa: BLE001 - some models only run in eval mode at this size
+        train_before = None
+    model.load_state_dict(saved)
+    del saved
+
+    injected = apply_plan(model, plan)
+    result.class_kept = "yes" if type(injected) is original_class else "no"
+    added = sum(isinstance(m, SEBlock) for m in injected.modules())
+    if added != len(plan.sites):
+        raise AssertionError(f"the plan has {len(plan.sites)} sites but {added} SE blocks were inserted")
+    eval_ok = _equal(eval_before, _forward(injected, x, training=False))
+    train_ok = train_before is None or _equal(train_before, _forward(injected, x, training=True))
+    result.identity = "yes" if eval_ok and train_ok else "no"
+    if not eval_ok or not train_ok:
+        result.identity_detail = ", ".join(m for m, ok in (("eval", eval_ok), ("train", train_ok)) if not ok) + " differ"
+    elif train_before is None:
+        result.identity_detail = "eval only: train-mode forward fails on the original"
+
+
+# --------------------------------------------------------------------------------------------
+# Sweep and report
+
+
+def _load_cache(path: Path | None) -> dict[str, ZooResult]:
+    if path is None or not path.is_file():
+        return {}
+    done = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            r = ZooResult(**json.loads(line))
+            done[r.key] = r
+    return done
+
+
+def sweep(
+    models: Sequence[tuple[str, str, str]],
+    *,
+    timeout: int = 600,
+    cache: Path | None = None,
+    resume: bool = False,
+    rerun_failed: bool = False,
+    progress: bool = True,
+) -> list[ZooResult]:
+    """Run every model with a rich progress bar; append each result to ``cache`` as it lands."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    done = _load_cache(cache) if resume else {}
+    if rerun_failed:
+        done = {k: r for k, r in done.items() if r.status == "ok" and r.identity != "no"}
+    if cache is not None and not resume:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text("")
+    results: list[ZooResult] = []
+    columns = (TextColumn("[bold]zoo"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.description}"))
+    with Progress(*columns, disable=not progress, transient=False) as bar:
+        task = bar.add_task("", total=len(models))
+        for source, name, family in models:
+            key = f"{source}:{name}"
+            bar.update(task, description=key)
+            if key in done:
+                results.append(done[key])
+            else:
+                result = run_model(source, name, family, timeout=timeout)
+                results.append(result)
+                if cache is not None:
+                    _append(cache, result)
+                if result.status != "ok":
+                    bar.console.print(f"[red]{result.status}[/red] {key}: {result.error}")
+                elif result.identity == "no":
+                    bar.console.print(f"[red]identity failure[/red] {key}: {result.identity_detail}")
+            bar.advance(task)
+    return results
+
+
+def _append(cache: Path, result: ZooResult) -> None:
+    """Add ``result`` to the cache, replacing an older line for the same model."""
+    lines = [ln for ln in cache.read_text().splitlines() if ln.strip()] if cache.is_file() else []
+    lines = [ln for ln in lines if ZooResult(**json.loads(ln)).key != result.key]
+    lines.append(json.dumps(asdict(result)))
+    cache.write_text("\n".join(lines) + "\n")
+
+
+def summary_line(results: Sequence[ZooResult]) -> str:
+    """One line: models, crashes, identity failures, and how many got SE or were partly traced."""
+    crashes = sum(r.status != "ok" for r in results)
+    with_se = [r for r in results if r.sites]
+    identity_fail = sum(r.identity == "no" for r in results)
+    identity_ok = sum(r.identity == "yes" for r in results)
+    partial = sum(bool(r.unanalysed) and r.status == "ok" for r in results)
+    return (
+        f"{len(results)} models, {crashes} crashes, {identity_fail} identity failures "
+        f"({identity_ok}/{len(with_se)} bit-exact where SE was inserted), "
+        f"{len(with_se)} with SE, {partial} partly traced"
+    )
+
+
+def _cell_skipped(r: ZooResult) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(r.skipped.items())) or "-"
+
+
+def render_markdown(results: Sequence[ZooResult], *, title: str = "se-inject zoo sweep") -> str:
+    """The results as a markdown page: summary, one table row per model, then the crashes."""
+    lines = [
+        f"# {title}",
+        "",
+        f"Generated by `benchmarks/zoo.py` with torch {torch.__version__}, torchvision {torchvision.__version__}, "
+        f"timm {timm.__version__}; random init, CPU.",
+        "",
+        f"**Summary: {summary_line(results)}.**",
+        "",
+        "Columns: *sites* by kind (r residual, i inception, d dense); *skipped* by reason; *untraced* lists the",
+        "module paths that did not trace as a whole (their traceable children were analysed on their own);",
+        "*identity* is `torch.equal` of the outputs before and after injection, in eval and (seeded) train mode,",
+        "at the input shown; *n/a* when no SE block was inserted. Analysis time is `find_sites` at the model's",
+        "default input size.",
+        "",
+        "| source | model | family | params (M) | sites | skipped | untraced | identity | class kept | input | analysis (s) |",
+        "|---|---|---|--:|--:|---|---|---|---|---|--:|",
+    ]
+    for r in results:
+        if r.status != "ok":
+            lines.append(
+                f"| {r.source} | {r.name} | {r.family} | {r.params / 1e6:.1f} | **{r.status}** | | | | | | {r.analysis_s:.2f} |"
+            )
+            continue
+        kinds = " ".join(f"{k[0]}{v}" for k, v in sorted(r.kinds.items()))
+        sites = f"{r.sites} ({kinds})" if r.sites else "0"
+        untraced = ", ".join(f"`{p}`" for p in r.unanalysed[:4]) + (f" +{len(r.unanalysed) - 4}" if len(r.unanalysed) > 4 else "")
+        identity = r.identity + (f", {r.identity_detail}" if r.identity_detail else "")
+        size = "x".join(str(s) for s in r.input_size[2:]) if r.input_size else ""
+        lines.append(
+            f"| {r.source} | {r.name} | {r.family} | {r.params / 1e6:.1f} | {sites} | {_cell_skipped(r)} | "
+            f"{untraced or '-'} | {identity} | {r.class_kept} | {size} | {r.analysis_s:.2f} |"
+        )
+    failures = [r for r in results if r.status != "ok"]
+    if failures:
+        lines += ["", "## Crashes and timeouts", ""]
+        lines += [f"- `{r.key}`: {r.error}" for r in failures]
+    wrong = [r for r in results if r.identity == "no"]
+    if wrong:
+        lines += ["", "## Identity failures", ""]
+        lines += [f"- `{r.key}`: {r.identity_detail}" for r in wrong]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="the small CI subset")
+    parser.add_argument("--only", action="append", default=[], help="fnmatch pattern on 'source:name' or name (repeatable)")
+    parser.add_argument("--output", type=Path, default=None, help="markdown file (default results/zoo.md, quick: none)")
+    parser.add_argument("--cache", type=Path, default=None, help="JSON-lines results (default results/zoo.jsonl for a full run)")
+    parser.add_argument("--resume", action="store_true", help="keep models already in the cache")
+    parser.add_argument("--rerun-failed", action="store_true", help="with --resume: run crashes and identity failures again")
+    parser.add_argument("--timeout", type=int, default=600, help="seconds per model (0: none)")
+    parser.add_argument("--refresh-selection", action="store_true", help="recount timm's smallest model per module")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+
+    full = not args.quick and not args.only
+    output = args.output if args.output is not None else (RESULTS / "zoo.md" if full else None)
+    cache = args.cache if args.cache is not None else (RESULTS / "zoo.jsonl" if full else None)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    models = select_models(quick=args.quick, only=args.only, refresh=args.refresh_selection)
+    results = sweep(
+        models, timeout=args.timeout, cache=cache, resume=args.resume or args.rerun_failed,
+        rerun_failed=args.rerun_failed, progress=not args.no_progress,
+    )
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        title = "se-inject zoo sweep (quick subset)" if args.quick else "se-inject zoo sweep"
+        output.write_text(render_markdown(results, title=title))
+    print(summary_line(results))
+    return 0 if all(r.status == "ok" and r.identity != "no" for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
