@@ -5,9 +5,11 @@
 The report goes to stdout (a rich table grouped by stage, or JSON with ``--json``: sorted keys,
 no timings, so two runs with the same options are byte-identical and two variants diff
 cleanly); progress and warnings go to stderr. ``--plot`` draws SE blocks and parameters per
-stage (:mod:`se_inject.plot`, imported only then). Every error of ours (:class:`~se_inject.errors.SEInjectError`) and every bad command
-line is caught in one place, :meth:`_Command.main`, and printed as one line on stderr with a
-non-zero exit status (1 for our errors, 2 for usage errors) and no traceback.
+stage (:mod:`se_inject.plot`, imported only then).
+
+Every error of ours (:class:`~se_inject.errors.SEInjectError`) and every bad command line is
+caught in one place, :meth:`_Command.main`, and printed as one line on stderr with a non-zero
+exit status (1 for our errors, 2 for usage errors) and no traceback.
 
 This module parses options, calls :mod:`se_inject.zoo`, the public API,
 :mod:`se_inject.complexity` and :mod:`se_inject.checkpoint`, and renders; it never touches the
@@ -508,7 +510,7 @@ def inject(
     ],
     reduction: Annotated[
         float | None,
-        typer.Option("--reduction", "-r", help="SE reduction ratio r (>= 1) [default: 16].", show_default=False),
+        typer.Option("--reduction", "-r", help="SE reduction ratio r (>= 1).  [default: 16]", show_default=False),
     ] = None,
     hidden: Annotated[
         int | None,
@@ -522,7 +524,9 @@ def inject(
         str,
         typer.Option(help="auto | pretrained | random | PATH to a state dict (.pt/.pth/.safetensors)."),
     ] = "auto",
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the plan and projected totals; write nothing.")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Show the plan and projected totals; write no model.")
+    ] = False,
     include: Annotated[
         list[str] | None, typer.Option(help="Only sites in modules matching this glob (repeatable).", show_default=False)
     ] = None,
@@ -572,7 +576,8 @@ def inject(
     ] = None,
     input_size: Annotated[
         str | None,
-        typer.Option(help="Input for counting MACs: 224, 256x192 or 3,224,224 (default: the model's).",
+        typer.Option(help="Input for analysis and MACs (--resolution sizes follow it): 224, 256x192 or 3,224,224 "
+                     "(default: the model's).",
                      show_default=False),
     ] = None,
     se_only: Annotated[
@@ -741,7 +746,9 @@ def _check_plot_path(plot: Path, output: Path | None) -> None:
     if plot.suffix.lower() != ".png":
         raise ConfigError(f"--plot {str(plot)!r}: the chart is a PNG; give a name ending in .png")
     if importlib.util.find_spec("matplotlib") is None:
-        raise ConfigError("--plot needs matplotlib, which is not installed: pip install matplotlib (or leave out --plot)")
+        raise ConfigError(
+            "--plot needs matplotlib, which is not installed: pip install matplotlib (or leave out --plot)"
+        )
     if output is not None and plot.resolve() == output.resolve():
         raise ConfigError(f"--plot and --output name the same file {str(plot)!r}")
     check_output_path(plot)

@@ -60,7 +60,9 @@ def plot_stages(path: str | os.PathLike[str], stages: Sequence[StageBar], *, tit
         from matplotlib.figure import Figure
         from matplotlib.ticker import FuncFormatter
     except ImportError as e:
-        raise ConfigError(f"plotting needs matplotlib, which could not be imported ({e}); pip install matplotlib") from e
+        raise ConfigError(
+            f"plotting needs matplotlib, which could not be imported ({e}); pip install matplotlib"
+        ) from e
 
     labels = [f"{s.stage}\n{s.size}" for s in stages]
     xs = list(range(len(stages)))
