@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 from torch import nn
 
 from .block import SEConfig
-from .plan import Plan
+from .errors import PlanMismatchError
+from .plan import Plan, Skipped, SkipReason
 from .rewrite import apply_plan, remove_se
 from .sites import build_plan
 
@@ -110,6 +112,8 @@ def inject_se(
     Returns the same object, unless the root module itself owns a site (a model whose top-level
     ``forward`` performs the residual additions): then the root is rebuilt and the rebuilt module
     is returned. With ``identity_init`` (the default) the outputs are bit-for-bit unchanged.
+    A block whose own trace does not reproduce the analysed graph is left unchanged, with a
+    warning, and its sites are recorded as skipped (``not-rewritable``) in the saved plan.
 
     Example:
         >>> model = inject_se(timm.create_model("resnet50"), reduction=16)
@@ -138,11 +142,26 @@ def inject_se(
         tokens=tokens,
         example_input=example_input,
     )
-    if not plan.sites:
-        warnings.warn(
-            f"no SE site found in {type(model).__name__} ({len(plan.skipped)} skipped); the model is unchanged",
-            UserWarning,
-            stacklevel=2,
-        )
-        return model
-    return apply_plan(model, plan)
+    while plan.sites:
+        try:
+            return apply_plan(model, plan)
+        except PlanMismatchError as e:
+            if e.owner is None:
+                raise
+            # The analysis named a block its own trace cannot reproduce: leave that block as it
+            # is, say so, and insert the rest (apply_plan changed nothing before raising).
+            warnings.warn(f"skipping {e.owner or 'the root'}: {e}", UserWarning, stacklevel=2)
+            plan = _without_owner(plan, e.owner, str(e))
+    warnings.warn(
+        f"no SE site found in {type(model).__name__} ({len(plan.skipped)} skipped); the model is unchanged",
+        UserWarning,
+        stacklevel=2,
+    )
+    return model
+
+
+def _without_owner(plan: Plan, owner: str, detail: str) -> Plan:
+    dropped = [s for s in plan.sites if s.owner == owner]
+    kept = tuple(s for s in plan.sites if s.owner != owner)
+    skipped = plan.skipped + tuple(Skipped(s.node, SkipReason.NOT_REWRITABLE, detail) for s in dropped)
+    return replace(plan, sites=kept, skipped=skipped)

@@ -33,7 +33,14 @@ class NoSitesError(SEInjectError, ValueError):
 
 
 class PlanMismatchError(SEInjectError, ValueError):
-    """A plan does not fit the model it is applied to (missing owner or node)."""
+    """A plan does not fit the model it is applied to (missing owner or node).
+
+    ``owner`` names the block that could not be rebuilt, when one block is to blame.
+    """
+
+    def __init__(self, message: str, owner: str | None = None) -> None:
+        super().__init__(message)
+        self.owner = owner
 
 
 class UnknownModelError(SEInjectError, LookupError):

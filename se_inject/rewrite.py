@@ -285,10 +285,9 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
                 raise PlanMismatchError(f"{owner_path or 'the model'} already has an attribute {site.attr!r}")
         try:
             rebuilt[owner_path] = _rebuild(owner, owner_path, sites, plan.config, cache)
-        except PlanMismatchError:
-            raise
         except Exception as e:
-            raise PlanMismatchError(f"could not rebuild {owner_path or 'the model'}: {type(e).__name__}: {e}") from e
+            detail = str(e) if isinstance(e, PlanMismatchError) else f"{type(e).__name__}: {e}"
+            raise PlanMismatchError(f"could not rebuild {owner_path or 'the model'}: {detail}", owner=owner_path) from e
     for path in sorted(rebuilt, key=lambda p: (p.count("."), p) if p else (-1, p)):
         if path:
             _replace_module(model, path, rebuilt[path])

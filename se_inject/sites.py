@@ -468,14 +468,19 @@ def _concatenation(unit: _Unit, cat: fx.Node, policy: _Policy) -> list[_Candidat
     region = flow.region(fork, cat)
     cost, pooled = flow.path_costs(fork, region)
     ancestors = {i: flow.ancestors_within(i, region) for i in inputs}
-    carried = [
-        i for i in inputs
-        if i is fork or (cost[i] == 0 and not pooled[i]) or any(i in ancestors[j] for j in inputs if j is not i)
-    ]
-    computed = [i for i in inputs if i not in carried]
+    def carried(i: fx.Node, pool_is_branch: bool) -> bool:
+        # A pooling-only input is a branch of an Inception module (the max-pool branch of a
+        # reduction block), but beside carried features it is just a pooled copy of them.
+        return (
+            i is fork
+            or (cost[i] == 0 and not (pool_is_branch and pooled[i]))
+            or any(i in ancestors[j] for j in inputs if j is not i)
+        )
+
+    computed = [i for i in inputs if not carried(i, pool_is_branch=False)]
     if not computed:
         return [_skip(cand, SkipReason.NO_COMPUTED_BRANCH)]
-    if not carried:
+    if not any(carried(i, pool_is_branch=True) for i in inputs):
         cand.structural = True
         cand.region = region
         cand.source = cat

@@ -171,3 +171,23 @@ def test_optional_arguments_keep_their_defaults_when_rebuilt() -> None:
     (site,) = find_sites(model).sites
     assert site.owner == "0"
     _identity(model, torch.randn(2, 4, 8, 8))
+
+
+def test_a_block_that_cannot_be_rebuilt_is_skipped_with_a_warning(monkeypatch) -> None:
+    import se_inject.rewrite as rewrite
+
+    model = nn.Sequential(Residual(4), Residual(4))
+    real = rewrite._rebuild
+
+    def failing(owner, owner_path, *args, **kwargs):
+        if owner_path == "0":
+            raise RuntimeError("cannot trace on its own")
+        return real(owner, owner_path, *args, **kwargs)
+
+    monkeypatch.setattr(rewrite, "_rebuild", failing)
+    with pytest.warns(UserWarning, match="skipping 0: could not rebuild 0: RuntimeError: cannot trace"):
+        injected = _identity(model, torch.randn(2, 4, 8, 8))
+    assert type(injected[0]) is Residual and isinstance(injected[1].se, SEBlock)
+    plan = injected.se_inject_plan
+    assert [s.name for s in plan.sites] == ["1.se"]
+    assert [(s.node, s.reason) for s in plan.skipped] == [("0.add", SkipReason.NOT_REWRITABLE)]
