@@ -18,7 +18,7 @@ from torch import nn
 
 from .errors import ConfigError
 
-__all__ = ["SEBlock", "SEConfig", "GATES", "POOLS", "hidden_width"]
+__all__ = ["SEBlock", "SEConfig", "GATES", "POOLS", "PLACEMENTS", "TRUNK_PLACEMENTS", "hidden_width"]
 
 
 def _scaled_sigmoid(z: torch.Tensor) -> torch.Tensor:
@@ -53,6 +53,19 @@ POOLS: dict[str, Callable[[torch.Tensor, tuple[int, ...]], torch.Tensor]] = {
 }
 
 
+#: Where on a residual branch the block goes (SE-PAPER.md, integration study).
+PLACEMENTS: dict[str, str] = {
+    "standard": "end of the residual branch, before the sum",
+    "pre": "start of the residual branch, after the fork, before its first layer",
+    "inner": "after the branch's last spatial convolution (the paper's SE 3x3)",
+}
+#: The paper's variants that scale the trunk: refused.
+TRUNK_PLACEMENTS: dict[str, str] = {
+    "post": "SE-POST puts the gate after the sum, on the trunk",
+    "identity": "SE-Identity puts the gate on the shortcut",
+}
+
+
 def hidden_width(channels: int, reduction: float, min_hidden: int = 8, hidden: int | None = None) -> int:
     """Bottleneck width: ``max(channels // reduction, min_hidden)`` capped at ``channels``.
 
@@ -73,6 +86,7 @@ class SEConfig:
     gate: str = "scaled_sigmoid"
     pool: str = "avg"
     identity_init: bool = True
+    placement: str = "standard"
 
     def __post_init__(self) -> None:
         if not (isinstance(self.reduction, (int, float)) and math.isfinite(self.reduction)) or self.reduction < 1:
@@ -85,6 +99,13 @@ class SEConfig:
             raise ConfigError(f"unknown gate {self.gate!r}; known gates: {', '.join(GATES)}")
         if self.pool not in POOLS:
             raise ConfigError(f"unknown pool {self.pool!r}; known pools: {', '.join(POOLS)}")
+        if self.placement in TRUNK_PLACEMENTS:
+            raise ConfigError(
+                f"placement {self.placement!r} scales the trunk ({TRUNK_PLACEMENTS[self.placement]}); se-inject only "
+                f"scales residual branches, where the paper finds SE robust. Use one of: {', '.join(PLACEMENTS)}"
+            )
+        if self.placement not in PLACEMENTS:
+            raise ConfigError(f"unknown placement {self.placement!r}; known placements: {', '.join(PLACEMENTS)}")
         if self.identity_init and not GATES[self.gate][1]:
             raise ConfigError(
                 f"gate {self.gate!r} is not 1 at z = 0, so it cannot start as an identity; "
@@ -124,6 +145,7 @@ class SEBlock(nn.Module):
         gate: str = "scaled_sigmoid",
         pool: str = "avg",
         identity_init: bool = True,
+        prefix_tokens: int = 0,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -142,6 +164,7 @@ class SEBlock(nn.Module):
         self.channel_axis = channel_axis
         self.gate_name = gate
         self.pool_name = pool
+        self.prefix_tokens = prefix_tokens
         self.fc1 = nn.Linear(channels, hidden, bias=bias, **dd)
         self.act = nn.ReLU(inplace=True)
         self.fc2 = nn.Linear(hidden, channels, bias=bias, **dd)
@@ -160,6 +183,7 @@ class SEBlock(nn.Module):
         channel_axis: int,
         config: SEConfig,
         *,
+        prefix_tokens: int = 0,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> SEBlock:
@@ -171,28 +195,43 @@ class SEBlock(nn.Module):
             gate=config.gate,
             pool=config.pool,
             identity_init=config.identity_init,
+            prefix_tokens=prefix_tokens,
             device=device,
             dtype=dtype,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        squeezed = _squeeze(x, self.channel_axis, self.pool_name)
-        z = self.fc2(self.act(self.fc1(squeezed)))
+        fc1, act, fc2 = self.fc1, self.act, self.fc2
+        if (
+            not self.prefix_tokens
+            and _stock(fc1, nn.Linear)
+            and _stock(fc2, nn.Linear)
+            and _stock(act, nn.ReLU)
+            and not _global_hooks()
+        ):
+            return _se(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, self.channel_axis, self.pool_name, self.gate_name)
+        # Layers replaced or hooked (adapters, feature hooks), or a token sequence: call them as modules.
+        squeezed = _squeeze(x, self.channel_axis, self.pool_name, self.prefix_tokens)
+        z = fc2(act(fc1(squeezed)))
         return _excite(x, self._gate(z), self.channel_axis)
 
     def extra_repr(self) -> str:
         return (
             f"channels={self.channels}, hidden={self.hidden}, channel_axis={self.channel_axis}, "
             f"gate={self.gate_name}, pool={self.pool_name}"
+            + (f", prefix_tokens={self.prefix_tokens}" if self.prefix_tokens else "")
         )
 
 
 # Wrapped for torch.fx: they depend on ``x.ndim``, which a symbolic tracer cannot branch on,
 # so an injected model stays traceable by any fx tracer (feature extractors included).
 @torch.fx.wrap
-def _squeeze(x: torch.Tensor, channel_axis: int, pool: str) -> torch.Tensor:
-    """[B, C]: ``pool`` over every axis except batch and channel."""
+def _squeeze(x: torch.Tensor, channel_axis: int, pool: str, prefix_tokens: int = 0) -> torch.Tensor:
+    """[B, C]: ``pool`` over every axis except batch and channel, leaving out the first
+    ``prefix_tokens`` positions of axis 1 (class and distillation tokens of a token sequence)."""
     axis = channel_axis % x.ndim
+    if prefix_tokens:
+        x = x.narrow(1, prefix_tokens, x.shape[1] - prefix_tokens)
     return POOLS[pool](x, tuple(d for d in range(1, x.ndim) if d != axis))
 
 
@@ -203,6 +242,65 @@ def _excite(x: torch.Tensor, gate: torch.Tensor, channel_axis: int) -> torch.Ten
     shape[0] = -1
     shape[channel_axis % x.ndim] = gate.shape[-1]
     return x * gate.view(shape)
+
+
+def _stock(module: nn.Module, cls: type[nn.Module]) -> bool:
+    """``module`` is exactly ``cls`` with no hooks, so calling its functional form is the same call."""
+    d = module.__dict__
+    return type(module) is cls and not (
+        d["_forward_hooks"] or d["_forward_pre_hooks"] or d["_backward_hooks"] or d["_backward_pre_hooks"]
+    )
+
+
+def _global_hooks() -> bool:
+    # reason: module-wide hooks (torch.utils.module_tracker, profilers) must see fc1 and fc2 too.
+    m = nn.modules.module
+    return bool(
+        getattr(m, "_global_forward_hooks", None)
+        or getattr(m, "_global_forward_pre_hooks", None)
+        or getattr(m, "_global_backward_hooks", None)
+        or getattr(m, "_global_backward_pre_hooks", None)
+    )
+
+
+@torch.fx.wrap
+def _se(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor | None,
+    w2: torch.Tensor,
+    b2: torch.Tensor | None,
+    channel_axis: int,
+    pool: str,
+    gate: str,
+) -> torch.Tensor:
+    """The whole block as functional calls: the same arithmetic as the module path, fewer steps.
+
+    Eager mode pays per operator and per module call, so this path skips the three submodule
+    calls and the shape bookkeeping (the SE block's cost in eager inference is mostly that).
+    With gradients flowing into ``x``, the average is a sum whose ``1 / n`` rides in the first
+    matrix product (``addmm``'s ``alpha``): ``mean``'s backward divides the expanded [B, C]
+    gradient and so writes a full-size tensor, a sum's backward is only an expanded view, which
+    saves one pass over the feature map per block in training. ``torch.compile`` fuses either.
+    """
+    ndim = x.ndim
+    axis = channel_axis % ndim
+    dims = tuple(range(2, ndim)) if axis == 1 else tuple(d for d in range(1, ndim) if d != axis)
+    n = 1
+    for d in dims:
+        n *= x.shape[d]
+    if pool == "avg" and n > 0 and dims and b1 is not None and x.requires_grad and torch.is_grad_enabled():
+        # reason: dtype=x.dtype keeps autocast from promoting the sum to float32 (one cast less).
+        h = torch.addmm(b1, x.sum(dims, dtype=x.dtype), w1.t(), alpha=1.0 / n)
+    else:
+        h = torch.nn.functional.linear(POOLS[pool](x, dims), w1, b1)
+    z = torch.nn.functional.linear(torch.relu_(h), w2, b2)
+    g = GATES[gate][0](z)
+    if axis == 1:
+        return x * g.view((g.shape[0], g.shape[1]) + (1,) * (ndim - 2))
+    shape = [1] * ndim
+    shape[0], shape[axis] = g.shape[0], g.shape[1]
+    return x * g.view(shape)
 
 
 def _flatten_conv_weights(
