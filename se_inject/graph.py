@@ -32,6 +32,7 @@ __all__ = [
     "Traced",
     "standalone_concrete_args",
     "required_positional",
+    "standalone_call",
     "propagate_shapes",
     "record_module_inputs",
     "qualified_names",
@@ -110,12 +111,17 @@ class SETracer(fx.Tracer):
         # SEBlock is a leaf so our own blocks read as one call (and as attention) in the graph.
         self.leaf_modules = tuple(leaf_modules) + timm_modules + mode_dependent_leaves() + (SEBlock,)
         self.inline = None if inline is None else frozenset(inline)
-        self.module_calls: dict[str, list[tuple[tuple[str, ...], tuple[str, ...]]]] = {}
+        self.module_calls: dict[str, list[CallRecord]] = {}
 
     def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if not self.is_leaf_module(m, self.path_of_module(m)):
             calls = self.module_calls.setdefault(self.path_of_module(m), [])
-            calls.append((tuple(_arg_kind(a) for a in args), tuple(sorted(kwargs))))
+            calls.append(
+                (
+                    tuple(_arg_kind(a) for a in args),
+                    tuple((k, _arg_kind(v), v if isinstance(v, _PLAIN) else None) for k, v in sorted(kwargs.items())),
+                )
+            )
         return super().call_module(m, forward, args, kwargs)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
@@ -144,7 +150,14 @@ class Traced(NamedTuple):
 
     graph: fx.Graph
     constants: dict[str, Any]
-    calls: dict[str, list[tuple[tuple[str, ...], tuple[str, ...]]]]
+    calls: dict[str, list[CallRecord]]
+
+
+_PLAIN = (bool, int, float, str, type(None))
+
+#: One recorded call: the kind of each positional argument ("tensor" for traced values), and
+#: (name, kind, value if plain data) for each keyword argument.
+CallRecord = tuple[tuple[str, ...], tuple[tuple[str, str, Any], ...]]
 
 
 def _arg_kind(value: Any) -> str:
@@ -175,19 +188,40 @@ def trace(
     return Traced(graph, added, tracer.module_calls)
 
 
-def standalone_concrete_args(module: nn.Module) -> dict[str, Any]:
-    """Defaults of the parameters of ``module.forward`` after the required ones: a block traced
-    on its own must take the path its parent takes when it leaves them out."""
+def standalone_concrete_args(module: nn.Module, passed: int = 0) -> dict[str, Any]:
+    """Defaults of the parameters of ``module.forward`` that a call with ``passed`` positional
+    arguments leaves out: traced as placeholders they would be taken as given (``attn_mask is
+    not None`` would hold), so they are traced as the constants they are."""
     try:
         params = list(inspect.signature(module.forward).parameters.values())
     except (TypeError, ValueError):
         return {}
     return {
         p.name: p.default
-        for p in params
-        if p.default is not inspect.Parameter.empty
+        for i, p in enumerate(params)
+        if i >= passed
+        and p.default is not inspect.Parameter.empty
         and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     }
+
+
+def standalone_call(module: nn.Module, args: tuple[str, ...], kwargs: tuple[tuple[str, str, Any], ...]) -> bool:
+    """Whether a call with these arguments is what ``module`` computes when traced on its own:
+    exactly the required positional arguments, all tensors, and keyword arguments (if any)
+    that repeat their parameter's default."""
+    try:
+        params = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    if args != ("tensor",) * len(args) or len(args) != required_positional(module):
+        return False
+    for name, kind, value in kwargs:
+        param = params.get(name)
+        if kind == "tensor" or param is None or param.default is inspect.Parameter.empty:
+            return False
+        if not (value is param.default or (isinstance(value, _PLAIN) and value == param.default)):
+            return False
+    return True
 
 
 def required_positional(module: nn.Module) -> int | None:

@@ -56,7 +56,7 @@ REASON_TEXT: dict[SkipReason, str] = {
     SkipReason.UNKNOWN_CHANNEL_AXIS: "channel axis could not be inferred from the graph",
     SkipReason.NOT_CHANNEL_CONCAT: "concatenation along a non-channel axis",
     SkipReason.NO_COMPUTED_BRANCH: "no input is computed by parametric layers or pooling",
-    SkipReason.EXCLUDED: "excluded by the include/exclude selection",
+    SkipReason.EXCLUDED: "excluded by the selection (include/exclude, stage, resolution)",
     SkipReason.TOO_FEW_CHANNELS: "fewer channels than min_channels",
     SkipReason.NOT_REWRITABLE: "the block that owns it could not be rebuilt",
     SkipReason.NO_SPATIAL_CONV: "placement 'inner' needs a spatial convolution in the branch",

@@ -21,7 +21,7 @@ from torch import nn
 
 from .block import SEBlock, SEConfig
 from .errors import PlanMismatchError
-from .graph import qualified_names, standalone_concrete_args, trace
+from .graph import qualified_names, required_positional, standalone_concrete_args, trace
 from .plan import PLAN_ATTR, Plan, Site
 
 __all__ = ["apply_plan", "remove_se", "RebuiltBlock"]
@@ -235,7 +235,7 @@ class _TraceCache:
         # Both modes, always: any code the trace inlines may read self.training, and a missed
         # one would silently train with the eval graph.
         for training in (False, True):
-            traced = trace(owner, training=training, inline=inline, concrete_args=standalone_concrete_args(owner))
+            traced = trace(owner, training=training, inline=inline, concrete_args=standalone_concrete_args(owner, required_positional(owner) or 0))
             graphs[training] = traced.graph
             constants.update(traced.constants)
         if key is not None and not constants:  # constants are per instance: never share them

@@ -21,6 +21,7 @@ from torch import nn
 from .block import SEConfig, hidden_width
 from .errors import ConfigError
 from .graph import (
+    CallRecord,
     DataFlow,
     call_stack,
     cat_dim,
@@ -39,7 +40,8 @@ from .graph import (
     propagate_shapes,
     qualified_names,
     record_module_inputs,
-    required_positional,
+    standalone_call,
+    standalone_concrete_args,
     tensor_shape,
     trace,
     trailing_scaling_input,
@@ -67,7 +69,7 @@ class _Unit:
     graph: fx.Graph
     flow: DataFlow
     names: dict[fx.Node, str]
-    calls: dict[str, list[tuple[tuple[str, ...], tuple[str, ...]]]]
+    calls: dict[str, list[CallRecord]]
     _owned: dict[str, list[fx.Node]] = field(default_factory=dict)
     _gated: dict[str, list[fx.Node]] = field(default_factory=dict)
 
@@ -76,12 +78,13 @@ class _Unit:
 
     def rewritable_owner(self, scope: str) -> str:
         """``scope`` or its nearest ancestor that can be traced on its own: every call passes
-        exactly its required arguments, all tensors (lists, ``None`` and other Python values
-        would become placeholders and change the graph). The unit's root always qualifies."""
+        exactly its required arguments, all tensors, plus at most defaults by keyword (lists,
+        ``None`` and other Python values would become placeholders and change the graph). The
+        unit's root always qualifies."""
         while scope:
             calls = self.calls.get(scope, [])
-            required = required_positional(self.module.get_submodule(scope))
-            if calls and all(kinds == ("tensor",) * len(kinds) and not kw and len(kinds) == required for kinds, kw in calls):
+            module = self.module.get_submodule(scope)
+            if calls and all(standalone_call(module, args, kwargs) for args, kwargs in calls):
                 return scope
             scope = scope.rpartition(".")[0]
         return scope
@@ -280,7 +283,7 @@ def _resolve(module: nn.Module, target: str) -> Any:
 
 def _analyse(module: nn.Module, path: str, args: Sequence[Any], units: list[_Unit], unanalysed: list[str]) -> None:
     try:
-        graph, constants, calls = trace(module)
+        graph, constants, calls = trace(module, concrete_args=standalone_concrete_args(module, len(args)))
         propagate_shapes(_graph_module(module, graph, constants), args)
     except Exception as e:  # noqa: BLE001 - any failure means "analyse the parts"
         log.debug("%s does not trace (%s: %s); analysing its children", path or "model", type(e).__name__, e)

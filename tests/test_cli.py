@@ -383,7 +383,7 @@ def test_weights_that_would_run_code_are_refused(tmp_path) -> None:
         (
             [*SMALL, "--include", "nomatch.*"],
             r"no SE site in torchvision:resnet18: all 8 candidate places were skipped: 8 excluded by the "
-            r"include/exclude selection\. What would help: loosen --include/--exclude",
+            r"selection \(include/exclude, stage, resolution\)\. What would help: loosen --include/--exclude",
         ),
         (
             ["torchvision:alexnet", "--weights", "random", "--input-size", "64"],

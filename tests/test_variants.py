@@ -176,3 +176,16 @@ def test_token_sequences_opt_in_with_class_token_left_out() -> None:
     changed[:, 0] += 100.0  # the class token must not move the gate
     gate_ratio = block(tokens)[:, 1:] / tokens[:, 1:]
     assert torch.allclose(block(changed)[:, 1:] / changed[:, 1:], gate_ratio)
+
+
+def test_timm_vit_tokens_with_optional_forward_arguments() -> None:
+    # timm's blocks take attn_mask=None by keyword and the model's forward has optional
+    # arguments too: they must be traced as the defaults they are, not as inputs.
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", depth=2, num_classes=3).eval()
+    assert [s.reason for s in find_sites(model).skipped] == ["token-sequence"] * 4
+    plan = find_sites(model, tokens=True)
+    assert [(s.owner, s.prefix_tokens, s.channels) for s in plan.sites] == [("blocks.0", 1, 192)] * 2 + [("blocks.1", 1, 192)] * 2
+    _inject_is_identity(model, torch.randn(1, 3, 224, 224), tokens=True)
