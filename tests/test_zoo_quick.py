@@ -13,9 +13,7 @@ ZOO = Path(__file__).resolve().parents[1] / "benchmarks" / "zoo.py"
 
 #: Core bugs filed in /work/notes/core-requests.md: the test xfails while only these fail, and
 #: passes as soon as they are fixed. Remove an entry once its fix lands.
-KNOWN_CORE_BUGS = {
-    "timm:dla46x_c": "DLA dense site on the pooled `bottom` passed inside a list (PlanMismatchError)",
-}
+KNOWN_CORE_BUGS: dict[str, str] = {}  # e.g. "timm:dla46x_c": "what fails", until the core fix lands
 
 
 def _zoo_module():
