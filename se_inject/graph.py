@@ -293,6 +293,12 @@ class _MetaProp(_ValueProp):
         state = {k: _meta(v) for k, v in [*module.named_parameters(), *module.named_buffers()]}
         return torch.func.functional_call(module, state, tuple(args), dict(kwargs))
 
+    def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
+        # reason: meta batch_norm runs a Python decomposition (~10 ms a call); its shape is its input's.
+        if target in _SHAPE_KEEPING_FUNCTIONS and args and isinstance(args[0], torch.Tensor):
+            return torch.empty_like(args[0])
+        return super().call_function(target, args, kwargs)
+
     def get_attr(self, target: Any, args: Any, kwargs: Any) -> Any:
         return _meta(super().get_attr(target, args, kwargs))
 
@@ -588,6 +594,12 @@ _SHAPE_KEEPING_MODULES: tuple[type[nn.Module], ...] = (
     nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm, nn.RMSNorm,
     nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
 )
+_SHAPE_KEEPING_FUNCTIONS = {
+    F.batch_norm, F.layer_norm, F.group_norm, F.instance_norm, F.rms_norm,
+    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
+    F.relu, F.relu6, F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.mish, F.elu, F.leaky_relu,
+    torch.relu, torch.sigmoid, torch.tanh,
+}
 _IDENTITY_LIKE_MODULES: tuple[type[nn.Module], ...] = (
     nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
 )
