@@ -269,7 +269,7 @@ def _revision() -> str:
 
     root = Path(__file__).resolve().parents[1]
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+        head = subprocess.run(["git", "log", "-1", "--format=%h", "--", "se_inject"], cwd=root, capture_output=True, text=True,
                               timeout=10).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "se_inject"], cwd=root, capture_output=True,
                                text=True, timeout=10).stdout.strip()
