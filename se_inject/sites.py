@@ -281,21 +281,47 @@ def _resolve(module: nn.Module, target: str) -> Any:
     return obj
 
 
-def _analyse(module: nn.Module, path: str, args: Sequence[Any], units: list[_Unit], unanalysed: list[str]) -> None:
+def _analysable_children(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    # Builtin layers are leaves (nothing inside to analyse), and so are modules without weights.
+    return [
+        (name, child)
+        for name, child in module.named_children()
+        if not type(child).__module__.startswith("torch.") and any(True for _ in child.parameters())
+    ]
+
+
+def _analyse(
+    module: nn.Module,
+    path: str,
+    args: Sequence[Any],
+    units: list[_Unit],
+    unanalysed: list[str],
+    untraceable: set[tuple[type, tuple[str, ...]]] | None = None,
+) -> None:
+    """Trace ``module`` into a unit; if it does not trace, analyse its children on their own.
+
+    ``untraceable`` remembers (class, argument types) that failed, so the 58 dense layers of
+    timm's DenseNet-121 (no-trace leaves taking a list) fail once, not 58 times.
+    """
+    untraceable = set() if untraceable is None else untraceable
+    key = (type(module), tuple(type(a).__name__ for a in args))
+    children = _analysable_children(module)
     try:
+        if key in untraceable:
+            raise TypeError("a module of this class failed to trace with these argument types")
         graph, constants, calls = trace(module, concrete_args=standalone_concrete_args(module, len(args)))
         propagate_shapes(_graph_module(module, graph, constants), args)
     except Exception as e:  # noqa: BLE001 - any failure means "analyse the parts"
         log.debug("%s does not trace (%s: %s); analysing its children", path or "model", type(e).__name__, e)
+        untraceable.add(key)
         unanalysed.append(path)
-        inputs = record_module_inputs(module, args)
-        for name, child in module.named_children():
-            if type(child).__module__.startswith("torch.") or not any(True for _ in child.parameters()):
-                continue  # builtin layers are leaves: nothing inside to analyse
+        inputs = record_module_inputs(module, args) if children else {}
+        for name, child in children:
+            child_path = f"{path}.{name}" if path else name
             if name in inputs:
-                _analyse(child, f"{path}.{name}" if path else name, inputs[name], units, unanalysed)
+                _analyse(child, child_path, inputs[name], units, unanalysed, untraceable)
             else:
-                unanalysed.append(f"{path}.{name}" if path else name)
+                unanalysed.append(child_path)
         return
     flow = DataFlow(graph, module)
     units.append(_Unit(path, module, graph, flow, qualified_names(graph, path), calls))
@@ -309,7 +335,7 @@ def _analyse(module: nn.Module, path: str, args: Sequence[Any], units: list[_Uni
         if _is_first_call(node):
             vals = tuple(a.meta.get("val") if isinstance(a, fx.Node) else a for a in node.args)
             child_path = f"{path}.{node.target}" if path else str(node.target)
-            _analyse(child, child_path, vals, units, unanalysed)
+            _analyse(child, child_path, vals, units, unanalysed, untraceable)
 
 
 def _is_first_call(node: fx.Node) -> bool:
