@@ -333,9 +333,19 @@ def _analyse(
         if type(child).__module__.startswith("torch.") or not any(True for _ in child.parameters()):
             continue
         if _is_first_call(node):
-            vals = tuple(a.meta.get("val") if isinstance(a, fx.Node) else a for a in node.args)
+            device = next(child.parameters()).device
+            vals = tuple(_on_device(a.meta.get("val"), device) if isinstance(a, fx.Node) else a for a in node.args)
             child_path = f"{path}.{node.target}" if path else str(node.target)
             _analyse(child, child_path, vals, units, unanalysed, untraceable)
+
+
+def _on_device(value: Any, device: torch.device) -> Any:
+    """Shape propagation left meta tensors; a block that must run for real needs its device."""
+    if isinstance(value, torch.Tensor) and value.device.type == "meta":
+        return torch.empty(value.shape, dtype=value.dtype, device=device)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_on_device(v, device) for v in value)
+    return value
 
 
 def _is_first_call(node: fx.Node) -> bool:
