@@ -226,18 +226,23 @@ class _TraceCache:
         self._graphs: dict[tuple[Any, ...], dict[bool, fx.Graph]] = {}
 
     def graphs(self, owner: nn.Module, inline: tuple[str, ...]) -> tuple[dict[bool, fx.Graph], dict[str, Any]]:
+        """The owner's eval graph under ``False``, and under ``True`` a train graph only when
+        the code differs; plus the tensor constants the traces made."""
         key = _signature(owner)
         key = None if key is None else (key, inline)
         if key is not None and key in self._graphs:
             return {mode: copy.deepcopy(g) for mode, g in self._graphs[key].items()}, {}
         graphs: dict[bool, fx.Graph] = {}
         constants: dict[str, Any] = {}
+        concrete = standalone_concrete_args(owner, required_positional(owner) or 0)
         # Both modes, always: any code the trace inlines may read self.training, and a missed
         # one would silently train with the eval graph.
         for training in (False, True):
-            traced = trace(owner, training=training, inline=inline, concrete_args=standalone_concrete_args(owner, required_positional(owner) or 0))
+            traced = trace(owner, training=training, inline=inline, concrete_args=concrete)
             graphs[training] = traced.graph
             constants.update(traced.constants)
+        if graphs[False].python_code("self").src == graphs[True].python_code("self").src:
+            del graphs[True]
         if key is not None and not constants:  # constants are per instance: never share them
             self._graphs[key] = {mode: copy.deepcopy(g) for mode, g in graphs.items()}
         return graphs, constants
@@ -248,7 +253,6 @@ def _rebuild(owner: nn.Module, owner_path: str, sites: list[Site], config: SECon
     graphs, constants = cache.graphs(owner, inline)
     for graph in graphs.values():
         _insert_sites(graph, owner_path, sites)
-    same = graphs[False].python_code("self").src == graphs[True].python_code("self").src
     device, dtype = _module_placement(owner)
     se_blocks = {
         s.attr: SEBlock.from_config(
@@ -258,7 +262,7 @@ def _rebuild(owner: nn.Module, owner_path: str, sites: list[Site], config: SECon
     }
     for block in se_blocks.values():
         block.train(owner.training)
-    return RebuiltBlock(owner, graphs[False], None if same else graphs[True], se_blocks, constants)
+    return RebuiltBlock(owner, graphs[False], graphs.get(True), se_blocks, constants)
 
 
 def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
