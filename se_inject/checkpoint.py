@@ -40,11 +40,11 @@ import torch
 from torch import nn
 
 from .api import apply_plan
+from .atomic import atomic_write
 from .block import SEBlock
 from .errors import (
     CheckpointError,
     OutputPathError,
-    SEInjectError,
     UnknownModelError,
     WeightsError,
 )
@@ -119,15 +119,6 @@ def check_output_path(path: str | os.PathLike[str]) -> Path:
     return file
 
 
-def _new_file_mode(existing: Path) -> int:
-    try:
-        return existing.stat().st_mode & 0o777
-    except OSError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask
-
-
 def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
     """``torch.save(obj)`` to ``path`` through a temporary file in the same folder and ``os.replace``.
 
@@ -136,23 +127,7 @@ def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
             no temporary file remains.
     """
     file = check_output_path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{file.name}.", suffix=".tmp", dir=file.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, _new_file_mode(file))
-        os.replace(tmp, file)
-    except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        if isinstance(e, OSError) and not isinstance(e, SEInjectError):
-            raise OutputPathError(f"cannot write {str(file)!r}: {e.strerror or e}") from e
-        raise
-    return file
+    return atomic_write(file, lambda handle: torch.save(obj, handle))
 
 
 def se_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -12,12 +12,12 @@ pyplot, no global backend change) and written atomically.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ConfigError, OutputPathError
+from .atomic import atomic_write
+from .errors import ConfigError
 
 __all__ = ["StageBar", "plot_stages"]
 
@@ -88,34 +88,4 @@ def plot_stages(path: str | os.PathLike[str], stages: Sequence[StageBar], *, tit
 
 
 def _write_png(fig: object, file: Path) -> Path:
-    folder = file.parent
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{file.name}.", suffix=".tmp", dir=folder)
-    except OSError as e:
-        raise OutputPathError(f"cannot write {str(file)!r}: {e.strerror or e}") from e
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            fig.savefig(handle, format="png")  # type: ignore[attr-defined]
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, _new_file_mode(file))
-        os.replace(tmp, file)
-    except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        if isinstance(e, OSError) and not isinstance(e, OutputPathError):
-            raise OutputPathError(f"cannot write {str(file)!r}: {e.strerror or e}") from e
-        raise
-    return file
-
-
-def _new_file_mode(existing: Path) -> int:
-    # reason: mkstemp creates 0600; a chart should get the mode a plain open() would give it.
-    try:
-        return existing.stat().st_mode & 0o777
-    except OSError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask
+    return atomic_write(file, lambda handle: fig.savefig(handle, format="png"))  # type: ignore[attr-defined]
