@@ -68,7 +68,7 @@ def find_sites(
         min_hidden=min_hidden,
         hidden=hidden,
         bias=bias,
-        gate=gate or ("scaled_sigmoid" if identity_init else "sigmoid"),
+        gate=gate,
         pool=pool,
         identity_init=identity_init,
         placement=placement,

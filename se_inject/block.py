@@ -83,12 +83,14 @@ class SEConfig:
     min_hidden: int = 8
     hidden: int | None = None
     bias: bool = True
-    gate: str = "scaled_sigmoid"
+    gate: str | None = None  # None: the identity gate, or the paper's sigmoid without identity_init
     pool: str = "avg"
     identity_init: bool = True
     placement: str = "standard"
 
     def __post_init__(self) -> None:
+        if self.gate is None:
+            object.__setattr__(self, "gate", "scaled_sigmoid" if self.identity_init else "sigmoid")
         if not (isinstance(self.reduction, (int, float)) and math.isfinite(self.reduction)) or self.reduction < 1:
             raise ConfigError(f"reduction must be a number >= 1, got {self.reduction!r}")
         if self.min_hidden < 1:

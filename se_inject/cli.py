@@ -246,7 +246,7 @@ def _se_config(
         reduction=16 if reduction is None else _number(reduction),
         hidden=hidden,
         bias=bias,
-        gate=gate or ("scaled_sigmoid" if identity_init else "sigmoid"),
+        gate=gate,
         pool=pool,
         identity_init=identity_init,
         placement=placement,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -705,7 +705,7 @@ def _finalise(
         if key in seen_sources:  # dense: one SE per producer, whatever the number of consumers
             site = sites[seen_sources[key]]
             merged = tuple(dict.fromkeys(site.targets + cand.rep_targets))
-            sites[seen_sources[key]] = _replace(site, targets=merged)
+            sites[seen_sources[key]] = replace(site, targets=merged)
             continue
         owner = cand.unit.full(cand.owner_rel)
         name = _free_name(model, owner, taken)
@@ -750,12 +750,6 @@ def _deselected(
     if channels < selection.min_channels:
         return SkipReason.TOO_FEW_CHANNELS, f"{channels} < {selection.min_channels}"
     return None
-
-
-def _replace(site: Site, **changes: Any) -> Site:
-    from dataclasses import replace
-
-    return replace(site, **changes)
 
 
 def _matches(globs: tuple[str, ...], name: str, owner: str) -> bool:
