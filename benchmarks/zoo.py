@@ -52,7 +52,8 @@ import torchvision
 from torch import nn
 
 from se_inject import SEBlock, apply_plan, find_sites
-from se_inject.zoo import ModelSpec, Source, create_model
+from se_inject.names import ModelSpec, Source
+from se_inject.weights import create_model
 
 __all__ = ["ZooResult", "QUICK", "select_models", "run_model", "sweep", "render_markdown", "summary_line", "main"]
 

@@ -1,49 +1,96 @@
-"""se-inject: retrofit Squeeze-and-Excitation blocks into pretrained PyTorch vision models."""
+"""se-inject: retrofit Squeeze-and-Excitation blocks into pretrained PyTorch vision models.
 
-from .api import apply_plan as apply_plan
-from .api import find_sites as find_sites
-from .api import inject_se as inject_se
-from .api import remove_se as remove_se
-from .block import SEBlock as SEBlock
-from .block import SEConfig as SEConfig
-from .checkpoint import load as load
-from .checkpoint import save as save
-from .errors import SEInjectError as SEInjectError
-from .finetune import HeadNotFoundError as HeadNotFoundError
-from .finetune import find_head as find_head
-from .finetune import freeze_except_se as freeze_except_se
-from .finetune import param_groups as param_groups
-from .finetune import se_modules as se_modules
-from .finetune import se_parameters as se_parameters
-from .finetune import se_state_dict_keys as se_state_dict_keys
-from .plan import Plan as Plan
-from .plan import Site as Site
-from .plan import SiteKind as SiteKind
-from .plan import Skipped as Skipped
-from .plan import SkipReason as SkipReason
+The names below are imported on first use (PEP 562), so ``import se_inject`` and the CLI's
+``--help`` cost no torch, timm or torchvision import; ``from se_inject import inject_se`` works
+as usual. The explicit imports under ``TYPE_CHECKING`` are what type checkers and IDEs read.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "SEBlock",
-    "SEConfig",
-    "SEInjectError",
-    "HeadNotFoundError",
-    "Plan",
-    "Site",
-    "SiteKind",
-    "Skipped",
-    "SkipReason",
-    "apply_plan",
-    "find_sites",
-    "find_head",
-    "freeze_except_se",
-    "inject_se",
-    "load",
-    "remove_se",
-    "save",
-    "se_modules",
-    "param_groups",
-    "se_parameters",
-    "se_state_dict_keys",
-]
+if TYPE_CHECKING:
+    from .api import apply_plan as apply_plan
+    from .api import find_sites as find_sites
+    from .api import inject_se as inject_se
+    from .api import remove_se as remove_se
+    from .block import SEBlock as SEBlock
+    from .block import SEConfig as SEConfig
+    from .checkpoint import load as load
+    from .checkpoint import save as save
+    from .errors import CheckpointError as CheckpointError
+    from .errors import ConfigError as ConfigError
+    from .errors import NoSitesError as NoSitesError
+    from .errors import OutputPathError as OutputPathError
+    from .errors import PlanMismatchError as PlanMismatchError
+    from .errors import SEInjectError as SEInjectError
+    from .errors import UnknownModelError as UnknownModelError
+    from .errors import UnsafeCheckpointError as UnsafeCheckpointError
+    from .errors import WeightsError as WeightsError
+    from .finetune import HeadNotFoundError as HeadNotFoundError
+    from .finetune import find_head as find_head
+    from .finetune import freeze_except_se as freeze_except_se
+    from .finetune import param_groups as param_groups
+    from .finetune import se_modules as se_modules
+    from .finetune import se_parameters as se_parameters
+    from .finetune import se_state_dict_keys as se_state_dict_keys
+    from .plan import Plan as Plan
+    from .plan import Site as Site
+    from .plan import SiteKind as SiteKind
+    from .plan import Skipped as Skipped
+    from .plan import SkipReason as SkipReason
+    from .report import Report as Report
+    from .workflow import inject_named as inject_named
+
+#: Public name -> the module that defines it.
+_EXPORTS: dict[str, str] = {
+    "apply_plan": "api",
+    "find_sites": "api",
+    "inject_se": "api",
+    "remove_se": "api",
+    "SEBlock": "block",
+    "SEConfig": "block",
+    "load": "checkpoint",
+    "save": "checkpoint",
+    "SEInjectError": "errors",
+    "ConfigError": "errors",
+    "NoSitesError": "errors",
+    "PlanMismatchError": "errors",
+    "UnknownModelError": "errors",
+    "WeightsError": "errors",
+    "CheckpointError": "errors",
+    "UnsafeCheckpointError": "errors",
+    "OutputPathError": "errors",
+    "HeadNotFoundError": "finetune",
+    "find_head": "finetune",
+    "freeze_except_se": "finetune",
+    "param_groups": "finetune",
+    "se_modules": "finetune",
+    "se_parameters": "finetune",
+    "se_state_dict_keys": "finetune",
+    "Plan": "plan",
+    "Site": "plan",
+    "SiteKind": "plan",
+    "Skipped": "plan",
+    "SkipReason": "plan",
+    "Report": "report",
+    "inject_named": "workflow",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'se_inject' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -48,21 +48,11 @@ from .errors import (
     UnknownModelError,
     WeightsError,
 )
+from .files import load_strict, read_pickle
+from .names import ModelSpec, Source, model_origin, resolve_name, tag_origin
 from .plan import PLAN_ATTR, Plan
-from .zoo import (
-    ModelSpec,
-    Source,
-    WeightsInfo,
-    WeightsKind,
-    create_model,
-    create_model_for_state,
-    load_strict,
-    model_origin,
-    pretrained_from_cache,
-    read_pickle,
-    resolve_name,
-    tag_origin,
-)
+from .weights import WeightsInfo, WeightsKind, create_model, pretrained_from_cache
+from .zoo import create_model_for_state
 
 __all__ = [
     "FORMAT",

@@ -7,6 +7,11 @@ catches ``ValueError`` or ``LookupError`` keeps working.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .plan import Plan
+
 __all__ = [
     "SEInjectError",
     "ConfigError",
@@ -29,7 +34,14 @@ class ConfigError(SEInjectError, ValueError):
 
 
 class NoSitesError(SEInjectError, ValueError):
-    """The plan has no site, so there is nothing to insert."""
+    """The plan has no site, so there is nothing to insert.
+
+    ``plan`` is that plan, when there is one: every skipped place with its reason.
+    """
+
+    def __init__(self, message: str, plan: Plan | None = None) -> None:
+        super().__init__(message)
+        self.plan = plan
 
 
 class PlanMismatchError(SEInjectError, ValueError):

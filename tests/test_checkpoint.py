@@ -19,7 +19,8 @@ from se_inject.errors import (
     UnsafeCheckpointError,
     WeightsError,
 )
-from se_inject.zoo import create_model, resolve_name
+from se_inject.names import resolve_name
+from se_inject.weights import create_model
 
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 

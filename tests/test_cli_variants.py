@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from cli_helpers import SMALL, _isolated, ok, report, run  # noqa: F401 - _isolated is an autouse fixture
+from cli_helpers import SMALL, _isolated, fails, ok, report, run  # noqa: F401 - _isolated is an autouse fixture
 
 import se_inject
 from se_inject.cli import _no_sites_message
@@ -25,18 +25,6 @@ from se_inject.plan import Plan, Skipped, SkipReason
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-
-
-def fails(result, message: str, folder: Path, keep: tuple[str, ...] = ()) -> None:
-    """Exit 1, one error line matching ``message``, no traceback, no stdout, nothing new written."""
-    assert result.exit_code == 1, result.output
-    assert isinstance(result.exception, SystemExit)
-    assert "Traceback" not in result.output
-    errors = [line for line in result.stderr.splitlines() if line.startswith("se-inject: error:")]
-    assert len(errors) == 1, result.stderr
-    assert re.search(message, errors[0]), errors[0]
-    assert result.stdout == ""
-    assert sorted(p.name for p in folder.iterdir()) == sorted(keep)
 
 
 def site(data: dict, name: str) -> dict:
@@ -136,29 +124,30 @@ def test_inception_model_with_squeeze_and_excitation_options() -> None:
 @pytest.mark.parametrize(("placement", "variant"), [("post", "SE-POST"), ("identity", "SE-Identity")])
 def test_trunk_placements_are_refused(tmp_path, placement: str, variant: str) -> None:
     result = run(*SMALL, "--placement", placement, "-o", "model.pt", "--plot", "plan.png")
-    fails(result, rf"placement '{placement}' scales the trunk \({variant} .*\); se-inject only scales residual "
-                  r"branches.*Use one of: standard, pre, inner", tmp_path)
+    fails(result, rf"Invalid value for '--placement': '{placement}' scales the trunk \({variant} .*\); se-inject only "
+                  r"scales residual branches.*Use one of: standard, pre, inner", tmp_path, code=2)
     assert "building" not in result.stderr  # refused before any model is built
 
 
 @pytest.mark.parametrize(
-    ("options", "message"),
+    ("options", "message", "code"),
     [
-        (["--gate", "tanh"], r"--gate tanh is not 1 at z = 0.*add --paper-init.*scaled_sigmoid, one_plus_tanh"),
-        (["--gate", "softmax"], r"unknown gate 'softmax'; known gates: scaled_sigmoid, sigmoid, one_plus_tanh, tanh"),
-        (["--pool", "min"], r"unknown pool 'min'; known pools: avg, max"),
-        (["--placement", "middle"], r"unknown placement 'middle'; known placements: standard, pre, inner"),
-        (["-r", "8", "--hidden", "4"], r"give --reduction or --hidden, not both"),
-        (["--plot", "plan.jpg"], r"--plot 'plan.jpg': the chart is a PNG"),
-        (["--plot", "missing/plan.png"], r"cannot write 'missing/plan.png': folder 'missing' does not exist"),
-        (["-o", "same.png", "--plot", "same.png"], r"--plot and --output name the same file"),
+        (["--gate", "tanh"], r"Invalid value for '--gate': tanh is not 1 at z = 0.*add --paper-init.*"
+                             r"scaled_sigmoid, one_plus_tanh", 2),
+        (["--gate", "softmax"], r"'--gate': 'softmax' is not one of scaled_sigmoid, one_plus_tanh, sigmoid, tanh", 2),
+        (["--pool", "min"], r"'--pool': 'min' is not one of avg, max", 2),
+        (["--placement", "middle"], r"'--placement': 'middle' is not one of standard, pre, inner", 2),
+        (["-r", "8", "--hidden", "4"], r"Invalid value for '--reduction' / '--hidden': give one, not both", 2),
+        (["--plot", "plan.jpg"], r"Invalid value for '--plot': 'plan.jpg': the chart is a PNG", 2),
+        (["--plot", "missing/plan.png"], r"cannot write 'missing/plan.png': folder 'missing' does not exist", 1),
+        (["-o", "same.png", "--plot", "same.png"], r"--plot and --output name the same file", 2),
     ],
     ids=["gate-needs-paper-init", "unknown-gate", "unknown-pool", "unknown-placement", "reduction-and-hidden",
          "plot-not-png", "plot-missing-folder", "plot-is-output"],
 )
-def test_bad_variant_options_before_building(tmp_path, options: list[str], message: str) -> None:
+def test_bad_variant_options_before_building(tmp_path, options: list[str], message: str, code: int) -> None:
     result = run(*SMALL, "-o", "model.pt", *options)
-    fails(result, message, tmp_path)
+    fails(result, message, tmp_path, code=code)
     assert "building" not in result.stderr
 
 

@@ -9,17 +9,17 @@ import safetensors.torch
 import torch
 import torchvision
 
-from se_inject import zoo
+from se_inject import files, names, weights, zoo
 from se_inject.errors import UnknownModelError, UnsafeCheckpointError, WeightsError
-from se_inject.zoo import ModelSpec, Source, WeightsKind
+from se_inject.names import ModelSpec, Source
+from se_inject.weights import Network, WeightsKind
 
 
 @pytest.fixture
-def offline(monkeypatch: pytest.MonkeyPatch, tmp_path):
-    """No weights host answers and every cache is empty."""
-    monkeypatch.setattr(zoo, "_host_reachable", lambda host, timeout=zoo.PROBE_TIMEOUT_S: False)
-    monkeypatch.setattr(zoo, "_hf_cached", lambda repo_id, filename: None)
+def offline(monkeypatch: pytest.MonkeyPatch, tmp_path) -> Network:
+    """A network where no weights host answers and the hub cache is empty; torch hub's is a fresh folder."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    return Network(reachable=lambda host: False, hf_cached=lambda repo_id, filename: None)
 
 
 @pytest.mark.parametrize(
@@ -35,22 +35,22 @@ def offline(monkeypatch: pytest.MonkeyPatch, tmp_path):
     ids=["both-timm-first", "tv-prefix", "timm-prefix", "timm-tag", "tv-only", "prefix-case"],
 )
 def test_resolve_name(name: str, source: Source, resolved: str) -> None:
-    assert zoo.resolve_name(name) == ModelSpec(source, resolved)
+    assert names.resolve_name(name) == ModelSpec(source, resolved)
 
 
 def test_unknown_name_suggests_from_both_registries() -> None:
     with pytest.raises(UnknownModelError, match=r"Unknown model 'resnet5' \(not in timm or torchvision\)") as info:
-        zoo.resolve_name("resnet5")
+        names.resolve_name("resnet5")
     assert "resnet50 (timm, torchvision)" in str(info.value)
     # a torchvision-only name is suggested with its source
-    assert "squeezenet1_1 (torchvision)" in zoo.suggest("squeezenet1_")
+    assert "squeezenet1_1 (torchvision)" in names.suggest("squeezenet1_")
 
 
 def test_unknown_in_the_named_registry() -> None:
     with pytest.raises(UnknownModelError, match=r"not in torchvision\).*Did you mean"):
-        zoo.resolve_name("torchvision:resnet5")
+        names.resolve_name("torchvision:resnet5")
     with pytest.raises(UnknownModelError, match="Unknown model source 'keras'"):
-        zoo.resolve_name("keras:resnet50")
+        names.resolve_name("keras:resnet50")
 
 
 @pytest.mark.parametrize(
@@ -64,33 +64,33 @@ def test_unknown_in_the_named_registry() -> None:
     ],
 )
 def test_default_input_size(name: str, size: tuple[int, ...]) -> None:
-    assert zoo.default_input_size(zoo.resolve_name(name)) == size
+    assert zoo.default_input_size(names.resolve_name(name)) == size
 
 
 def test_random_init_never_downloads_a_detection_backbone(offline) -> None:
     # torchvision's detection builders default to pretrained backbone weights
-    model = zoo.create_model(zoo.resolve_name("torchvision:fasterrcnn_mobilenet_v3_large_320_fpn"))
-    assert zoo.model_origin(model) == ModelSpec(Source.TORCHVISION, "fasterrcnn_mobilenet_v3_large_320_fpn")
+    model = weights.create_model(names.resolve_name("torchvision:fasterrcnn_mobilenet_v3_large_320_fpn"))
+    assert names.model_origin(model) == ModelSpec(Source.TORCHVISION, "fasterrcnn_mobilenet_v3_large_320_fpn")
 
 
 def test_auto_falls_back_to_random_with_a_warning(offline) -> None:
     with pytest.warns(UserWarning, match="RANDOM init"):
-        loaded = zoo.load_model("torchvision:resnet18", "auto")
+        loaded = zoo.load_model("torchvision:resnet18", "auto", network=offline)
     assert loaded.weights.kind is WeightsKind.RANDOM
     assert "pretrained unavailable" in loaded.weights.detail
 
 
 def test_pretrained_fails_clearly_offline(offline) -> None:
     with pytest.raises(WeightsError, match="not in the local cache and download.pytorch.org cannot be reached"):
-        zoo.load_model("torchvision:resnet18", "pretrained")
+        zoo.load_model("torchvision:resnet18", "pretrained", network=offline)
     with pytest.raises(WeightsError, match="huggingface.co cannot be reached"):
-        zoo.load_model("timm:resnet18", "pretrained")
+        zoo.load_model("timm:resnet18", "pretrained", network=offline)
 
 
 def test_offline_is_decided_within_seconds() -> None:
     start = time.monotonic()
-    assert not zoo._host_reachable("weights.se-inject.invalid")  # .invalid never resolves
-    assert time.monotonic() - start < zoo.PROBE_TIMEOUT_S + 2
+    assert not weights.host_reachable("weights.se-inject.invalid")  # .invalid never resolves
+    assert time.monotonic() - start < weights.PROBE_TIMEOUT_S + 2
 
 
 def test_a_hanging_name_lookup_is_cut_short(monkeypatch) -> None:
@@ -102,7 +102,7 @@ def test_a_hanging_name_lookup_is_cut_short(monkeypatch) -> None:
 
     monkeypatch.setattr(socket, "create_connection", hang)
     start = time.monotonic()
-    assert not zoo._host_reachable("huggingface.co", timeout=0.2)
+    assert not weights.host_reachable("huggingface.co", timeout=0.2)
     assert time.monotonic() - start < 1.5
 
 
@@ -110,9 +110,9 @@ def test_probe_goes_through_the_https_proxy(monkeypatch) -> None:
     for name in ("https_proxy", "no_proxy", "NO_PROXY"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
-    assert zoo._probe_address("huggingface.co") == ("proxy.example", 3128)
+    assert weights._probe_address("huggingface.co") == ("proxy.example", 3128)
     monkeypatch.setenv("NO_PROXY", "huggingface.co")
-    assert zoo._probe_address("huggingface.co") == ("huggingface.co", 443)
+    assert weights._probe_address("huggingface.co") == ("huggingface.co", 443)
 
 
 def test_pretrained_from_the_torch_hub_cache(offline, tmp_path) -> None:
@@ -121,20 +121,20 @@ def test_pretrained_from_the_torch_hub_cache(offline, tmp_path) -> None:
     cache = tmp_path / "torch_home" / "hub" / "checkpoints"
     cache.mkdir(parents=True)
     torch.save(reference.state_dict(), cache / url.rsplit("/", 1)[-1])
-    loaded = zoo.load_model("torchvision:resnet18", "auto")
+    loaded = zoo.load_model("torchvision:resnet18", "auto", network=offline)
     assert loaded.weights.kind is WeightsKind.PRETRAINED
     assert "local cache" in loaded.weights.detail
     assert torch.equal(loaded.model.conv1.weight, reference.conv1.weight)
 
 
-def test_pretrained_from_the_hf_cache(offline, monkeypatch, tmp_path) -> None:
+def test_pretrained_from_the_hf_cache(tmp_path) -> None:
     import timm
 
     reference = timm.create_model("resnet18")
     file = tmp_path / "model.safetensors"
     safetensors.torch.save_file(reference.state_dict(), str(file))
-    monkeypatch.setattr(zoo, "_hf_cached", lambda repo_id, filename: str(file))
-    loaded = zoo.load_model("resnet18", "pretrained")
+    cached = Network(reachable=lambda host: False, hf_cached=lambda repo_id, filename: str(file))
+    loaded = zoo.load_model("resnet18", "pretrained", network=cached)
     assert loaded.weights.detail.startswith("pretrained timm/resnet18")
     assert torch.equal(loaded.model.fc.weight, reference.fc.weight)
 
@@ -161,7 +161,7 @@ def test_weights_file_of_a_fine_tuned_model(tmp_path) -> None:
     ("content", "message"),
     [
         (None, "does not exist"),
-        (b"definitely not a checkpoint", "not a readable torch file"),
+        (b"definitely not a checkpoint", "is not a torch or safetensors file"),
         (
             {"conv1.weight": torch.zeros(2), "head.weight": torch.zeros(1)},
             r"does not fit the architecture: 121 missing: bn1.weight, .*; 1 unexpected: head.weight; "
@@ -186,7 +186,7 @@ def test_corrupt_safetensors(tmp_path) -> None:
     file = tmp_path / "w.safetensors"
     file.write_bytes(b"\x00" * 20)
     with pytest.raises(WeightsError, match="not a readable safetensors file"):
-        zoo.load_state_dict_file(file)
+        files.load_state_dict_file(file)
 
 
 class _RunsCode:
@@ -204,5 +204,36 @@ def test_weights_file_that_would_run_code_is_refused(tmp_path) -> None:
     file = tmp_path / "evil.pt"
     torch.save({"conv1.weight": _RunsCode(str(marker))}, file)
     with pytest.raises(UnsafeCheckpointError, match="would import and run posix.mkdir"):
-        zoo.load_state_dict_file(file)
+        files.load_state_dict_file(file)
     assert not marker.exists()
+
+
+def test_compiled_and_data_parallel_prefixes_are_stripped(tmp_path) -> None:
+    # torch.compile saves "_orig_mod.", DataParallel "module.", in either order (timm's clean_state_dict)
+    reference = torchvision.models.resnet18()
+    file = tmp_path / "compiled.pt"
+    torch.save({f"_orig_mod.module.{k}": v for k, v in reference.state_dict().items()}, file)
+    loaded = zoo.load_model("torchvision:resnet18", str(file))
+    assert torch.equal(loaded.model.fc.weight, reference.fc.weight)
+
+
+def test_a_text_file_is_named_as_not_a_torch_file(tmp_path) -> None:
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello\n")
+    with pytest.raises(WeightsError, match=r"'.*notes.txt' is not a torch or safetensors file"):
+        zoo.load_model("torchvision:resnet18", str(notes))
+
+
+def test_a_safetensors_file_under_another_name_still_loads(tmp_path) -> None:
+    reference = torchvision.models.resnet18()
+    file = tmp_path / "weights.bin"
+    safetensors.torch.save_file(reference.state_dict(), str(file))
+    assert torch.equal(zoo.load_model("torchvision:resnet18", str(file)).model.fc.weight, reference.fc.weight)
+
+
+def test_offline_by_environment(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("SE_INJECT_OFFLINE", "1")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    assert weights.default_network() is weights.OFFLINE
+    with pytest.raises(WeightsError, match="cannot be reached"):
+        zoo.load_model("torchvision:resnet18", "pretrained")

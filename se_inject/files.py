@@ -1,0 +1,202 @@
+"""Reading weights and checkpoint files safely: torch pickles, safetensors, state dicts.
+
+Only plain data is ever unpickled (``torch.load(weights_only=True)``); a file that would import
+or run code is refused with the names it would have imported, found by
+:func:`torch.serialization.get_unsafe_globals_in_checkpoint` (zip files) or by reading the
+opcodes of a raw pickle, never by running it. A file that is neither a torch file nor a
+safetensors file is named as such rather than reported with the unpickler's raw error.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import pickletools
+import re
+import warnings
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import SEInjectError, UnsafeCheckpointError, WeightsError
+
+__all__ = ["read_pickle", "load_state_dict_file", "clean_state_dict", "load_strict", "key_problems", "is_torch_file"]
+
+#: How many missing / unexpected keys an error message names.
+_KEYS_SHOWN = 4
+
+#: First byte of a pickle of protocol 2 or later (torch's legacy, non-zip format).
+_PICKLE_PROTO = 0x80
+
+#: Keys under which training scripts wrap a model's state dict.
+_WRAPPERS = ("state_dict", "model_state_dict", "model", "state_dict_ema")
+
+
+def is_torch_file(path: Path) -> bool:
+    """True when ``path`` looks like ``torch.save`` output: a zip archive or a binary pickle."""
+    if zipfile.is_zipfile(path):
+        return True
+    with open(path, "rb") as handle:
+        first = handle.read(1)
+    return bool(first) and first[0] == _PICKLE_PROTO
+
+
+def _is_safetensors(path: Path) -> bool:
+    # safetensors: an 8-byte little-endian header length, then a JSON header starting with "{".
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    return len(head) == 9 and head[8:9] == b"{"
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    """Names unpickling ``path`` would import; nothing in the file is executed."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # not a zip checkpoint (legacy or raw pickle): read the opcodes ourselves
+        names = _pickle_globals(path)
+    return [n for n in names if not n.startswith(("torch.", "collections.OrderedDict"))]
+
+
+def _pickle_globals(file: Path) -> list[str]:
+    """Names a raw pickle would import, found by reading its opcodes (nothing is executed)."""
+    found: list[str] = []
+    strings: list[str] = []
+    try:
+        with open(file, "rb") as handle:
+            for op, arg, _ in pickletools.genops(handle):
+                if op.name == "GLOBAL" and isinstance(arg, str):
+                    found.append(arg.replace(" ", "."))
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    found.append(f"{strings[-2]}.{strings[-1]}")
+                elif isinstance(arg, str):
+                    strings.append(arg)
+    except Exception:  # a corrupt stream: keep what was found before the damage
+        pass
+    return found
+
+
+def read_pickle(file: str | os.PathLike[str], *, what: str, error: type[SEInjectError]) -> Any:
+    """``torch.load(file, weights_only=True, map_location="cpu")`` with our errors.
+
+    Raises:
+        error: the file is missing, not a torch file, or corrupt (``error`` is the class to use).
+        UnsafeCheckpointError: unpickling would import or call code; torch's ``weights_only``
+            unpickler refused it before anything ran.
+    """
+    path = Path(file)
+    if path.is_dir():
+        raise error(f"{what} {str(path)!r} is a directory, not a file")
+    if not path.is_file():
+        raise error(f"{what} {str(path)!r} does not exist")
+    if not is_torch_file(path):
+        if _is_safetensors(path):
+            raise error(f"{what} {str(path)!r} is a safetensors file, not a torch file")
+        raise error(f"{what} {str(path)!r} is not a torch or safetensors file (another format, or corrupt)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about pickle protocols it then refuses
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        named = re.findall(r"GLOBAL ([\w.]+)", str(e)) or _unsafe_globals(path)
+        if named:
+            raise UnsafeCheckpointError(
+                f"refused {what} {str(path)!r}: unpickling it would import and run {', '.join(dict.fromkeys(named))} "
+                "(only tensors and plain data are accepted; nothing was run)"
+            ) from None
+        raise error(f"{what} {str(path)!r} is not a readable torch file (corrupt or another format)") from e
+    except Exception as e:  # zip, struct, EOF and OS errors alike mean an unreadable file
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise error(f"{what} {str(path)!r} is not a readable torch file (corrupt or truncated: {first})") from e
+
+
+def clean_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keys without the wrappers' prefixes: ``module.`` (DataParallel/DDP) and ``_orig_mod.``
+    (``torch.compile``), in either order, as timm's ``clean_state_dict`` does.
+
+    Example:
+        >>> list(clean_state_dict({"_orig_mod.module.fc.weight": w}))
+        ['fc.weight']
+    """
+    from timm.models import clean_state_dict as timm_clean
+
+    return dict(timm_clean(dict(state)))
+
+
+def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Read a state dict from ``.pt`` / ``.pth`` (``weights_only``) or ``.safetensors``.
+
+    Training checkpoints that wrap the weights (``{"state_dict": ...}``, ``{"model": ...}``,
+    ``{"model_state_dict": ...}``) are unwrapped, and the prefixes of DataParallel (``module.``)
+    and compiled models (``_orig_mod.``) removed.
+
+    Raises:
+        WeightsError: the file is missing, corrupt, of another format, or holds no state dict.
+        UnsafeCheckpointError: unpickling it would run code (refused; nothing ran).
+    """
+    file = Path(path)
+    if file.suffix == ".safetensors" or (file.is_file() and _is_safetensors(file)):
+        if not file.is_file():
+            raise WeightsError(f"weights file {str(file)!r} does not exist")
+        try:
+            from safetensors.torch import load_file
+
+            state = load_file(str(file), device="cpu")
+        except Exception as e:  # safetensors raises its own SafetensorError and OSError
+            raise WeightsError(f"weights file {str(file)!r} is not a readable safetensors file: {e}") from e
+    else:
+        state = read_pickle(file, what="weights file", error=WeightsError)
+    return _unwrap_state_dict(state, file)
+
+
+def _unwrap_state_dict(data: Any, file: Path) -> dict[str, torch.Tensor]:
+    if isinstance(data, Mapping) and data.get("format") == "se-inject":
+        raise WeightsError(
+            f"{str(file)!r} is an se-inject checkpoint, not base-model weights; load it with se_inject.load()"
+        )
+    for key in _WRAPPERS:
+        if isinstance(data, Mapping) and isinstance(data.get(key), Mapping):
+            data = data[key]
+            break
+    if not isinstance(data, Mapping) or not data or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items()
+    ):
+        raise WeightsError(f"weights file {str(file)!r} does not hold a state dict (name -> tensor)")
+    return clean_state_dict(data)
+
+
+def load_strict(model: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
+    """``load_state_dict(strict=True)`` with a one-line error naming a few bad keys.
+
+    The keys are checked before anything is copied, so a refused state leaves ``model`` as it was.
+
+    Example:
+        >>> load_strict(model, torch.load("resnet18.pth", weights_only=True), "resnet18.pth")
+
+    Raises:
+        WeightsError: missing, unexpected or wrongly shaped keys.
+    """
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    if missing or unexpected or shapes:
+        raise WeightsError(f"{what} does not fit the architecture: {key_problems(missing, unexpected, shapes)}")
+    model.load_state_dict(state, strict=True)
+
+
+def key_problems(missing: list[str], unexpected: list[str], wrong: list[str]) -> str:
+    """``"2 missing: a, b; 1 unexpected: c"``: a few keys of each kind, for one-line errors."""
+    parts = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+        if keys:
+            more = f" (+{len(keys) - _KEYS_SHOWN} more)" if len(keys) > _KEYS_SHOWN else ""
+            parts.append(f"{len(keys)} {label}: {', '.join(keys[:_KEYS_SHOWN])}{more}")
+    return "; ".join(parts)

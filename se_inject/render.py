@@ -1,0 +1,201 @@
+"""The human report: rich tables of a :class:`~se_inject.report.Report`, for the CLI's stdout.
+
+Module and node names are never shortened: their columns keep the longest name's width and the
+other columns give way (headers wrap); on a terminal too narrow even for that, names fold onto a
+second line rather than end in an ellipsis. Numbers are right-aligned, one unit per column.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+from rich.table import Table
+
+from .report import size_text
+
+if TYPE_CHECKING:
+    from .report import Report
+
+__all__ = ["render"]
+
+
+def _fmt(n: int | None, sign: bool = False) -> str:
+    if n is None:
+        return "n/a"
+    return f"{n:+,}" if sign else f"{n:,}"
+
+
+def _si(n: int | None) -> str:
+    if n is None:
+        return "n/a"
+    for scale, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= scale:
+            return f"{n / scale:.3f} {unit}"
+    return str(n)
+
+
+def _number(value: float) -> float | int:
+    return int(value) if float(value).is_integer() else value
+
+
+def _name_column(table: Table, header: str, names: list[str]) -> None:
+    """A column of names kept whole: as wide as the longest, folded (never cut) if the screen is narrower."""
+    table.add_column(header, min_width=max((len(n) for n in names), default=len(header)), overflow="fold")
+
+
+def render(console: Console, report: Report) -> None:
+    """Print the whole report: header, sites by stage, per-stage totals, skipped, totals, SE work, files."""
+    _header(console, report)
+    _sites(console, report)
+    _stages(console, report)
+    _skipped(console, report)
+    _totals(console, report)
+    _closing(console, report)
+
+
+def _header(console: Console, report: Report) -> None:
+    cfg = report.plan.config
+    source = str(report.model.source)
+    note = "" if report.requested.startswith(f"{source}:") else f" (name found in {source})"
+    console.print(f"[bold]se-inject[/] {report.model}{note}")
+    weights = report.weights
+    loud = str(weights.kind) == "random" and report.requested_weights != "random"
+    console.print(f"weights: [bold red]{weights.detail}[/]" if loud else f"weights: {weights.detail}", soft_wrap=True)
+    gate = f"{cfg.gate}" + (", identity start" if cfg.identity_init else ", paper init")
+    width = f"fixed hidden width {cfg.hidden}" if cfg.hidden is not None else (
+        f"reduction {_number(cfg.reduction)}, hidden >= {cfg.min_hidden}"
+    )
+    console.print(
+        f"SE: {width}, {'with' if cfg.bias else 'no'} biases, gate {gate}, {cfg.pool} pool, placement {cfg.placement}",
+        soft_wrap=True,
+    )
+    chosen = _describe_selection(report.selection.to_dict())
+    if chosen:
+        console.print(f"selection: {chosen}", soft_wrap=True)
+
+
+def _sites(console: Console, report: Report) -> None:
+    # Grouped by stage: the stage and its feature-map size head each group, sections divide them.
+    rows = report.sites
+    if not rows:
+        console.print("SE sites (0): none (see the skipped places below)")
+        return
+    tokens = any(site["prefix_tokens"] for site in rows)
+    table = Table(title=f"SE sites ({len(rows)})", title_justify="left")
+    table.add_column("stage", justify="right")
+    table.add_column("size", justify="right")
+    _name_column(table, "module", [site["name"] for site in rows])
+    table.add_column("kind")
+    for label in ("channels", "hidden", "axis", *(["prefix"] if tokens else []), "params"):
+        table.add_column(label, justify="right")
+    last = None
+    for site in sorted(rows, key=lambda s: s["stage"]):
+        first = site["stage"] != last
+        if first and last is not None:
+            table.add_section()
+        last = site["stage"]
+        table.add_row(
+            str(site["stage"]) if first else "",
+            size_text(site["spatial"]) if first else "",
+            site["name"], site["kind"], str(site["channels"]), str(site["hidden"]), str(site["channel_axis"]),
+            *([str(site["prefix_tokens"])] if tokens else []),
+            _fmt(site["params"]),
+        )
+    console.print(table)
+
+
+def _stages(console: Console, report: Report) -> None:
+    rows = report.by_stage
+    if not rows:
+        return
+    added = sum(row["params"] for row in rows)
+    table = Table(title="SE per stage", title_justify="left")
+    table.add_column("stage", justify="right")
+    table.add_column("size", justify="right")
+    for label in ("blocks", "params", "% of SE params", "FC MACs"):
+        table.add_column(label, justify="right")
+    for row in rows:
+        table.add_row(
+            str(row["stage"]), size_text(row["spatial"]), str(row["sites"]), _fmt(row["params"]),
+            f"{100 * row['params'] / added:.1f}" if added else "n/a", _fmt(row["fc_macs"]),
+        )
+    console.print(table)
+
+
+def _skipped(console: Console, report: Report) -> None:
+    plan = report.plan
+    if not (plan.skipped or plan.unanalysed):
+        console.print("skipped: none")
+        return
+    table = Table(title=f"Skipped ({len(plan.skipped)})", title_justify="left")
+    table.add_column("reason", ratio=1, overflow="fold")
+    table.add_column("count", justify="right")
+    shown_rows: list[tuple[str, str, str]] = []
+    for items in plan.skipped_by_reason().values():
+        nodes = [s.node for s in items]
+        shown = ", ".join(nodes[:3]) + (f", ... (+{len(nodes) - 3})" if len(nodes) > 3 else "")
+        shown_rows.append((items[0].text, str(len(items)), shown))
+    if plan.unanalysed:
+        names = [repr(m) for m in plan.unanalysed[:3]]
+        shown_rows.append(("could not be analysed", str(len(plan.unanalysed)), ", ".join(names)))
+    # "where" lists node names: it may wrap between names, and folds a name only if one is wider than the screen.
+    table.add_column("where", ratio=2, overflow="fold")
+    for row in shown_rows:
+        table.add_row(*row)
+    console.print(table)
+
+
+def _totals(console: Console, report: Report) -> None:
+    complexity = report.complexity
+    table = Table(title=f"Totals (one {size_text(complexity.input_size)} input)", title_justify="left")
+    table.add_column("count")
+    for label in ("before", "after", "added", "added %"):
+        table.add_column(label, justify="right")
+    pct = complexity.macs_added_pct
+    table.add_row(
+        "parameters", _fmt(complexity.params_before), _fmt(complexity.params_after),
+        _fmt(complexity.params_added, sign=True), f"{complexity.params_added_pct:+.2f}",
+    )
+    table.add_row(
+        "multiply-adds (MACs)", _fmt(complexity.macs_before), _fmt(complexity.macs_after),
+        _fmt(complexity.macs_added, sign=True), "n/a" if pct is None else f"{pct:+.3f}",
+    )
+    console.print(table)
+    console.print(
+        f"  = {_si(complexity.params_before)} -> {_si(complexity.params_after)} parameters, "
+        f"{_si(complexity.macs_before)} -> {_si(complexity.macs_after)} MACs"
+    )
+    ops = Table(title="SE blocks' own work per image", title_justify="left")
+    ops.add_column("operation")
+    ops.add_column("ops", justify="right")
+    ops.add_column("in MACs above")
+    ops.add_row("FC multiply-adds (fc1 + fc2)", _fmt(complexity.se_fc_macs), "yes")
+    ops.add_row("squeeze: pooling additions", _fmt(complexity.se_pool_adds), "no")
+    ops.add_row("scale: multiplications", _fmt(complexity.se_scale_muls), "no")
+    console.print(ops)
+
+
+def _closing(console: Console, report: Report) -> None:
+    """The last lines: what was written, what was replaced, or that nothing was."""
+    if report.dry_run:
+        console.print("dry run: no model written" if report.plot else "dry run: nothing written")
+    elif report.output:
+        what = "SE weights + plan" if report.se_only else "full model + plan"
+        replaced = "; replaced the existing file" if report.replaced else ""
+        console.print(f"wrote {report.output} ({what}{replaced})", soft_wrap=True)
+    else:
+        console.print("no model written: give -o FILE.pt to save it (or --dry-run to only plan)")
+    if report.plot:
+        console.print(f"wrote {report.plot} (plot: SE blocks and parameters per stage)", soft_wrap=True)
+
+
+def _describe_selection(selection: dict[str, Any]) -> str:
+    parts = []
+    for key in ("stages", "resolutions", "include", "exclude"):
+        if selection[key] is not None:
+            parts.append(f"{key} {', '.join(map(str, selection[key]))}")
+    if selection["min_channels"]:
+        parts.append(f"min channels {selection['min_channels']}")
+    parts += [flag for flag in ("plain", "tokens") if selection[flag]]
+    return "; ".join(parts)

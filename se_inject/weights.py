@@ -1,0 +1,291 @@
+"""Which weights a registry model starts from: random init, or pretrained from a cache or a download.
+
+* random: the library's random initialisation; nothing is downloaded, not even a torchvision
+  detection backbone (:func:`create_model`).
+* pretrained: the library's default pretrained weights, from the local cache if they are there,
+  else downloaded (:func:`create_pretrained`).
+
+Offline, the decision takes milliseconds rather than the minute of retries that
+``huggingface_hub`` spends: the local caches are checked first (the Hugging Face hub cache,
+``HF_HUB_CACHE`` read at call time, and torch hub's ``checkpoints`` folder under
+``TORCH_HOME``), and a download is attempted only when the weights' host answers a TCP
+connection within :data:`PROBE_TIMEOUT_S` seconds. How that is decided is a :class:`Network`,
+which callers (and tests) pass: :data:`OFFLINE` never touches the network, and the environment
+variable ``SE_INJECT_OFFLINE=1`` makes it the default.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import inspect
+import os
+import socket
+import sys
+import threading
+import urllib.request
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from torch import nn
+
+from .errors import WeightsError
+from .names import ModelSpec, Source, tag_origin
+
+__all__ = [
+    "PROBE_TIMEOUT_S",
+    "WeightsKind",
+    "WeightsInfo",
+    "Network",
+    "OFFLINE",
+    "default_network",
+    "host_reachable",
+    "hf_cached",
+    "create_model",
+    "create_pretrained",
+    "pretrained_from_cache",
+]
+
+#: Seconds to wait for the weights' host before deciding that we are offline.
+PROBE_TIMEOUT_S = 3.0
+
+_TRUE = ("1", "true", "yes", "on")
+
+
+class WeightsKind(enum.StrEnum):
+    """Which weights a model was created with."""
+
+    PRETRAINED = "pretrained"
+    RANDOM = "random"
+    FILE = "file"
+
+
+@dataclass(frozen=True)
+class WeightsInfo:
+    """Which weights were used, in words for the report (``detail``) and as a kind for machines."""
+
+    kind: WeightsKind
+    detail: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"kind": str(self.kind), "detail": self.detail}
+
+
+def _probe_address(host: str) -> tuple[str, int]:
+    """Where a download of ``https://host/...`` would connect: the HTTPS proxy if one is set."""
+    proxy = urllib.request.getproxies().get("https")
+    if proxy and not urllib.request.proxy_bypass(host):
+        parsed = urlparse(proxy if "://" in proxy else f"http://{proxy}")
+        if parsed.hostname:
+            return parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)
+    return host, 443
+
+
+def host_reachable(host: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
+    """True when ``host`` (or the HTTPS proxy) accepts a TCP connection within ``timeout`` seconds.
+
+    The name lookup runs in a daemon thread too: without a reachable DNS server it can block
+    far longer than the connect timeout. ``HF_HUB_OFFLINE=1`` answers False for the hub.
+    """
+    if "huggingface" in host and os.environ.get("HF_HUB_OFFLINE", "0").lower() in _TRUE:
+        return False
+    address = _probe_address(host)
+    answer: list[bool] = []
+
+    def probe() -> None:
+        try:
+            with socket.create_connection(address, timeout=timeout):
+                answer.append(True)
+        except Exception:  # OSError mostly; any failure to connect means "not reachable"
+            answer.append(False)
+
+    thread = threading.Thread(target=probe, name="se-inject-probe", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(answer and answer[0])
+
+
+def hf_cached(repo_id: str, filename: str | None) -> str | None:
+    """The cached file of a Hugging Face hub repository, or ``None`` (``HF_HUB_CACHE`` is honoured)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    repo, _, revision = repo_id.partition("@")
+    names = [filename] if filename else ["model.safetensors", "pytorch_model.bin"]
+    cache_dir = os.environ.get("HF_HUB_CACHE") or None  # read now: huggingface_hub reads it at import
+    for candidate in names:
+        found = try_to_load_from_cache(repo, candidate, cache_dir=cache_dir, revision=revision or None)
+        if isinstance(found, str) and os.path.isfile(found):
+            return found
+    return None
+
+
+@dataclass(frozen=True)
+class Network:
+    """How pretrained weights are looked for: a hub cache lookup and a reachability probe.
+
+    Example:
+        >>> load_model("resnet18", "auto", network=OFFLINE)   # caches only, never the network
+    """
+
+    #: ``host -> bool``: may a download from this host be tried?
+    reachable: Callable[[str], bool] = host_reachable
+    #: ``(repo_id, filename) -> path | None``: the Hugging Face hub cache.
+    hf_cached: Callable[[str, str | None], str | None] = hf_cached
+
+
+#: Caches only: no host is ever probed or downloaded from.
+OFFLINE = Network(reachable=lambda host: False)
+
+
+def default_network() -> Network:
+    """:data:`OFFLINE` when ``SE_INJECT_OFFLINE`` is set to 1/true, else the real network."""
+    return OFFLINE if os.environ.get("SE_INJECT_OFFLINE", "").lower() in _TRUE else Network()
+
+
+def create_model(spec: ModelSpec, *, num_classes: int | None = None) -> nn.Module:
+    """Build ``spec`` with the library's random initialisation; never downloads anything.
+
+    torchvision detection and segmentation builders default to a pretrained backbone; that
+    default is turned off here.
+
+    Example:
+        >>> model = create_model(resolve_name("torchvision:resnet18"))
+    """
+    if spec.source is Source.TIMM:
+        import timm
+
+        kwargs: dict[str, Any] = {} if num_classes is None else {"num_classes": num_classes}
+        return tag_origin(timm.create_model(spec.name, pretrained=False, **kwargs), spec)
+    import torchvision
+
+    builder = torchvision.models.get_model_builder(spec.name)
+    kwargs = {"weights": None}
+    if "weights_backbone" in inspect.signature(builder).parameters:
+        kwargs["weights_backbone"] = None
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    with warnings.catch_warnings():
+        # inception_v3 / googlenet warn that their default init will change; not ours to act on.
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        return tag_origin(builder(**kwargs), spec)
+
+
+@dataclass(frozen=True)
+class _Pretrained:
+    """Where a model's default pretrained weights live: a cached file, or a host to fetch from."""
+
+    label: str  # "timm/resnet50.a1_in1k" or a URL's file name
+    cached: str | None
+    host: str | None
+
+
+def _torch_hub_cached(url: str) -> str | None:
+    import torch.hub
+
+    path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
+    return str(path) if path.is_file() else None
+
+
+def _timm_pretrained(name: str, network: Network) -> _Pretrained:
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
+        raise WeightsError(f"timm has no pretrained weights for {name!r}; use --weights random or a file")
+    if cfg.file and os.path.isfile(cfg.file):
+        return _Pretrained(cfg.file, cfg.file, None)
+    if cfg.hf_hub_id:
+        cached = network.hf_cached(cfg.hf_hub_id, cfg.hf_hub_filename)
+        if cached is None and cfg.url:
+            cached = _torch_hub_cached(cfg.url)
+        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+        return _Pretrained(cfg.hf_hub_id, cached, urlparse(endpoint).hostname)
+    return _Pretrained(os.path.basename(cfg.url), _torch_hub_cached(cfg.url), urlparse(cfg.url).hostname)
+
+
+def _torchvision_default_weights(name: str) -> Any:
+    import torchvision
+
+    try:
+        return torchvision.models.get_model_weights(name).DEFAULT
+    except (ValueError, AttributeError, KeyError) as e:
+        raise WeightsError(
+            f"torchvision has no pretrained weights for {name!r}; use --weights random or a file"
+        ) from e
+
+
+def _torchvision_pretrained(name: str) -> _Pretrained:
+    url = _torchvision_default_weights(name).url
+    return _Pretrained(os.path.basename(urlparse(url).path), _torch_hub_cached(url), urlparse(url).hostname)
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    # torch.hub prints "Downloading: ..." on stdout, which must stay clean for --json.
+    with contextlib.redirect_stdout(sys.stderr):
+        yield
+
+
+def create_pretrained(
+    spec: ModelSpec, *, download: bool = True, network: Network | None = None
+) -> tuple[nn.Module, WeightsInfo]:
+    """Build ``spec`` with its default pretrained weights, from the cache or (``download``) a download.
+
+    Example:
+        >>> model, info = create_pretrained(resolve_name("resnet18"), network=OFFLINE)
+
+    Raises:
+        WeightsError: no pretrained weights exist, or they are not cached and cannot be fetched.
+    """
+    network = network if network is not None else default_network()
+    if spec.source is Source.TIMM:
+        where = _timm_pretrained(spec.name, network)
+    else:
+        where = _torchvision_pretrained(spec.name)
+    if where.cached is None:
+        if not download:
+            raise WeightsError(f"pretrained weights for {spec} ({where.label}) are not in the local cache")
+        if where.host is None or not network.reachable(where.host):
+            raise WeightsError(
+                f"pretrained weights for {spec} ({where.label}) are not in the local cache and "
+                f"{where.host or 'their host'} cannot be reached (offline?)"
+            )
+        origin = f"downloaded from {where.host}"
+    else:
+        origin = "from the local cache"
+    try:
+        with _stdout_to_stderr():
+            model = _build_pretrained(spec, where)
+    except WeightsError:
+        raise
+    except Exception as e:  # network, hash and format failures all mean "no pretrained weights"
+        raise WeightsError(f"pretrained weights for {spec} ({where.label}) could not be loaded: {e}") from e
+    return tag_origin(model, spec), WeightsInfo(WeightsKind.PRETRAINED, f"pretrained {where.label} ({origin})")
+
+
+def _build_pretrained(spec: ModelSpec, where: _Pretrained) -> nn.Module:
+    if spec.source is Source.TIMM:
+        import timm
+
+        overlay = {"file": where.cached} if where.cached else None
+        return timm.create_model(spec.name, pretrained=True, pretrained_cfg_overlay=overlay)
+    import torchvision
+
+    return torchvision.models.get_model(spec.name, weights=_torchvision_default_weights(spec.name))
+
+
+def pretrained_from_cache(spec: ModelSpec, *, network: Network | None = None) -> tuple[nn.Module, WeightsInfo] | None:
+    """``spec`` with its default pretrained weights if they are in the local cache, else ``None``.
+
+    Never touches the network.
+    """
+    try:
+        return create_pretrained(spec, download=False, network=network)
+    except WeightsError:
+        return None

@@ -1,0 +1,256 @@
+"""From a registry name to a report: build, count, plan, inject, count again, save.
+
+:func:`inject_named` is what ``se-inject MODEL ...`` does, as a library call that returns a
+:class:`~se_inject.report.Report` and the injected model; the CLI only parses options and
+renders. Analysis runs on meta tensors, so the input size costs no real memory; sizes a model
+could never be run at are refused before anything is built.
+
+Example::
+
+    from se_inject.workflow import inject_named
+    done = inject_named("torchvision:resnet18", weights="random", input_size=(64,), output="model.pt")
+    done.report.to_dict()["params"]["added"]
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .api import apply_plan, find_sites
+from .block import SEConfig
+from .checkpoint import check_output_path, save
+from .complexity import compare, count
+from .errors import ConfigError, NoSitesError, PlanMismatchError
+from .names import ModelSpec
+from .plan import Plan, SiteKind, Skipped, SkipReason
+from .report import Report, Selection, build_report, size_text
+from .weights import Network
+from .zoo import default_input_size, load_model
+
+__all__ = ["MAX_SIDE", "Injection", "inject_named", "resolve_input_size", "no_sites_reason"]
+
+#: Largest input side accepted for analysis and counts. Analysis runs on meta tensors, but a
+#: model whose graph needs a real pass would allocate the input, and no vision model is run at
+#: more than a few thousand pixels a side.
+MAX_SIDE = 8192
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Injection:
+    """What :func:`inject_named` returns: the report and the model (injected unless it was a dry run)."""
+
+    report: Report
+    model: nn.Module
+
+
+def resolve_input_size(given: Sequence[int] | None, default: Sequence[int], *, model: str = "the model") -> tuple[int, ...]:
+    """The analysis input (no batch): ``given`` numbers replace the trailing dimensions of ``default``.
+
+    One number sets both spatial sides (``(224,)``), two set height and width, three or more
+    include the channels, which must be the model's.
+
+    Example:
+        >>> resolve_input_size((256, 192), (3, 224, 224))
+        (3, 256, 192)
+
+    Raises:
+        ConfigError: not positive, more numbers than ``default`` has, channels the model does
+            not take, or a side above :data:`MAX_SIDE`.
+    """
+    default = tuple(int(n) for n in default)
+    if given is None:
+        return default
+    numbers = [int(n) for n in given]
+    if not numbers or any(n < 1 for n in numbers) or len(numbers) > len(default):
+        raise ConfigError(
+            f"input size {size_text(numbers)}: give 1 to {len(default)} positive numbers for {model} "
+            f"(its default input is {size_text(default)})"
+        )
+    if len(numbers) == 1 and len(default) >= 2:
+        numbers = numbers * 2
+    size = (*default[: len(default) - len(numbers)], *numbers)
+    if len(numbers) == len(default) and size[0] != default[0]:
+        raise ConfigError(
+            f"input size {size_text(size)}: {model} expects {default[0]} input channels, not {size[0]} "
+            f"(its default input is {size_text(default)})"
+        )
+    if max(size[1:], default=0) > MAX_SIDE:
+        gigabytes = 4 * math.prod(size) / 1e9
+        raise ConfigError(
+            f"input size {size_text(size)}: at most {MAX_SIDE} a side (one such image is {gigabytes:,.1f} GB "
+            "of float32)"
+        )
+    return size
+
+
+def no_sites_reason(plan: Plan) -> str:
+    """Why a plan has no site, in one clause: the skip reasons with counts, or "no candidates"."""
+    if not plan.skipped:
+        why = "it has no residual additions or channel concatenations (a plain network such as VGG)"
+    else:
+        why = f"all {len(plan.skipped)} candidate places were skipped: " + ", ".join(
+            f"{len(items)} {items[0].text}" for items in plan.skipped_by_reason().values()
+        )
+    if plan.unanalysed:
+        why += f"; could not analyse {', '.join(repr(m) for m in plan.unanalysed[:3])}"
+    return why
+
+
+def _check_selection(spec: ModelSpec, selection: Selection, everything: Plan, size: Sequence[int]) -> None:
+    """Refuse stages / resolutions that match no site of the unselected plan, listing the ones there are."""
+    stages: dict[int, tuple[int, ...]] = {}
+    for site in everything.sites:
+        stages.setdefault(site.stage, site.spatial)
+    at = f"at input {size_text(size)}"
+    unknown = sorted(set(selection.stages or ()) - set(stages))
+    if unknown:
+        known = ", ".join(f"{k} ({size_text(v)})" for k, v in sorted(stages.items()))
+        raise ConfigError(f"--stage {', '.join(map(str, unknown))}: {spec} has {len(stages)} stages {at}: {known}")
+    sides = sorted({max(site.spatial, default=0) for site in everything.sites}, reverse=True)
+    unknown = sorted(set(selection.resolutions or ()) - set(sides))
+    if unknown:
+        raise ConfigError(
+            f"--resolution {', '.join(map(str, unknown))}: {spec} has SE sites at resolutions "
+            f"{', '.join(map(str, sides))} {at} (the largest side of each feature map; it follows --input-size)"
+        )
+
+
+def _warn_minimum_width(plan: Plan) -> None:
+    cfg = plan.config
+    if cfg.hidden is not None or not plan.sites:
+        return
+    if all(site.channels // cfg.reduction < cfg.min_hidden for site in plan.sites):
+        warnings.warn(
+            f"reduction {cfg.reduction} gives every SE block the minimum hidden width "
+            f"(channels // r < {cfg.min_hidden} at all {len(plan.sites)} sites); give a fixed hidden width "
+            "instead, or a smaller reduction",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def _apply(net: nn.Module, plan: Plan) -> tuple[nn.Module, Plan]:
+    """``apply_plan``; a block that cannot be rebuilt is left as it is and listed as skipped.
+
+    This is ``inject_se``'s behaviour, so the CLI and the API agree; once ``find_sites`` lists
+    such blocks as skipped itself (a plan is a promise), the loop never runs twice.
+    """
+    while plan.sites:
+        try:
+            return apply_plan(net, plan), plan
+        except PlanMismatchError as e:
+            if e.owner is None:
+                raise
+            warnings.warn(f"skipping {e.owner or 'the root'}: {e}", UserWarning, stacklevel=3)
+            dropped = tuple(Skipped(s.node, SkipReason.NOT_REWRITABLE, str(e)) for s in plan.sites if s.owner == e.owner)
+            plan = replace(
+                plan, sites=tuple(s for s in plan.sites if s.owner != e.owner), skipped=plan.skipped + dropped
+            )
+    return net, plan
+
+
+def inject_named(
+    name: str,
+    *,
+    weights: str | os.PathLike[str] = "auto",
+    config: SEConfig | None = None,
+    selection: Selection | None = None,
+    input_size: Sequence[int] | None = None,
+    output: str | os.PathLike[str] | None = None,
+    se_only: bool = False,
+    dry_run: bool = False,
+    progress: Progress | None = None,
+    network: Network | None = None,
+) -> Injection:
+    """Build ``name``, plan and insert SE blocks, count before and after, and save to ``output``.
+
+    A dry run applies the plan to the in-memory model too, so its totals are measured, not
+    estimated; it writes nothing and also answers for a model with no site (an empty plan with
+    every skipped place). Writing a model with no site is an error.
+
+    Example:
+        >>> done = inject_named("resnet50", weights="random", dry_run=True)
+        >>> len(done.report.plan.sites), done.report.complexity.params_added
+        (16, 2530992)
+
+    Raises:
+        UnknownModelError, WeightsError, UnsafeCheckpointError: the model or its weights.
+        ConfigError: a bad input size, or stages / resolutions the model does not have.
+        NoSitesError: not a dry run and the plan has no site (``error.plan`` holds the plan).
+        OutputPathError: ``output`` cannot be written.
+    """
+    config = config or SEConfig()
+    selection = selection or Selection()
+    say = progress or (lambda text: None)
+    replaced = False
+    if output is not None and not dry_run:
+        check_output_path(output)
+        replaced = Path(output).exists()
+    say(f"building {name} (weights: {weights})...")
+    loaded = load_model(name, weights, network=network)
+    net, spec = loaded.model, loaded.spec
+    size = resolve_input_size(input_size, default_input_size(spec, net), model=str(spec))
+    say(f"counting the base model at {size_text(size)}...")
+    before = count(net, size)
+    say("analysing the graph...")
+
+    def analyse(staged: bool) -> Plan:
+        return find_sites(
+            net,
+            config.reduction,
+            identity_init=config.identity_init,
+            bias=config.bias,
+            min_hidden=config.min_hidden,
+            hidden=config.hidden,
+            gate=config.gate,
+            pool=config.pool,
+            placement=config.placement,
+            **selection.options(staged=staged),
+            example_input=torch.empty(1, *size, device="meta"),  # shapes only: no real memory
+        )
+
+    if selection.stages is not None or selection.resolutions is not None:
+        # Stages are numbered over every site, so check the asked ones against the unselected plan.
+        everything = analyse(staged=False)
+        if everything.sites:
+            _check_selection(spec, selection, everything, size)
+    plan = analyse(staged=True)
+    if selection.plain and plan.sites and not any(site.kind is SiteKind.PLAIN for site in plan.sites):
+        warnings.warn(
+            f"--plain has no effect on {spec}: it has residual or concatenation sites, and the plain "
+            "placement is only for networks without them",
+            UserWarning,
+            stacklevel=2,
+        )
+    _warn_minimum_width(plan)
+    net, plan = _apply(net, plan)
+    if not plan.sites and not dry_run:
+        raise NoSitesError(f"no SE site in {spec}: {no_sites_reason(plan)}. Nothing was written.", plan=plan)
+    after = count(net, size) if plan.sites else before
+    if output is not None and not dry_run:
+        say(f"writing {output}...")
+        save(net, output, se_only, plan=plan, origin=spec, weights=loaded.weights)
+    report = build_report(
+        spec,
+        loaded.weights,
+        plan,
+        compare(before, after),
+        requested=name,
+        requested_weights=str(weights),
+        selection=selection,
+        dry_run=dry_run,
+        output=None if output is None else str(output),
+        replaced=replaced,
+        se_only=se_only,
+    )
+    return Injection(report, net)
