@@ -102,6 +102,8 @@ class _Command(TyperCommand):
             code = 130
         else:
             code = rv if isinstance(rv, int) else 0
+            if code == 130:  # typer turns an interrupt into a silent exit code 130
+                _error_line("interrupted")
         if standalone_mode:
             sys.exit(code)
         return code
@@ -155,9 +157,18 @@ def _input_size(value: str | None) -> tuple[int, ...] | None:
     if value is None:
         return None
     try:
-        return parse_input_size(value)
+        numbers = parse_input_size(value)
     except ConfigError:
         raise typer.BadParameter(f"{value!r}: give 224, 256x192 or C,H,W (positive integers)") from None
+    from .workflow import MAX_SIDE
+
+    if len(numbers) > 1 and numbers[0] <= 4:  # C,H,W: the first number is the channels
+        sides = numbers[1:]
+    else:
+        sides = numbers
+    if max(sides) > MAX_SIDE:
+        raise typer.BadParameter(f"{value!r}: at most {MAX_SIDE} pixels a side (analysis runs at this size)")
+    return numbers
 
 
 def _reduction(value: float | None) -> float | int | None:

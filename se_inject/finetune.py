@@ -19,7 +19,7 @@ from typing import Any
 from torch import nn
 
 from .block import SEBlock
-from .errors import SEInjectError
+from .errors import NoSitesError, SEInjectError
 
 __all__ = [
     "HeadNotFoundError",
@@ -144,10 +144,17 @@ def freeze_except_se(model: nn.Module, *, head: nn.Module | str | bool | None = 
 
     Raises:
         HeadNotFoundError: ``head=True`` or a path, and no such head exists.
+        NoSitesError: the model has no SE blocks (freezing everything else would train nothing).
     """
     head_module = _resolve_head(model, head)
+    blocks = se_modules(model)
+    if not blocks:
+        raise NoSitesError(
+            f"{type(model).__name__} has no SE blocks, so freezing all but them would train nothing; "
+            "call inject_se(model) first"
+        )
     model.requires_grad_(False)
-    for _, block in se_modules(model):
+    for _, block in blocks:
         block.requires_grad_(True)
     if head_module is not None:
         head_module.requires_grad_(True)

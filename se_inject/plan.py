@@ -23,6 +23,10 @@ PLAN_ATTR = "se_inject_plan"
 
 
 class SiteKind(enum.StrEnum):
+    # repr is the value, so a Site prints as Site(..., kind='residual', ...)
+    def __repr__(self) -> str:
+        return repr(self.value)
+
     RESIDUAL = "residual"
     INCEPTION = "inception"
     DENSE = "dense"
@@ -30,6 +34,9 @@ class SiteKind(enum.StrEnum):
 
 
 class SkipReason(enum.StrEnum):
+    def __repr__(self) -> str:
+        return repr(self.value)
+
     ALREADY_ATTENDED = "already-attended"
     NESTED = "nested"
     FUSION = "fusion"

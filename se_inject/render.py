@@ -1,14 +1,16 @@
 """The human report: rich tables of a :class:`~se_inject.report.Report`, for the CLI's stdout.
 
-Module and node names are never shortened: their columns keep the longest name's width and the
-other columns give way (headers wrap); on a terminal too narrow even for that, names fold onto a
-second line rather than end in an ellipsis. Numbers are right-aligned, one unit per column.
+Module and node names are never shortened: when the site table is wider than the screen (80
+columns when piped), it switches to a compact layout (short headers, no vertical rules) so the
+names keep their width; on a screen too narrow even for that, names fold onto a second line
+rather than end in an ellipsis. Numbers are right-aligned, one unit per column.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -37,11 +39,6 @@ def _si(n: int | None) -> str:
 
 def _number(value: float) -> float | int:
     return int(value) if float(value).is_integer() else value
-
-
-def _name_column(table: Table, header: str, names: list[str]) -> None:
-    """A column of names kept whole: as wide as the longest, folded (never cut) if the screen is narrower."""
-    table.add_column(header, min_width=max((len(n) for n in names), default=len(header)), overflow="fold")
 
 
 def render(console: Console, report: Report) -> None:
@@ -76,18 +73,39 @@ def _header(console: Console, report: Report) -> None:
 
 
 def _sites(console: Console, report: Report) -> None:
-    # Grouped by stage: the stage and its feature-map size head each group, sections divide them.
     rows = report.sites
     if not rows:
         console.print("SE sites (0): none (see the skipped places below)")
         return
+    table = _site_table(rows, compact=False)
+    natural = console.measure(table, options=console.options.update_width(10_000)).maximum
+    if natural > console.width:
+        table = _site_table(rows, compact=True)  # narrow screen: give way around the names
+    console.print(table)
+
+
+#: Column headers, full and compact (a narrow terminal or pipe: the names keep their width).
+_SITE_HEADERS = {
+    False: ("stage", "size", "module", "kind", "channels", "hidden", "axis", "prefix", "params"),
+    True: ("st", "size", "module", "kind", "C", "hid", "ax", "pre", "params"),
+}
+
+
+def _site_table(rows: list[dict[str, Any]], *, compact: bool) -> Table:
+    """Sites grouped by stage (the stage and its feature-map size head each group).
+
+    Compact: short headers, no vertical rules, one space between columns. Names fold onto a
+    second line only if even that does not fit; they are never cut.
+    """
+    stage, size, module, kind, channels, hidden, axis, prefix, params = _SITE_HEADERS[compact]
     tokens = any(site["prefix_tokens"] for site in rows)
-    table = Table(title=f"SE sites ({len(rows)})", title_justify="left")
-    table.add_column("stage", justify="right")
-    table.add_column("size", justify="right")
-    _name_column(table, "module", [site["name"] for site in rows])
-    table.add_column("kind")
-    for label in ("channels", "hidden", "axis", *(["prefix"] if tokens else []), "params"):
+    style = {"box": box.SIMPLE_HEAD, "padding": (0, 1), "pad_edge": False} if compact else {}
+    table = Table(title=f"SE sites ({len(rows)})", title_justify="left", **style)
+    table.add_column(stage, justify="right")
+    table.add_column(size, justify="right")
+    table.add_column(module, overflow="fold")
+    table.add_column(kind)
+    for label in (channels, hidden, axis, *([prefix] if tokens else []), params):
         table.add_column(label, justify="right")
     last = None
     for site in sorted(rows, key=lambda s: s["stage"]):
@@ -102,7 +120,7 @@ def _sites(console: Console, report: Report) -> None:
             *([str(site["prefix_tokens"])] if tokens else []),
             _fmt(site["params"]),
         )
-    console.print(table)
+    return table
 
 
 def _stages(console: Console, report: Report) -> None:
