@@ -8,6 +8,7 @@ A checkpoint is a dict of plain values and tensors, never pickled classes::
         "model": {"source": "timm", "name": "resnet50"},    # None for a custom model
         "weights": {"kind": "pretrained", "detail": "..."},  # what the base weights were
         "se_only": False,
+        "base": {"params": 25557032, "digest": "..."},      # the base model under the SE blocks
         "plan": Plan.to_dict(),
         "state_dict": {"conv1.weight": tensor, ..., "layer1.0.se.fc1.weight": tensor, ...},
     }
@@ -28,6 +29,7 @@ partial file behind.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 import warnings
@@ -39,7 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .api import apply_plan
+from .api import apply_plan, remove_se
 from .atomic import atomic_write
 from .block import SEBlock
 from .errors import (
@@ -48,7 +50,7 @@ from .errors import (
     UnknownModelError,
     WeightsError,
 )
-from .files import load_strict, read_pickle
+from .files import key_problems, load_strict, read_pickle
 from .names import ModelSpec, Source, model_origin, resolve_name, tag_origin
 from .plan import PLAN_ATTR, Plan
 from .weights import WeightsInfo, WeightsKind, create_model, pretrained_from_cache
@@ -64,13 +66,13 @@ __all__ = [
     "check_output_path",
     "atomic_save",
     "se_state_dict",
+    "base_fingerprint",
 ]
 
 FORMAT = "se-inject"
 FORMAT_VERSION = 1
 
 
-_KEYS_SHOWN = 4
 
 
 # --- writing --------------------------------------------------------------------------------
@@ -134,6 +136,36 @@ def se_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+def base_fingerprint(model: nn.Module) -> dict[str, Any]:
+    """What the base model under the SE blocks is: its parameter count and a digest of its keys and shapes.
+
+    SE tensors are left out, so the fingerprint of an injected model is that of its base.
+    :func:`load` compares it with the ``base_model`` an SE-only file is attached to.
+    """
+    se_keys = set(se_state_dict(model))
+    shapes = sorted(f"{k}:{tuple(v.shape)}" for k, v in model.state_dict().items() if k not in se_keys)
+    params = sum(p.numel() for name, p in model.named_parameters() if name not in se_keys)
+    return {"params": int(params), "digest": hashlib.sha256("\n".join(shapes).encode()).hexdigest()[:16]}
+
+
+def _base_differences(saved: Mapping[str, Any], base: nn.Module) -> str | None:
+    """Why ``base`` is not the base recorded in a checkpoint, or ``None`` when it is (or nothing was recorded)."""
+    recorded = saved.get("base")
+    if not isinstance(recorded, Mapping) or "digest" not in recorded:
+        return None  # written by an older se-inject
+    own = base_fingerprint(base)
+    if own["digest"] == recorded["digest"]:
+        return None
+    model = saved.get("model")
+    name = f"{model['source']}:{model['name']}" if isinstance(model, Mapping) else "a custom model"
+    origin = model_origin(base)
+    this = f"this {origin}" if origin is not None else f"this {type(base).__name__}"
+    return (
+        f"was saved on {name} ({recorded.get('params', 0):,} parameters); {this} has {own['params']:,} parameters "
+        "and other layers"
+    )
+
+
 def _version() -> str:
     try:
         return metadata.version("se-inject")
@@ -174,6 +206,7 @@ def checkpoint_dict(
         "model": None if origin is None else {"source": str(origin.source), "name": origin.name},
         "weights": None if weights is None else weights.to_dict(),
         "se_only": se_only,
+        "base": base_fingerprint(model),
         "plan": plan.to_dict(),
         "state_dict": {k: v.detach().to("cpu") for k, v in state.items()},
     })
@@ -303,7 +336,7 @@ def _se_only_base(spec: ModelSpec, data: Mapping[str, Any], where: str) -> nn.Mo
     return create_model(spec)
 
 
-def load(path: str | os.PathLike[str], base_model: nn.Module | None = None) -> nn.Module:
+def load(path: str | os.PathLike[str], base_model: nn.Module | None = None, *, force: bool = False) -> nn.Module:
     """Rebuild an injected model from a checkpoint written by :func:`save` or ``se-inject -o``.
 
     Without ``base_model`` the base is rebuilt from the recorded registry name with random init
@@ -311,12 +344,18 @@ def load(path: str | os.PathLike[str], base_model: nn.Module | None = None) -> n
     (a model with no registry name, or your own pretrained base for an SE-only file) the plan is
     applied to it, in place. Either way the saved tensors are loaded strictly.
 
+    All or nothing: if anything fails, ``base_model`` is left as it was (the SE blocks are taken
+    out again), so a retry starts clean. An SE-only file is refused on a base model other than
+    the one it was saved on (its layers differ: the plan would cover only part of it) unless
+    ``force=True``.
+
     Example:
         >>> model = load("model.pt")                                   # full checkpoint
         >>> model = load("se.pt", base_model=timm.create_model("resnet50", pretrained=True))
 
     Raises:
-        CheckpointError: missing, corrupt or foreign file, or no way to rebuild the base model.
+        CheckpointError: missing, corrupt or foreign file, no way to rebuild the base model, or
+            an SE-only file saved on another base model (without ``force``).
         UnsafeCheckpointError: the file would run code when unpickled (refused; nothing ran).
         PlanMismatchError: the saved plan does not fit ``base_model``.
         WeightsError: the saved tensors do not fit the rebuilt model (names a few keys).
@@ -329,17 +368,27 @@ def load(path: str | os.PathLike[str], base_model: nn.Module | None = None) -> n
     spec = None
     if base_model is not None:
         model = base_model
+        different = _base_differences(data, base_model) if se_only and not force else None
+        if different is not None:
+            raise CheckpointError(
+                f"{where} holds SE weights for another base model: it {different}. Attach it to the model it "
+                "was saved on, or pass force=True to load it anyway"
+            )
     else:
         spec = _spec(data, where)
         model = _se_only_base(spec, data, where) if se_only else create_model_for_state(spec, state)
-    model = apply_plan(model, plan)
-    if se_only:
-        _load_se_only(model, state, where)
-    else:
-        load_strict(model, state, where)
+    injected = apply_plan(model, plan)  # changes nothing if the plan does not fit
+    try:
+        if se_only:
+            _load_se_only(injected, state, where)
+        else:
+            load_strict(injected, state, where)
+    except BaseException:
+        remove_se(injected)  # the base model as it was: same blocks, no SE, no recorded plan
+        raise
     if spec is not None:
-        tag_origin(model, spec)
-    return model
+        tag_origin(injected, spec)
+    return injected
 
 
 def _load_se_only(model: nn.Module, state: Mapping[str, torch.Tensor], where: str) -> None:
@@ -348,11 +397,6 @@ def _load_se_only(model: nn.Module, state: Mapping[str, torch.Tensor], where: st
     unexpected = [k for k in state if k not in own]
     wrong = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
     if missing or unexpected or wrong:
-        parts = [
-            f"{len(keys)} {label}: {', '.join(keys[:_KEYS_SHOWN])}"
-            for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
-            if keys
-        ]
-        raise WeightsError(f"{where} SE weights do not fit the model: {'; '.join(parts)}")
+        raise WeightsError(f"{where} SE weights do not fit the model: {key_problems(missing, unexpected, wrong)}")
     model.load_state_dict(dict(state), strict=False)
 

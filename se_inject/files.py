@@ -14,7 +14,6 @@ import pickle
 import pickletools
 import re
 import warnings
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,9 @@ __all__ = ["read_pickle", "load_state_dict_file", "clean_state_dict", "load_stri
 #: How many missing / unexpected keys an error message names.
 _KEYS_SHOWN = 4
 
+#: First bytes of a zip archive (torch's default format since 1.6).
+_ZIP_MAGIC = b"PK\x03\x04"
+
 #: First byte of a pickle of protocol 2 or later (torch's legacy, non-zip format).
 _PICKLE_PROTO = 0x80
 
@@ -37,12 +39,14 @@ _WRAPPERS = ("state_dict", "model_state_dict", "model", "state_dict_ema")
 
 
 def is_torch_file(path: Path) -> bool:
-    """True when ``path`` looks like ``torch.save`` output: a zip archive or a binary pickle."""
-    if zipfile.is_zipfile(path):
-        return True
+    """True when ``path`` starts like ``torch.save`` output: a zip archive or a binary pickle.
+
+    Only the first bytes are read, so a truncated torch file still counts (and is then reported
+    as truncated, not as another format).
+    """
     with open(path, "rb") as handle:
-        first = handle.read(1)
-    return bool(first) and first[0] == _PICKLE_PROTO
+        head = handle.read(4)
+    return head == _ZIP_MAGIC or (bool(head) and head[0] == _PICKLE_PROTO)
 
 
 def _is_safetensors(path: Path) -> bool:

@@ -259,3 +259,39 @@ def test_written_file_has_ordinary_permissions(tiny, tmp_path) -> None:
     finally:
         os.umask(old)
     assert path.stat().st_mode & 0o777 == 0o644
+
+
+# --- loading is all or nothing; an adapter only goes on the base it was saved on ---------------
+
+
+def _se_count(model: nn.Module) -> int:
+    return sum(isinstance(m, SEBlock) for m in model.modules())
+
+
+def test_a_failed_load_leaves_the_base_model_unchanged_and_a_retry_works(tmp_path) -> None:
+    model, plan = _inject(create_model(resolve_name("torchvision:resnet18")))
+    save(model, tmp_path / "m.pt", plan=plan)
+    wrong = create_model(resolve_name("torchvision:resnet18"), num_classes=10)  # the plan fits, the tensors do not
+    before = {k: v.clone() for k, v in wrong.state_dict().items()}
+    with pytest.raises(WeightsError, match="wrong shape: fc.weight"):
+        load(tmp_path / "m.pt", base_model=wrong)
+    assert _se_count(wrong) == 0 and not hasattr(wrong, "se_inject_plan")
+    assert wrong.state_dict().keys() == before.keys()
+    assert all(torch.equal(wrong.state_dict()[k], v) for k, v in before.items())
+    right = create_model(resolve_name("torchvision:resnet18"))
+    assert _se_count(load(tmp_path / "m.pt", base_model=right)) == 8  # the retry on a fitting base works
+
+
+def test_an_adapter_is_refused_on_another_base_model(tmp_path) -> None:
+    model, plan = _inject(create_model(resolve_name("torchvision:resnet18")))
+    save(model, tmp_path / "se.pt", se_only=True, plan=plan)
+    resnet34 = create_model(resolve_name("torchvision:resnet34"))
+    with pytest.raises(CheckpointError, match=r"holds SE weights for another base model: it was saved on "
+                       r"torchvision:resnet18 \(11,689,512 parameters\); this torchvision:resnet34 has 21,797,672 "
+                       r"parameters.*pass force=True"):
+        load(tmp_path / "se.pt", base_model=resnet34)
+    assert _se_count(resnet34) == 0
+    forced = load(tmp_path / "se.pt", base_model=resnet34, force=True)  # an explicit choice: half the blocks
+    assert _se_count(forced) == 8
+    same = create_model(resolve_name("torchvision:resnet18"))  # other weights, same layers: accepted
+    assert _se_count(load(tmp_path / "se.pt", base_model=same)) == 8
