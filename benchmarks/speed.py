@@ -141,6 +141,15 @@ def bench_injection(names: Sequence[str], reps: int, profile: str | None) -> tup
     return text, ratios
 
 
+def _relative_paths(line: str) -> str:
+    """A profile line with file names relative to the repository or site-packages (no machine paths)."""
+    import sysconfig
+
+    root = str(Path(__file__).resolve().parents[1]) + "/"
+    site = sysconfig.get_paths()["purelib"] + "/"
+    return line.replace(root, "").replace(site, "site-packages/")
+
+
 def profile_injection(name: str, top: int = 18) -> str:
     model = timm.create_model(name)
     prof = cProfile.Profile()
@@ -150,7 +159,7 @@ def profile_injection(name: str, top: int = 18) -> str:
     buf = io.StringIO()
     stats = pstats.Stats(prof, stream=buf)
     stats.sort_stats("cumulative").print_stats(top)
-    lines = [ln for ln in buf.getvalue().splitlines() if ln.strip()]
+    lines = [_relative_paths(ln) for ln in buf.getvalue().splitlines() if ln.strip()]
     return f"cProfile of inject_se({name}), by cumulative time:\n```\n" + "\n".join(lines) + "\n```"
 
 

@@ -40,7 +40,7 @@ def site(data: dict, name: str) -> dict:
     ids=["layer1", "layer2", "layer3", "layer4", "all"],
 )
 def test_resnet50_stage_ablation_reproduces_table_13(stage: int | None, added: int) -> None:
-    # SE-PAPER.md: (2 / r) * N_s * C_s^2 without biases, r = 16; torchvision's layer1..layer4 are
+    # docs/se-paper.md: (2 / r) * N_s * C_s^2 without biases, r = 16; torchvision's layer1..layer4 are
     # the paper's conv2_x..conv5_x (N = 3, 4, 6, 3; C = 256, 512, 1024, 2048):
     # 2/16 * 3 * 256^2 = 24,576; 4 * 512^2 / 8 = 131,072; 6 * 1024^2 / 8 = 786,432;
     # 3 * 2048^2 / 8 = 1,572,864; all four 2,514,944.

@@ -26,7 +26,7 @@ def test_resnet50_pinned(resnet50_counts) -> None:
     # timm resnet50 (v1.5): 25,557,032 parameters, FlopCounterMode total / 2 at 224x224.
     assert c.params_before == 25_557_032
     assert c.macs_before == 4_089_184_256
-    # SE-PAPER.md: (2/r) * sum N_s C_s^2 = 2,514,944, plus biases sum N_s (C_s/r + C_s) = 16,048;
+    # docs/se-paper.md: (2/r) * sum N_s C_s^2 = 2,514,944, plus biases sum N_s (C_s/r + C_s) = 16,048;
     # 28,088,024 is timm's seresnet50.
     assert c.params_added == 2_530_992
     assert c.params_after == 28_088_024

@@ -1,4 +1,4 @@
-"""Parameter deltas against the paper's formula (SE-PAPER.md), and idempotence."""
+"""Parameter deltas against the paper's formula (docs/se-paper.md), and idempotence."""
 
 from __future__ import annotations
 

@@ -11,8 +11,8 @@ import pytest
 
 ZOO = Path(__file__).resolve().parents[1] / "benchmarks" / "zoo.py"
 
-#: Core bugs filed in /work/notes/core-requests.md: the test xfails while only these fail, and
-#: passes as soon as they are fixed. Remove an entry once its fix lands.
+#: Known bugs of the analysis core, by model, each with an open issue: the test xfails while only
+#: these fail, and passes as soon as they are fixed. Remove an entry once its fix lands.
 KNOWN_CORE_BUGS: dict[str, str] = {}  # e.g. "timm:dla46x_c": "what fails", until the core fix lands
 
 
