@@ -159,6 +159,40 @@ def _apply(net: nn.Module, plan: Plan) -> tuple[nn.Module, Plan]:
     return net, plan
 
 
+def _plan(net: nn.Module, spec: ModelSpec, config: SEConfig, selection: Selection, size: tuple[int, ...]) -> Plan:
+    """``find_sites`` with the request's options, on a meta input of ``size``; stages checked first."""
+
+    def analyse(staged: bool) -> Plan:
+        return find_sites(
+            net,
+            config.reduction,
+            identity_init=config.identity_init,
+            bias=config.bias,
+            min_hidden=config.min_hidden,
+            hidden=config.hidden,
+            gate=config.gate,
+            pool=config.pool,
+            placement=config.placement,
+            **selection.options(staged=staged),
+            example_input=torch.empty(1, *size, device="meta"),  # shapes only: no real memory
+        )
+
+    if selection.stages is not None or selection.resolutions is not None:
+        # Stages are numbered over every site, so check the asked ones against the unselected plan.
+        everything = analyse(staged=False)
+        if everything.sites:
+            _check_selection(spec, selection, everything, size)
+    plan = analyse(staged=True)
+    if selection.plain and plan.sites and not any(site.kind is SiteKind.PLAIN for site in plan.sites):
+        warnings.warn(
+            f"--plain has no effect on {spec}: it has residual or concatenation sites, and the plain "
+            "placement is only for networks without them",
+            UserWarning,
+            stacklevel=3,
+        )
+    return plan
+
+
 def inject_named(
     name: str,
     *,
@@ -203,35 +237,7 @@ def inject_named(
     say(f"counting the base model at {size_text(size)}...")
     before = count(net, size)
     say("analysing the graph...")
-
-    def analyse(staged: bool) -> Plan:
-        return find_sites(
-            net,
-            config.reduction,
-            identity_init=config.identity_init,
-            bias=config.bias,
-            min_hidden=config.min_hidden,
-            hidden=config.hidden,
-            gate=config.gate,
-            pool=config.pool,
-            placement=config.placement,
-            **selection.options(staged=staged),
-            example_input=torch.empty(1, *size, device="meta"),  # shapes only: no real memory
-        )
-
-    if selection.stages is not None or selection.resolutions is not None:
-        # Stages are numbered over every site, so check the asked ones against the unselected plan.
-        everything = analyse(staged=False)
-        if everything.sites:
-            _check_selection(spec, selection, everything, size)
-    plan = analyse(staged=True)
-    if selection.plain and plan.sites and not any(site.kind is SiteKind.PLAIN for site in plan.sites):
-        warnings.warn(
-            f"--plain has no effect on {spec}: it has residual or concatenation sites, and the plain "
-            "placement is only for networks without them",
-            UserWarning,
-            stacklevel=2,
-        )
+    plan = _plan(net, spec, config, selection, size)
     _warn_minimum_width(plan)
     net, plan = _apply(net, plan)
     if not plan.sites and not dry_run:
