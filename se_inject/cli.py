@@ -162,10 +162,7 @@ def _input_size(value: str | None) -> tuple[int, ...] | None:
         raise typer.BadParameter(f"{value!r}: give 224, 256x192 or C,H,W (positive integers)") from None
     from .workflow import MAX_SIDE
 
-    if len(numbers) > 1 and numbers[0] <= 4:  # C,H,W: the first number is the channels
-        sides = numbers[1:]
-    else:
-        sides = numbers
+    sides = numbers[1:] if len(numbers) >= 3 else numbers  # C,H,W: the first number is the channels
     if max(sides) > MAX_SIDE:
         raise typer.BadParameter(f"{value!r}: at most {MAX_SIDE} pixels a side (analysis runs at this size)")
     return numbers
