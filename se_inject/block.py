@@ -16,9 +16,18 @@ import torch
 import torch.fx
 from torch import nn
 
-from .errors import ConfigError
+from .errors import ConfigError, GateMismatchError
 
-__all__ = ["SEBlock", "SEConfig", "GATES", "POOLS", "PLACEMENTS", "TRUNK_PLACEMENTS", "hidden_width"]
+__all__ = [
+    "SEBlock",
+    "SEConfig",
+    "GATES",
+    "POOLS",
+    "PLACEMENTS",
+    "TRUNK_PLACEMENTS",
+    "hidden_width",
+    "check_se_weights",
+]
 
 
 def _scaled_sigmoid(z: torch.Tensor) -> torch.Tensor:
@@ -345,12 +354,52 @@ def _se(
     return x * g.view(shape)
 
 
+#: The gate of timm's ``SEModule``, whose 1x1-conv weights [out, in, 1, 1] SEBlock accepts.
+_TIMM_GATE = "sigmoid"
+
+
+def _timm_shaped(weight: Any) -> bool:
+    return isinstance(weight, torch.Tensor) and weight.ndim > 2 and all(s == 1 for s in weight.shape[2:])
+
+
+def _refuse_foreign_gate(block: SEBlock, state_dict: Mapping[str, Any], prefix: str) -> None:
+    if block.gate_name == _TIMM_GATE:
+        return
+    for layer in ("fc1", "fc2"):
+        if _timm_shaped(state_dict.get(f"{prefix}{layer}.weight")):
+            raise GateMismatchError(
+                f"{prefix}{layer}.weight is shaped [out, in, 1, 1], the layout of timm's SEModule, which gates "
+                f"with a plain sigmoid; {prefix.rstrip('.') or 'this block'} gates with {block.gate_name!r}, so "
+                f"these weights would load and compute a different function. Inject with "
+                f"identity_init=False (gate {_TIMM_GATE!r}) to reuse timm SE weights."
+            )
+
+
+def check_se_weights(
+    module: nn.Module, state_dict: Mapping[str, Any], prefix: str = "", *args: Any, **kwargs: Any
+) -> None:
+    """Refuse, before anything is copied, SE weights that every SEBlock under ``module`` would
+    misread: timm-shaped weights (made for a sigmoid gate) into a block with another gate.
+
+    A ``load_state_dict`` pre-hook for the root of an injected model (``apply_plan`` registers
+    it), so a refused checkpoint leaves every weight as it was; each SEBlock checks itself too.
+
+    Raises:
+        GateMismatchError: timm-shaped SE weights meet a gate other than ``sigmoid``.
+    """
+    for name, block in module.named_modules(prefix=prefix.rstrip(".")):
+        if isinstance(block, SEBlock):
+            _refuse_foreign_gate(block, state_dict, f"{name}." if name else "")
+
+
 def _flatten_conv_weights(
     module: nn.Module, state_dict: dict[str, torch.Tensor], prefix: str, *args: Any, **kwargs: Any
 ) -> None:
-    # reason: timm's SEModule stores 1x1-conv weights [out, in, 1, 1]; accept them for our Linear layers.
+    # reason: timm's SEModule stores 1x1-conv weights [out, in, 1, 1]; accept them for our Linear
+    # layers when the gate is the one they were trained with, refuse them otherwise.
+    _refuse_foreign_gate(module, state_dict, prefix)
     for layer in ("fc1", "fc2"):
         key = f"{prefix}{layer}.weight"
         weight = state_dict.get(key)
-        if weight is not None and weight.ndim > 2 and all(s == 1 for s in weight.shape[2:]):
+        if _timm_shaped(weight):
             state_dict[key] = weight.reshape(weight.shape[0], weight.shape[1])

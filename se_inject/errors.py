@@ -14,6 +14,7 @@ __all__ = [
     "PlanMismatchError",
     "UnknownModelError",
     "WeightsError",
+    "GateMismatchError",
     "CheckpointError",
     "UnsafeCheckpointError",
     "OutputPathError",
@@ -49,6 +50,10 @@ class UnknownModelError(SEInjectError, LookupError):
 
 class WeightsError(SEInjectError, RuntimeError):
     """Weights could not be had, or do not fit the architecture."""
+
+
+class GateMismatchError(WeightsError):
+    """SE weights made for another gate: loaded, they would compute a different function."""
 
 
 class CheckpointError(SEInjectError, ValueError):
