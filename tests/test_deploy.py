@@ -248,13 +248,21 @@ def _measure(way: str, net: str, tmp: Path) -> str:
     return "works"
 
 
+class _Measurements(dict):
+    """(way, net) -> status, measured on first use, so one selected test measures only its own."""
+
+    def __init__(self, tmp: pytest.TempPathFactory) -> None:
+        super().__init__()
+        self._tmp = tmp
+
+    def __missing__(self, key: tuple[str, str]) -> str:
+        self[key] = _measure(*key, self._tmp.mktemp("deploy"))
+        return self[key]
+
+
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], str]:
-    results = {}
-    for way, (_, nets, _) in WAYS.items():
-        for net in nets:
-            results[way, net] = _measure(way, net, tmp_path_factory.mktemp("deploy"))
-    return results
+    return _Measurements(tmp_path_factory)
 
 
 @pytest.mark.parametrize(
@@ -376,3 +384,24 @@ def test_a_layer_set_on_the_rebuilt_block_is_set_on_the_original() -> None:
     assert block.original.bn1 is block.bn1
     del block.bn2
     assert not hasattr(block.original, "bn2")
+
+
+def test_one_traced_graph_in_every_grad_mode() -> None:
+    model = _injected("residual")
+    x = torch.randn(2, 3, 32, 32)
+    with_grad = [n.kind() for n in torch.jit.trace(model, x).inlined_graph.nodes()]
+    with torch.no_grad():
+        without_grad = [n.kind() for n in torch.jit.trace(model, x).inlined_graph.nodes()]
+    assert with_grad == without_grad
+    assert with_grad.count("aten::mean") == SITES["residual"] and "aten::addmm" not in with_grad
+
+
+@pytest.mark.parametrize("net", HAND_MADE)
+def test_the_perturbed_gates_matter(net: str) -> None:
+    # A way out that dropped or bypassed the SE blocks would be off by far more than ATOL.
+    model = _injected(net)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        with_se = model(x)
+        without = remove_se(copy.deepcopy(model))(x)
+    assert (with_se - without).abs().max() > 1000 * ATOL
