@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from nets import ChannelsLast, Dense, Inception, Residual, conv_bn
+from nets import ChannelsLast, Dense, Inception, OptionalArg, Residual, conv_bn
 from torch import nn
 from torchvision.ops.misc import Permute
 
@@ -405,3 +405,14 @@ def test_the_perturbed_gates_matter(net: str) -> None:
         with_se = model(x)
         without = remove_se(copy.deepcopy(model))(x)
     assert (with_se - without).abs().max() > 1000 * ATOL
+
+
+def test_a_block_with_an_optional_argument_fixed_by_tracing_exports_but_does_not_script() -> None:
+    # The README's TorchScript caveat: fx guards the fixed argument with an assertion on an
+    # ``object``, which TorchScript cannot compile; torch.export takes the same model.
+    model = _gates_away_from_one(inject_se(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), OptionalArg(8)).eval()))
+    x = torch.randn(2, 3, 16, 16)
+    with pytest.raises(RuntimeError, match="object"):
+        torch.jit.script(model)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.export.export(model, (x,)).module()(x), model(x), atol=ATOL, rtol=RTOL)
