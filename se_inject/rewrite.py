@@ -146,7 +146,8 @@ class RebuiltBlock(fx.GraphModule):
             fresh._modules[attr] = self._modules[attr]
         for key in ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set", "_se_graphs"):
             self.__dict__[key] = fresh.__dict__[key]
-        self.graph = fresh.graph
+        eval_graph, train_graph = self.__dict__["_se_graphs"]
+        self.graph = train_graph if (self.training and train_graph is not None) else eval_graph
 
     def _deepcopy_init(self):  # noqa: ANN202 - signature fixed by fx.GraphModule.__deepcopy__
         return _init_copy
