@@ -149,6 +149,18 @@ class RebuiltBlock(fx.GraphModule):
         eval_graph, train_graph = self.__dict__["_se_graphs"]
         self.graph = train_graph if (self.training and train_graph is not None) else eval_graph
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # reason: fx.GraphModule pickles as a plain GraphModule rebuilt from its code, which
+        # would register the original as a child (its keys twice in state_dict) and drop this
+        # class; a rebuilt block pickles as its original plus its SE modules and is rebuilt on load.
+        stale = self.__dict__.get("_se_stale")
+        if stale:
+            raise PlanMismatchError(stale)
+        owner_path, sites, config = self.__dict__["_se_sites"]
+        se_blocks = {site.attr: self._modules[site.attr] for site in sites}
+        extras = {k: v for k, v in self.__dict__.items() if k == PLAN_ATTR}
+        return (_unpickle, (self.original, owner_path, sites, config, se_blocks, self.training, extras))
+
     def _deepcopy_init(self):  # noqa: ANN202 - signature fixed by fx.GraphModule.__deepcopy__
         return _init_copy
 
@@ -198,6 +210,28 @@ def _followed(block: RebuiltBlock, name: str, method: Any) -> Any:
         return result
 
     return call
+
+
+def _unpickle(
+    original: nn.Module,
+    owner_path: str,
+    sites: tuple[Site, ...],
+    config: SEConfig,
+    se_blocks: dict[str, SEBlock],
+    training: bool,
+    extras: dict[str, Any],
+) -> RebuiltBlock:
+    """A pickled rebuilt block, rebuilt from its original with its own SE modules put back."""
+    block = _rebuild(original, owner_path, list(sites), config, _TraceCache())
+    block._modules.update(se_blocks)
+    block.training = training
+    eval_graph, train_graph = block.__dict__["_se_graphs"]
+    if train_graph is not None:
+        block.graph = train_graph if training else eval_graph
+    block.__dict__.update(extras)
+    if PLAN_ATTR in extras:  # the model's root
+        _guard_loads(block)
+    return block
 
 
 def _refuse_stale(module: nn.Module, args: Any) -> None:

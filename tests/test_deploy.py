@@ -18,13 +18,15 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from nets import ChannelsLast, Dense, Inception, OptionalArg, Residual, conv_bn
+from nets import ChannelsLast, Dense, Inception, OptionalArg, Residual, RootResidual, conv_bn
 from torch import nn
 from torchvision.ops.misc import Permute
 
 from se_inject import inject_se, remove_se
 from se_inject.block import SEBlock
 from se_inject.errors import PlanMismatchError
+from se_inject.plan import PLAN_ATTR
+from se_inject.rewrite import RebuiltBlock
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 ATOL, RTOL = 1e-5, 1e-4
@@ -51,7 +53,9 @@ NETS: dict[str, Callable[[], nn.Module]] = {
 }
 #: A real model too, where a layer swap lands on a rebuilt block itself (BasicBlock's conv1/bn1).
 NETS["torchvision-resnet18"] = lambda: torchvision.models.resnet18(num_classes=10)
-SITES = {"residual": 2, "inception": 2, "dense": 3, "channels-last": 2, "torchvision-resnet18": 8}
+#: The root itself rebuilt: its own forward performs the residual addition.
+NETS["root-residual"] = RootResidual
+SITES = {"residual": 2, "inception": 2, "dense": 3, "channels-last": 2, "torchvision-resnet18": 8, "root-residual": 1}
 HAND_MADE = ("residual", "inception", "dense", "channels-last")
 
 
@@ -92,6 +96,17 @@ def _jit_script(model: nn.Module, x: torch.Tensor, tmp: Path) -> Callable:
     path = tmp / "scripted.pt"
     torch.jit.save(torch.jit.script(model), path)
     return torch.jit.load(path)
+
+
+def _pickled(model: nn.Module, x: torch.Tensor, tmp: Path) -> Callable:
+    path = tmp / "model.pt"
+    torch.save(model, path)
+    loaded = torch.load(path, weights_only=False)
+    assert list(loaded.state_dict()) == list(model.state_dict())
+    kinds = [(type(m).__name__, isinstance(m, RebuiltBlock)) for m in model.modules()]
+    assert [(type(m).__name__, isinstance(m, RebuiltBlock)) for m in loaded.modules()] == kinds
+    assert getattr(loaded, PLAN_ATTR) == getattr(model, PLAN_ATTR)  # the plan rides along, on any root
+    return loaded
 
 
 def _onnx_runner(path: Path) -> Callable:
@@ -198,6 +213,10 @@ WAYS: dict[str, tuple[Callable, tuple[str, ...], str]] = {
         _jit_trace, HAND_MADE, "its own `check_trace` (a retrace gives the same graph); outputs at batch 2 and 3",
     ),
     "`torch.jit.script`": (_jit_script, (*HAND_MADE, "torchvision-resnet18"), "scripted, saved, loaded; outputs at batch 2 and 3"),
+    "`torch.save(model)`, `torch.load(weights_only=False)`": (
+        _pickled, (*HAND_MADE, "torchvision-resnet18", "root-residual"),
+        "whole-model pickle: same classes and state_dict keys after loading; outputs at batch 2 and 3",
+    ),
     "ONNX, `dynamo=False`, in onnxruntime": (
         _onnx_legacy, HAND_MADE, "exported with grad mode on and a dynamic batch axis; onnxruntime outputs",
     ),
