@@ -23,7 +23,7 @@ from torch import nn
 from torchvision.ops.misc import Permute
 
 from se_inject import inject_se, remove_se
-from se_inject.block import SEBlock
+from se_inject.block import GATES, POOLS, SEBlock
 from se_inject.errors import PlanMismatchError
 from se_inject.plan import PLAN_ATTR
 from se_inject.rewrite import RebuiltBlock
@@ -435,3 +435,13 @@ def test_a_block_with_an_optional_argument_fixed_by_tracing_exports_but_does_not
         torch.jit.script(model)
     with torch.no_grad():
         torch.testing.assert_close(torch.export.export(model, (x,)).module()(x), model(x), atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("gate", sorted(GATES))
+@pytest.mark.parametrize("pool", sorted(POOLS))
+@pytest.mark.parametrize(("shape", "axis"), [((2, 16, 5, 6), 1), ((2, 5, 6, 16), -1), ((2, 16, 7), 1)])
+def test_every_gate_and_pool_scripts_to_the_eager_block(gate: str, pool: str, shape: tuple[int, ...], axis: int) -> None:
+    # TorchScript takes the module path, which names gates and pools itself: it must cover them all.
+    block = _gates_away_from_one(SEBlock(16, 4, channel_axis=axis, gate=gate, pool=pool, identity_init=False))
+    x = torch.randn(shape)
+    torch.testing.assert_close(torch.jit.script(block)(x), block(x), atol=ATOL, rtol=RTOL)
