@@ -250,20 +250,24 @@ def _pooled_dims(ndim: int, axis: int) -> list[int]:
 
 def _pool(x: torch.Tensor, dims: list[int], pool: str) -> torch.Tensor:
     # reason: TorchScript cannot call through the POOLS dictionary; this mirrors it name for name.
+    if pool == "avg":
+        return _avg_pool(x, dims)
     if pool == "max":
         return _max_pool(x, dims)
-    return _avg_pool(x, dims)
+    raise ConfigError("unknown pool " + pool)
 
 
 def _gate(z: torch.Tensor, gate: str) -> torch.Tensor:
     # reason: TorchScript cannot call through the GATES dictionary; this mirrors it name for name.
+    if gate == "scaled_sigmoid":
+        return _scaled_sigmoid(z)
     if gate == "sigmoid":
         return torch.sigmoid(z)
     if gate == "one_plus_tanh":
         return _one_plus_tanh(z)
     if gate == "tanh":
         return torch.tanh(z)
-    return _scaled_sigmoid(z)
+    raise ConfigError("unknown gate " + gate)
 
 
 # Wrapped for torch.fx: they depend on ``x.ndim``, which a symbolic tracer cannot branch on,
