@@ -227,7 +227,7 @@ WAYS: dict[str, tuple[Callable, tuple[str, ...], str]] = {
         _export, HAND_MADE, "exported, saved, loaded; outputs at batch 2 and 3",
     ),
     "AOTInductor (`aoti_compile_and_package`), CPU": (
-        _aoti, ("residual",), "packaged, loaded with `aoti_load_package`, run at batch 2 and 3 (one net: C++ compile)",
+        _aoti, ("channels-last",), "packaged, loaded with `aoti_load_package`, run at batch 2 and 3 (one net: C++ compile)",
     ),
     "Conv-BN folding, `torch.fx.experimental.optimization.fuse`": (
         _fx_fuse, (*HAND_MADE, "torchvision-resnet18"), "every conv->BN pair folded (BN count drops by the pairs), outputs",
