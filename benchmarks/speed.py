@@ -339,7 +339,7 @@ RESNET50_SE_SHAPES = ((256, 56), (512, 28), (1024, 14), (2048, 7))
 
 def reference_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """SEBlock's first implementation, the formula as written (``mean`` squeeze), for comparison."""
-    from se_inject.block import POOLS
+    from se_inject.block import GATES, POOLS
 
     axis = self.channel_axis % x.ndim
     squeeze_dims = tuple(d for d in range(1, x.ndim) if d != axis)
@@ -348,7 +348,7 @@ def reference_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     shape = [1] * x.ndim
     shape[0] = -1
     shape[axis] = self.channels
-    return x * self._gate(z).view(shape)
+    return x * GATES[self.gate_name][0](z).view(shape)
 
 
 def with_reference_blocks(model: nn.Module) -> nn.Module:

@@ -16,9 +16,18 @@ import torch
 import torch.fx
 from torch import nn
 
-from .errors import ConfigError
+from .errors import ConfigError, GateMismatchError
 
-__all__ = ["SEBlock", "SEConfig", "GATES", "POOLS", "PLACEMENTS", "TRUNK_PLACEMENTS", "hidden_width"]
+__all__ = [
+    "SEBlock",
+    "SEConfig",
+    "GATES",
+    "POOLS",
+    "PLACEMENTS",
+    "TRUNK_PLACEMENTS",
+    "hidden_width",
+    "check_se_weights",
+]
 
 
 def _scaled_sigmoid(z: torch.Tensor) -> torch.Tensor:
@@ -38,16 +47,16 @@ GATES: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], bool]] = {
     "tanh": (torch.tanh, False),
 }
 
-def _avg_pool(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+def _avg_pool(x: torch.Tensor, dims: list[int]) -> torch.Tensor:
     return x.mean(dims)
 
 
-def _max_pool(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+def _max_pool(x: torch.Tensor, dims: list[int]) -> torch.Tensor:
     return x.amax(dims)
 
 
 #: Squeeze name -> reduction over the given dims (module-level functions, so blocks pickle).
-POOLS: dict[str, Callable[[torch.Tensor, tuple[int, ...]], torch.Tensor]] = {
+POOLS: dict[str, Callable[[torch.Tensor, list[int]], torch.Tensor]] = {
     "avg": _avg_pool,
     "max": _max_pool,
 }
@@ -170,7 +179,6 @@ class SEBlock(nn.Module):
         self.fc1 = nn.Linear(channels, hidden, bias=bias, **dd)
         self.act = nn.ReLU(inplace=True)
         self.fc2 = nn.Linear(hidden, channels, bias=bias, **dd)
-        self._gate = GATES[gate][0]
         if identity_init:
             nn.init.zeros_(self.fc2.weight)
             if self.fc2.bias is not None:
@@ -203,19 +211,25 @@ class SEBlock(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fc1, act, fc2 = self.fc1, self.act, self.fc2
-        if (
-            not self.prefix_tokens
-            and _stock(fc1, nn.Linear)
-            and _stock(fc2, nn.Linear)
-            and _stock(act, nn.ReLU)
-            and not _global_hooks()
-        ):
-            return _se(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, self.channel_axis, self.pool_name, self.gate_name)
-        # Layers replaced or hooked (adapters, feature hooks), or a token sequence: call them as modules.
+        # reason: TorchScript drops the branch below unseen (``is_scripting`` is a compile-time
+        # constant there), so the Python-only fast path never has to compile.
+        if not torch.jit.is_scripting():
+            if not self.prefix_tokens and self._layers_are_stock():
+                fc1, fc2 = self.fc1, self.fc2
+                return _se(
+                    x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, self.channel_axis, self.pool_name, self.gate_name
+                )
+        # Layers replaced or hooked (adapters, feature hooks), a token sequence, or TorchScript:
+        # call them as modules.
         squeezed = _squeeze(x, self.channel_axis, self.pool_name, self.prefix_tokens)
-        z = fc2(act(fc1(squeezed)))
-        return _excite(x, self._gate(z), self.channel_axis)
+        z = self.fc2(self.act(self.fc1(squeezed)))
+        return _excite(x, _gate(z, self.gate_name), self.channel_axis)
+
+    def _layers_are_stock(self) -> bool:
+        """fc1, act and fc2 are the stock layers, unhooked, so their functional form is the same call."""
+        return (
+            _stock(self.fc1, nn.Linear) and _stock(self.fc2, nn.Linear) and _stock(self.act, nn.ReLU)
+        ) and not _global_hooks()
 
     def extra_repr(self) -> str:
         return (
@@ -225,24 +239,55 @@ class SEBlock(nn.Module):
         )
 
 
+def _pooled_dims(ndim: int, axis: int) -> list[int]:
+    """Every axis except batch (0) and ``axis``."""
+    dims: list[int] = []
+    for d in range(1, ndim):
+        if d != axis:
+            dims.append(d)
+    return dims
+
+
+def _pool(x: torch.Tensor, dims: list[int], pool: str) -> torch.Tensor:
+    # reason: TorchScript cannot call through the POOLS dictionary; this mirrors it name for name.
+    if pool == "avg":
+        return _avg_pool(x, dims)
+    if pool == "max":
+        return _max_pool(x, dims)
+    raise ConfigError("unknown pool " + pool)
+
+
+def _gate(z: torch.Tensor, gate: str) -> torch.Tensor:
+    # reason: TorchScript cannot call through the GATES dictionary; this mirrors it name for name.
+    if gate == "scaled_sigmoid":
+        return _scaled_sigmoid(z)
+    if gate == "sigmoid":
+        return torch.sigmoid(z)
+    if gate == "one_plus_tanh":
+        return _one_plus_tanh(z)
+    if gate == "tanh":
+        return torch.tanh(z)
+    raise ConfigError("unknown gate " + gate)
+
+
 # Wrapped for torch.fx: they depend on ``x.ndim``, which a symbolic tracer cannot branch on,
 # so an injected model stays traceable by any fx tracer (feature extractors included).
 @torch.fx.wrap
 def _squeeze(x: torch.Tensor, channel_axis: int, pool: str, prefix_tokens: int = 0) -> torch.Tensor:
     """[B, C]: ``pool`` over every axis except batch and channel, leaving out the first
     ``prefix_tokens`` positions of axis 1 (class and distillation tokens of a token sequence)."""
-    axis = channel_axis % x.ndim
+    axis = channel_axis % x.dim()
     if prefix_tokens:
         x = x.narrow(1, prefix_tokens, x.shape[1] - prefix_tokens)
-    return POOLS[pool](x, tuple(d for d in range(1, x.ndim) if d != axis))
+    return _pool(x, _pooled_dims(x.dim(), axis), pool)
 
 
 @torch.fx.wrap
 def _excite(x: torch.Tensor, gate: torch.Tensor, channel_axis: int) -> torch.Tensor:
     """``x`` scaled channel-wise by ``gate`` [B, C]."""
-    shape = [1] * x.ndim
+    shape = [1] * x.dim()
     shape[0] = -1
-    shape[channel_axis % x.ndim] = gate.shape[-1]
+    shape[channel_axis % x.dim()] = gate.shape[-1]
     return x * gate.view(shape)
 
 
@@ -265,6 +310,12 @@ def _global_hooks() -> bool:
     )
 
 
+def _graph_capture() -> bool:
+    """A tracer or compiler records this call: TorchScript tracing (also the legacy ONNX exporter),
+    torch.compile, torch.export and the dynamo ONNX exporter."""
+    return torch.jit.is_tracing() or torch.compiler.is_compiling()
+
+
 @torch.fx.wrap
 def _se(
     x: torch.Tensor,
@@ -280,24 +331,26 @@ def _se(
 
     Eager mode pays per operator and per module call, so this path skips the three submodule
     calls and the shape bookkeeping (the SE block's cost in eager inference is mostly that).
-    With gradients flowing into ``x``, the average is a sum whose ``1 / n`` rides in the first
-    matrix product (``addmm``'s ``alpha``): ``mean``'s backward divides the expanded [B, C]
-    gradient and so writes a full-size tensor, a sum's backward is only an expanded view, which
-    saves one pass over the feature map per block in training. ``torch.compile`` fuses either.
+    In eager mode the average is a sum times ``1 / n``, whatever the grad mode: ``mean``'s
+    backward divides the expanded [B, C] gradient and so writes a full-size tensor, a sum's
+    backward is only an expanded view, which saves one pass over the feature map per block in
+    training. A tracer or compiler gets ``mean`` itself: one graph in every grad mode, with no
+    scale computed from traced shapes (TorchScript tracing records shape reads as graph values;
+    the legacy ONNX exporter cannot take them as constants), and compilers fuse it anyway.
     """
-    ndim = x.ndim
+    ndim = x.dim()
     axis = channel_axis % ndim
-    dims = tuple(range(2, ndim)) if axis == 1 else tuple(d for d in range(1, ndim) if d != axis)
-    n = 1
-    for d in dims:
-        n *= x.shape[d]
-    if pool == "avg" and n > 0 and dims and b1 is not None and x.requires_grad and torch.is_grad_enabled():
+    dims = _pooled_dims(ndim, axis)
+    if pool == "avg" and not _graph_capture():
+        n = 1
+        for d in dims:
+            n *= x.shape[d]
         # reason: dtype=x.dtype keeps autocast from promoting the sum to float32 (one cast less).
-        h = torch.addmm(b1, x.sum(dims, dtype=x.dtype), w1.t(), alpha=1.0 / n)
+        s = x.sum(dims, dtype=x.dtype) * (1.0 / n) if n > 0 else x.mean(dims)
     else:
-        h = torch.nn.functional.linear(POOLS[pool](x, dims), w1, b1)
-    z = torch.nn.functional.linear(torch.relu_(h), w2, b2)
-    g = GATES[gate][0](z)
+        s = _pool(x, dims, pool)
+    z = torch.nn.functional.linear(torch.relu_(torch.nn.functional.linear(s, w1, b1)), w2, b2)
+    g = _gate(z, gate)
     if axis == 1:
         return x * g.view((g.shape[0], g.shape[1]) + (1,) * (ndim - 2))
     shape = [1] * ndim
@@ -305,12 +358,52 @@ def _se(
     return x * g.view(shape)
 
 
+#: The gate of timm's ``SEModule``, whose 1x1-conv weights [out, in, 1, 1] SEBlock accepts.
+_TIMM_GATE = "sigmoid"
+
+
+def _timm_shaped(weight: Any) -> bool:
+    return isinstance(weight, torch.Tensor) and weight.ndim > 2 and all(s == 1 for s in weight.shape[2:])
+
+
+def _refuse_foreign_gate(block: SEBlock, state_dict: Mapping[str, Any], prefix: str) -> None:
+    if block.gate_name == _TIMM_GATE:
+        return
+    for layer in ("fc1", "fc2"):
+        if _timm_shaped(state_dict.get(f"{prefix}{layer}.weight")):
+            raise GateMismatchError(
+                f"{prefix}{layer}.weight is shaped [out, in, 1, 1], the layout of timm's SEModule, which gates "
+                f"with a plain sigmoid; {prefix.rstrip('.') or 'this block'} gates with {block.gate_name!r}, so "
+                f"these weights would load and compute a different function. Inject with "
+                f"identity_init=False (gate {_TIMM_GATE!r}) to reuse timm SE weights."
+            )
+
+
+def check_se_weights(
+    module: nn.Module, state_dict: Mapping[str, Any], prefix: str = "", *args: Any, **kwargs: Any
+) -> None:
+    """Refuse, before anything is copied, SE weights that every SEBlock under ``module`` would
+    misread: timm-shaped weights (made for a sigmoid gate) into a block with another gate.
+
+    A ``load_state_dict`` pre-hook for the root of an injected model (``apply_plan`` registers
+    it), so a refused checkpoint leaves every weight as it was; each SEBlock checks itself too.
+
+    Raises:
+        GateMismatchError: timm-shaped SE weights meet a gate other than ``sigmoid``.
+    """
+    for name, block in module.named_modules(prefix=prefix.rstrip(".")):
+        if isinstance(block, SEBlock):
+            _refuse_foreign_gate(block, state_dict, f"{name}." if name else "")
+
+
 def _flatten_conv_weights(
     module: nn.Module, state_dict: dict[str, torch.Tensor], prefix: str, *args: Any, **kwargs: Any
 ) -> None:
-    # reason: timm's SEModule stores 1x1-conv weights [out, in, 1, 1]; accept them for our Linear layers.
+    # reason: timm's SEModule stores 1x1-conv weights [out, in, 1, 1]; accept them for our Linear
+    # layers when the gate is the one they were trained with, refuse them otherwise.
+    _refuse_foreign_gate(module, state_dict, prefix)
     for layer in ("fc1", "fc2"):
         key = f"{prefix}{layer}.weight"
         weight = state_dict.get(key)
-        if weight is not None and weight.ndim > 2 and all(s == 1 for s in weight.shape[2:]):
+        if _timm_shaped(weight):
             state_dict[key] = weight.reshape(weight.shape[0], weight.shape[1])

@@ -19,6 +19,7 @@ __all__ = [
     "PlanMismatchError",
     "UnknownModelError",
     "WeightsError",
+    "GateMismatchError",
     "CheckpointError",
     "UnsafeCheckpointError",
     "OutputPathError",
@@ -61,6 +62,10 @@ class UnknownModelError(SEInjectError, LookupError):
 
 class WeightsError(SEInjectError, RuntimeError):
     """Weights could not be had, or do not fit the architecture."""
+
+
+class GateMismatchError(WeightsError):
+    """SE weights made for another gate: loaded, they would compute a different function."""
 
 
 class CheckpointError(SEInjectError, ValueError):
