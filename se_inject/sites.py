@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -26,13 +27,17 @@ from .graph import (
     call_stack,
     cat_dim,
     channel_axis,
+    channel_slice_of,
     gating_products,
     input_name,
     is_activation,
     is_add,
     is_cat,
     is_conv,
+    is_layout,
+    is_linear,
     is_norm,
+    is_scaling,
     is_spatial_conv,
     is_unary_elementwise,
     is_upsample,
@@ -84,10 +89,19 @@ class _Unit:
         while scope:
             calls = self.calls.get(scope, [])
             module = self.module.get_submodule(scope)
-            if calls and all(standalone_call(module, args, kwargs) for args, kwargs in calls):
+            if (
+                calls
+                and all(standalone_call(module, args, kwargs) for args, kwargs in calls)
+                and len({len(args) for args, _ in calls}) == 1  # one graph serves every call
+            ):
                 return scope
             scope = scope.rpartition(".")[0]
         return scope
+
+    def owner_args(self, owner_rel: str) -> int:
+        """Positional tensors each call of the owner passes (0 for the unit's root: its own)."""
+        calls = self.calls.get(owner_rel) if owner_rel else None
+        return len(calls[0][0]) if calls else 0
 
     def prefix_tokens(self) -> int:
         """Class and distillation tokens in front of a token sequence: timm's
@@ -364,6 +378,7 @@ def _inside(node: fx.Node, owner_rel: str) -> bool:
 
 def _unit_candidates(unit: _Unit, policy: _Policy) -> list[_Candidate]:
     found: list[_Candidate] = []
+    producers: set[fx.Node | None] = set()
     for node in unit.flow.order:
         if not unit.flow.live.get(node):
             continue
@@ -372,7 +387,12 @@ def _unit_candidates(unit: _Unit, policy: _Policy) -> list[_Candidate]:
             if cand is not None:
                 found.append(cand)
         elif is_cat(node):
-            found.extend(_concatenation(unit, node, policy))
+            for cand in _concatenation(unit, node, policy):
+                # Rule 3: one SE per producer, however many concatenations read it.
+                if cand.kind is SiteKind.DENSE and cand.source in producers:
+                    continue
+                producers.add(cand.source)
+                found.append(cand)
     return found
 
 
@@ -389,19 +409,16 @@ def _residual(unit: _Unit, add: fx.Node, policy: _Policy) -> _Candidate | None:
     shape_a, shape_b = tensor_shape(operands[0]), tensor_shape(operands[1])
     if shape_a is None or shape_a != shape_b or shape_a != tensor_shape(add):
         return None
-    scope = node_scope(add)
-    cand = _Candidate(unit, SiteKind.RESIDUAL, add, unit.rewritable_owner(scope))
+    cand = _Candidate(unit, SiteKind.RESIDUAL, add, unit.rewritable_owner(node_scope(add)))
     fork = flow.idom.get(add)
     if fork is None:
         return _skip(cand, SkipReason.FUSION, "operands come from different inputs of the model")
+    # Rule 7: locality is the dataflow's (fork, path lengths, resolution), not module scope:
+    # a shortcut computed by the parent and passed in is still the trunk.
     region = flow.region(fork, add)
-    outside = next((n for n in region if not _inside(n, scope)), None)
-    if outside is not None:
-        return _skip(
-            cand, SkipReason.FUSION,
-            f"operands meet at {unit.names[fork]}; {unit.names[outside]} lies outside {unit.full(scope) or 'the model'}",
-        )
     cost, _ = flow.path_costs(fork, region)
+    if (linear := _linear_block(unit, region, cost)) is not None:
+        return _skip(cand, SkipReason.LINEAR_BLOCK, linear)
     a, b = operands
     if cost[a] == cost[b]:
         return _skip(cand, SkipReason.NO_TRUNK, f"both operands have {cost[a]} parametric layers")
@@ -413,12 +430,9 @@ def _residual(unit: _Unit, add: fx.Node, policy: _Policy) -> _Candidate | None:
         return _skip(cand, SkipReason.FUSION, f"the branch changes resolution at {unit.names[upsampled]}: a multi-scale merge")
     cand.structural = True
     cand.region = region
-    source, target = branch, add
-    while (inner := trailing_scaling_input(flow, source)) is not None and inner in region and inner is not fork:
-        source, target = inner, source
-    if cost.get(source, 0) == 0:
+    cand.source, cand.targets = _branch_output(flow, branch, add, region, fork)
+    if cost.get(cand.source, 0) == 0:
         return _skip(cand, SkipReason.NO_TRUNK, "the branch has no parametric layer before its scalings")
-    cand.source, cand.targets = source, (target,)
     gates = gating_products(flow, region)
     if gates:
         return _skip(cand, SkipReason.ALREADY_ATTENDED, f"branch gated at {unit.names[gates[0]]}")
@@ -437,6 +451,56 @@ def _residual(unit: _Unit, add: fx.Node, policy: _Policy) -> _Candidate | None:
     if not _check_tensor(cand, cand.source, policy):
         return cand
     return _represent(cand)
+
+
+def _branch_output(
+    flow: DataFlow, branch: fx.Node, add: fx.Node, region: set[fx.Node], fork: fx.Node
+) -> tuple[fx.Node, tuple[fx.Node, ...]]:
+    """Where the branch's features end (rule 1): before its trailing scalings (drop-path, layer
+    scale, ``* scale``), also behind a permute or reshape that separates a scaling from the sum
+    (EdgeNeXt), and before a channel slice that feeds only part of the branch to the sum
+    (ReXNet's and dual-path networks' partial residuals: the SE squeezes the whole output).
+    Returns the tensor to scale and the nodes that read it instead."""
+    source, target, sliced = branch, add, False
+
+    def usable(n: fx.Node | None) -> bool:
+        return n is not None and n in region and n is not fork
+
+    while True:
+        inner = trailing_scaling_input(flow, source)
+        if inner is None and (whole := channel_slice_of(flow, source)) is not None and usable(whole):
+            inner, sliced = whole, True
+        if inner is None and is_layout(flow, source):
+            probe = source
+            while is_layout(flow, probe) and usable(probe):
+                probe = flow.live_inputs(probe)[0]
+            if usable(probe) and trailing_scaling_input(flow, probe) is not None:
+                inner = flow.live_inputs(source)[0]
+        if not usable(inner):
+            break
+        source, target = inner, source  # type: ignore[assignment]
+    if sliced:
+        readers = tuple(u for u in source.users if source in flow.preds.get(u, ()))
+        return source, readers
+    return source, (target,)
+
+
+def _linear_block(unit: _Unit, region: set[fx.Node], cost: dict[fx.Node, int]) -> str | None:
+    """Rule 10: a merge whose whole region from the fork is linear and holds several parallel
+    parametric paths (RepVGG, MobileOne, MixedConv) or none at all (a bare pooling mixer) is one
+    layer in disguise; a detail string, or ``None`` for a real block. A single linear path
+    beside an identity (``x + bn(conv(x))``) stays a residual."""
+    flow = unit.flow
+    nonlinear = next((n for n in region if not is_linear(flow, n)), None)
+    if nonlinear is not None:
+        return None
+    heads = [n for n in region if cost.get(n) == 1 and flow.is_parametric(n) and not is_scaling(flow, n)]
+    if len(heads) == 1:
+        return None
+    if not heads:
+        return "no parametric layer and no non-linearity between fork and merge"
+    names = sorted(unit.names[n] for n in heads)
+    return f"{len(heads)} parallel linear paths ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
 
 
 def _after_last_spatial_conv(
@@ -493,6 +557,8 @@ def _concatenation(unit: _Unit, cat: fx.Node, policy: _Policy) -> list[_Candidat
             inputs.append(a)
     if len(inputs) < 2:
         return []  # rule 6: concatenating a class token or a constant is not a site
+    if not flow.feeds_parametric(cat) and all(_is_prediction(unit, i) for i in inputs):
+        return []  # rule 12: the model's outputs (box and class predictions), read by no layer
     owner_rel = unit.rewritable_owner(node_scope(cat))
     cand = _Candidate(unit, SiteKind.INCEPTION, cat, owner_rel)
     shape = tensor_shape(cat)
@@ -506,17 +572,27 @@ def _concatenation(unit: _Unit, cat: fx.Node, policy: _Policy) -> list[_Candidat
         return [_skip(cand, SkipReason.FUSION, "inputs come from different inputs of the model")]
     region = flow.region(fork, cat)
     cost, pooled = flow.path_costs(fork, region)
+    if (linear := _linear_block(unit, region, cost)) is not None:
+        return [_skip(cand, SkipReason.LINEAR_BLOCK, linear)]
     ancestors = {i: flow.ancestors_within(i, region) for i in inputs}
+    trunks = _sum_trunks(flow, inputs, cost)
+
     def carried(i: fx.Node, pool_is_branch: bool) -> bool:
-        # A pooling-only input is a branch of an Inception module (the max-pool branch of a
-        # reduction block), but beside carried features it is just a pooled copy of them.
+        # Rule 3: the fork, a slice or pooled copy of it (a pooling-only input is a branch of an
+        # Inception module, but beside carried features just a pooled copy of them); rule 9: a
+        # sum's output, or anything computed from one here, is trunk.
         return (
             i is fork
             or (cost[i] == 0 and not (pool_is_branch and pooled[i]))
-            or any(i in ancestors[j] for j in inputs if j is not i)
+            or _is_sum(flow, i)
+            or (channel_slice_of(flow, i) or i) in trunks
+            or any(_is_sum(flow, n) for n in ancestors[i])
         )
 
     computed = [i for i in inputs if not carried(i, pool_is_branch=False)]
+    coarse = _coarser_path(unit, cat, shape, axis, [i for i in inputs if i is not fork], ancestors)
+    if coarse is not None:
+        return [_skip(cand, SkipReason.FUSION, coarse)]
     if not computed:
         return [_skip(cand, SkipReason.NO_COMPUTED_BRANCH)]
     if not any(carried(i, pool_is_branch=True) for i in inputs):
@@ -525,7 +601,7 @@ def _concatenation(unit: _Unit, cat: fx.Node, policy: _Policy) -> list[_Candidat
         cand.source = cat
         if not _check_tensor(cand, cat, policy):
             return [cand]
-        gated = gating_products(flow, region) or (unit.owner_gates(owner_rel) if owner_rel else [])
+        gated = gating_products(flow, region) or _block_gates(unit, owner_rel)
         if gated:
             return [_skip(cand, SkipReason.ALREADY_ATTENDED, f"block gated at {unit.names[gated[0]]}")]
         if policy.placement == "pre":
@@ -536,20 +612,94 @@ def _concatenation(unit: _Unit, cat: fx.Node, policy: _Policy) -> list[_Candidat
                 return [cand]
         return [_represent(cand)]
     dense = []
-    for producer in computed:
-        consumers = tuple(u for u in producer.users if is_cat(u))
+    for new in computed:
+        # Rule 3: each new input gets its SE once, before the concatenation; a channel slice of
+        # a computed tensor is scaled as the whole tensor, before slicing.
+        producer = new
+        while (whole := channel_slice_of(flow, producer)) is not None and whole in region:
+            producer = whole
+        consumers = tuple(
+            u for u in producer.users
+            if producer in flow.preds.get(u, ()) and (is_cat(u) or channel_slice_of(flow, u) is producer)
+        )
         owner = unit.rewritable_owner(_common_owner([producer, *consumers]))
         d = _Candidate(unit, SiteKind.DENSE, cat, owner, source=producer, targets=consumers)
         if not _check_tensor(d, producer, policy):
             d.skip = Skipped(unit.names[producer], d.skip.reason, d.skip.detail)  # type: ignore[union-attr]
             dense.append(d)
             continue
-        gated = unit.owner_gates(owner) if owner else gating_products(flow, region)
+        gated = _block_gates(unit, owner) if owner else gating_products(flow, region)
         if gated:
             dense.append(_skip(d, SkipReason.ALREADY_ATTENDED, f"block gated at {unit.names[gated[0]]}", producer))
             continue
         dense.append(_represent(d))
     return dense
+
+
+def _sum_trunks(flow: DataFlow, inputs: list[fx.Node], cost: dict[fx.Node, int]) -> set[fx.Node]:
+    """The trunks of the sums among ``inputs`` (the shorter operand, or what it is a channel
+    slice of): another slice of a sum's projected shortcut is carried too (dual-path blocks)."""
+    trunks: set[fx.Node] = set()
+    for i in inputs:
+        if _is_sum(flow, i):
+            a, b = i.args[:2]
+            trunk = a if cost.get(a, 0) <= cost.get(b, 0) else b
+            trunks.add(channel_slice_of(flow, trunk) or trunk)  # type: ignore[arg-type]
+    return trunks
+
+
+def _is_prediction(unit: _Unit, node: fx.Node) -> bool:
+    """A raw output of a convolution or linear layer (box or class logits), possibly reshaped."""
+    while is_layout(unit.flow, node):
+        node = unit.flow.live_inputs(node)[0]
+    return is_conv(unit.module, node) or isinstance(_leaf(unit, node), nn.Linear)
+
+
+def _leaf(unit: _Unit, node: fx.Node) -> nn.Module | None:
+    return unit.module.get_submodule(str(node.target)) if node.op == "call_module" else None
+
+
+def _is_sum(flow: DataFlow, node: fx.Node) -> bool:
+    """Rule 9: the output of an addition of two data tensors (a residual or any merge by sum)."""
+    return is_add(node) and len([a for a in node.args[:2] if isinstance(a, fx.Node) and flow.live.get(a)]) == 2
+
+
+def _coarser_path(
+    unit: _Unit,
+    cat: fx.Node,
+    shape: tuple[int, ...],
+    axis: int,
+    inputs: list[fx.Node],
+    ancestors: dict[fx.Node, set[fx.Node]],
+) -> str | None:
+    """Rule 12: an input computed through a coarser resolution than the concatenation's (U-Net
+    and DeepLab decoders, FPN/PAN necks: upsampled deep features joined with a skip) makes the
+    concatenation a fusion. A global-pooling branch (ASPP's image pool, 1 px) is no scale."""
+    def spatial(s: tuple[int, ...]) -> int:
+        return math.prod(d for k, d in enumerate(s) if k not in (0, axis))
+
+    size = spatial(shape)
+    for i in inputs:
+        for n in (i, *ancestors[i]):
+            s = tensor_shape(n)
+            if s is not None and len(s) == len(shape) and 1 < spatial(s) < size:
+                return f"{unit.names[i]} is computed at a coarser resolution ({unit.names[n]}, {list(s)})"
+    return None
+
+
+def _block_gates(unit: _Unit, owner_rel: str) -> list[fx.Node]:
+    """Rule 11: attention in the block owning a concatenation, or in the block enclosing it
+    (a split convolution inside an inverted residual whose SE follows it). Containers and the
+    analysed root are no enclosing blocks: they hold many blocks."""
+    if not owner_rel:
+        return []
+    gates = unit.owner_gates(owner_rel)
+    parent = owner_rel.rpartition(".")[0]
+    if gates or not parent:
+        return gates
+    if isinstance(unit.module.get_submodule(parent), (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+        return []
+    return unit.owner_gates(parent)
 
 
 def _common_owner(nodes: Sequence[fx.Node]) -> str:
@@ -731,6 +881,7 @@ def _finalise(
                 inline=cand.inline,
                 prefix_tokens=cand.prefix_tokens,
                 spatial=_spatial(cand),
+                owner_args=cand.unit.owner_args(cand.owner_rel),
             )
         )
     return _drop_conflicting_owners(sites, skipped)

@@ -64,7 +64,7 @@ class Inception(nn.Module):
         self.pool_branch = pool_branch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        outs = [b(x) for b in self.branches]
+        outs = [torch.relu(b(x)) for b in self.branches]  # non-linear: a real Inception module (rule 10)
         if self.pool_branch:
             outs.append(F.max_pool2d(x, 3, 1, 1))
         return torch.cat(outs, 1)
