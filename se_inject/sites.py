@@ -718,13 +718,21 @@ def _common_owner(nodes: Sequence[fx.Node]) -> str:
 
 
 def _plain_candidates(unit: _Unit) -> list[_Candidate]:
-    """SE-VGG: after the non-linearity that follows each convolution (opt-in, plain networks)."""
+    """SE-VGG: after the non-linearity that follows each convolution (opt-in, plain networks),
+    and after each re-parameterisable block (rule 10), outside it, so that deploy-time fusion
+    (timm's ``reparameterize_model``) still fuses every block."""
     flow = unit.flow
     found = []
     for node in flow.order:
         if not flow.live.get(node) or not is_activation(unit.module, node):
             continue
         producer = flow.preds[node][0] if len(flow.preds[node]) == 1 else None
+        merge = producer
+        while merge is not None and (inner := trailing_scaling_input(flow, merge)) is not None:
+            merge = inner
+        if merge is not None and (is_add(merge) or is_cat(merge)) and _linear_merge(unit, merge):
+            found.append(_after_block(unit, node, _scope_of(merge)))
+            continue
         if producer is not None and is_norm(unit.module, producer) and len(flow.preds[producer]) == 1:
             producer = flow.preds[producer][0]
         if producer is None or not is_conv(unit.module, producer):
@@ -736,6 +744,28 @@ def _plain_candidates(unit: _Unit) -> list[_Candidate]:
         else:
             found.append(cand)
     return found
+
+
+def _linear_merge(unit: _Unit, merge: fx.Node) -> bool:
+    fork = unit.flow.idom.get(merge)
+    if fork is None:
+        return False
+    region = unit.flow.region(fork, merge)
+    cost, _ = unit.flow.path_costs(fork, region)
+    return _linear_block(unit, region, cost) is not None
+
+
+def _after_block(unit: _Unit, act: fx.Node, block: str) -> _Candidate:
+    """A plain site on the output of the re-parameterisable ``block``, owned by its parent."""
+    owner = unit.rewritable_owner(block.rpartition(".")[0]) if block else ""
+    cand = _Candidate(unit, SiteKind.PLAIN, act, owner, source=act)
+    if not _check_tensor(cand, act):
+        return cand
+    cand = _represent(cand)
+    rel = block[len(owner) + 1:] if owner else block
+    if cand.skip is None and block and any(p == rel or rel.startswith(p + ".") for p in cand.inline):
+        return _skip(cand, SkipReason.NOT_REWRITABLE, f"the SE would sit inside the re-parameterisable block {unit.full(block)}")
+    return cand
 
 
 def _scope_of(node: fx.Node) -> str:
