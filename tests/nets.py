@@ -373,7 +373,8 @@ class MixedConv(nn.Module):
         self.act = act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        parts = [conv(p) for conv, p in zip(self.convs, x.split(x.shape[1] // 2, 1), strict=True)]
+        halves = torch.split(x, self.convs[0].in_channels, 1)
+        parts = [conv(halves[i]) for i, conv in enumerate(self.convs)]
         return torch.cat([torch.relu(p) for p in parts] if self.act else parts, 1)
 
 
