@@ -208,3 +208,57 @@ def test_osa_chain_gets_one_se_per_new_layer() -> None:
     _, seen = _inject(model)
     for i, name in enumerate(["1.se", "1.se_1", "1.se_2"]):
         assert torch.equal(seen[name], outs[f"1.layers.{i}"])
+
+
+def _conv_calls(model: nn.Module, x: torch.Tensor) -> tuple[int, torch.Tensor]:
+    calls = [0]
+    hooks = [
+        m.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+        for m in model.modules()
+        if isinstance(m, nn.Conv2d)
+    ]
+    with torch.no_grad():
+        y = model(x)
+    for h in hooks:
+        h.remove()
+    return calls[0], y
+
+
+def _check_fusion_after_plain_injection(make: callable, x: torch.Tensor, blocks: int) -> None:
+    """plain=True on a re-parameterisable net: SE after each block, outside it; timm's
+    ``reparameterize_model`` then fuses every block of the injected model."""
+    from timm.utils.model import reparameterize_model
+
+    torch.manual_seed(0)
+    model = make().eval()
+    plan = find_sites(model, plain=True, example_input=x)
+    assert len(plan.sites) == blocks and {str(s.kind) for s in plan.sites} == {"plain"}
+    assert all(s.inline == () for s in plan.sites)  # no block is traced through: they stay whole
+    with torch.no_grad():
+        before = model(x)
+        injected = inject_se(model, plain=True, example_input=x)
+        assert torch.equal(before, injected(x))
+    for se in (m for m in injected.modules() if isinstance(m, SEBlock)):
+        for p in se.parameters():
+            p.data.normal_(0, 0.2)  # gates away from 1, so they matter
+    unfused_calls, unfused = _conv_calls(injected, x)
+    fused_calls, fused = _conv_calls(reparameterize_model(injected), x)
+    torch.manual_seed(0)
+    original_calls, _ = _conv_calls(reparameterize_model(make().eval()), x)
+    assert fused_calls == original_calls < unfused_calls
+    scale = unfused.abs().max()
+    assert (fused - unfused).abs().max() <= 1e-4 * scale
+
+
+def test_plain_injection_keeps_a_reparameterisable_net_fusable() -> None:
+    make = lambda: nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), RepBlock(8), RepBlock(8))  # noqa: E731
+    _check_fusion_after_plain_injection(make, torch.randn(2, 3, 16, 16), blocks=2)
+    plan = find_sites(make(), plain=True)
+    assert [(s.name, s.owner, s.source) for s in plan.sites] == [("se", "", "1"), ("se_1", "", "2")]
+
+
+def test_plain_injection_keeps_timm_repvgg_fusable() -> None:
+    import timm
+
+    make = lambda: timm.create_model("repvgg_a0", pretrained=False)  # noqa: E731
+    _check_fusion_after_plain_injection(make, torch.randn(1, 3, 64, 64), blocks=22)
