@@ -387,7 +387,7 @@ def _unit_candidates(unit: _Unit, policy: _Policy) -> list[_Candidate]:
             if cand is not None:
                 found.append(cand)
         elif is_cat(node):
-            for cand in _concatenation(unit, node, policy):
+            for cand in _concatenation(unit, node, policy, producers):
                 # Rule 3: one SE per producer, however many concatenations read it.
                 if cand.kind is SiteKind.DENSE and cand.source in producers:
                     continue
@@ -548,7 +548,11 @@ def _check_tensor(cand: _Candidate, node: fx.Node, policy: _Policy | None = None
     return True
 
 
-def _concatenation(unit: _Unit, cat: fx.Node, policy: _Policy) -> list[_Candidate]:
+def _concatenation(
+    unit: _Unit, cat: fx.Node, policy: _Policy, done: frozenset[fx.Node] | set[fx.Node] = frozenset()
+) -> list[_Candidate]:
+    """Inception, dense or fusion (rules 2, 3, 9-12); ``done``: producers already given a
+    dense candidate by an earlier concatenation (one SE per producer)."""
     flow = unit.flow
     raw = cat.args[0] if cat.args else cat.kwargs.get("tensors", ())
     inputs: list[fx.Node] = []
@@ -576,6 +580,7 @@ def _concatenation(unit: _Unit, cat: fx.Node, policy: _Policy) -> list[_Candidat
         return [_skip(cand, SkipReason.LINEAR_BLOCK, linear)]
     ancestors = {i: flow.ancestors_within(i, region) for i in inputs}
     trunks = _sum_trunks(flow, inputs, cost)
+    sums = {n for n in region if _is_sum(flow, n)}
 
     def carried(i: fx.Node, pool_is_branch: bool) -> bool:
         # Rule 3: the fork, a slice or pooled copy of it (a pooling-only input is a branch of an
@@ -586,7 +591,7 @@ def _concatenation(unit: _Unit, cat: fx.Node, policy: _Policy) -> list[_Candidat
             or (cost[i] == 0 and not (pool_is_branch and pooled[i]))
             or _is_sum(flow, i)
             or (channel_slice_of(flow, i) or i) in trunks
-            or any(_is_sum(flow, n) for n in ancestors[i])
+            or not sums.isdisjoint(ancestors[i])
         )
 
     computed = [i for i in inputs if not carried(i, pool_is_branch=False)]
@@ -618,6 +623,8 @@ def _concatenation(unit: _Unit, cat: fx.Node, policy: _Policy) -> list[_Candidat
         producer = new
         while (whole := channel_slice_of(flow, producer)) is not None and whole in region:
             producer = whole
+        if producer in done:
+            continue
         consumers = tuple(
             u for u in producer.users
             if producer in flow.preds.get(u, ()) and (is_cat(u) or channel_slice_of(flow, u) is producer)
@@ -679,11 +686,11 @@ def _coarser_path(
         return math.prod(d for k, d in enumerate(s) if k not in (0, axis))
 
     size = spatial(shape)
-    for i in inputs:
-        for n in (i, *ancestors[i]):
-            s = tensor_shape(n)
-            if s is not None and len(s) == len(shape) and 1 < spatial(s) < size:
-                return f"{unit.names[i]} is computed at a coarser resolution ({unit.names[n]}, {list(s)})"
+    for n in set(inputs).union(*(ancestors[i] for i in inputs)):
+        s = tensor_shape(n)
+        if s is not None and len(s) == len(shape) and 1 < spatial(s) < size:
+            i = next(i for i in inputs if i is n or n in ancestors[i])
+            return f"{unit.names[i]} is computed at a coarser resolution ({unit.names[n]}, {list(s)})"
     return None
 
 
