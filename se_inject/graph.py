@@ -600,6 +600,14 @@ class DataFlow:
             pooled[n] = _is_pool(self.root, n) or any(pooled[p] for p in ps)
         return cost, pooled
 
+    def shortest_costs(self, fork: fx.Node, region: set[fx.Node]) -> dict[fx.Node, int]:
+        """Shortest count of parametric layers (scalings excluded) from ``fork`` to each node."""
+        cost: dict[fx.Node, int] = {fork: 0}
+        for n in sorted(region, key=self.index.__getitem__):
+            ps = [cost[p] for p in self.preds[n] if p in cost]
+            cost[n] = int(self.is_parametric(n) and not is_scaling(self, n)) + min(ps, default=0)
+        return cost
+
 
 # --------------------------------------------------------------------------------------------
 # Op classification

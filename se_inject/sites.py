@@ -11,7 +11,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Sequence, Set
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -379,6 +379,8 @@ def _inside(node: fx.Node, owner_rel: str) -> bool:
 def _unit_candidates(unit: _Unit, policy: _Policy) -> list[_Candidate]:
     found: list[_Candidate] = []
     producers: set[fx.Node | None] = set()
+    # Rule 9: residual sums and aggregations of finished blocks: their outputs are trunk.
+    residuals: set[fx.Node] = set()
     for node in unit.flow.order:
         if not unit.flow.live.get(node):
             continue
@@ -386,8 +388,13 @@ def _unit_candidates(unit: _Unit, policy: _Policy) -> list[_Candidate]:
             cand = _residual(unit, node, policy)
             if cand is not None:
                 found.append(cand)
+                if cand.structural:
+                    residuals.add(node)
         elif is_cat(node):
-            for cand in _concatenation(unit, node, policy, producers):
+            cands = _concatenation(unit, node, policy, producers, residuals)
+            if len(cands) == 1 and cands[0].skip is not None and cands[0].skip.reason is SkipReason.NO_COMPUTED_BRANCH:
+                residuals.add(node)  # an aggregation root (DLA, CSP): trunk, like the sums it joins
+            for cand in cands:
                 # Rule 3: one SE per producer, however many concatenations read it.
                 if cand.kind is SiteKind.DENSE and cand.source in producers:
                     continue
@@ -549,10 +556,15 @@ def _check_tensor(cand: _Candidate, node: fx.Node, policy: _Policy | None = None
 
 
 def _concatenation(
-    unit: _Unit, cat: fx.Node, policy: _Policy, done: frozenset[fx.Node] | set[fx.Node] = frozenset()
+    unit: _Unit,
+    cat: fx.Node,
+    policy: _Policy,
+    done: Set[fx.Node | None] = frozenset(),
+    residuals: Set[fx.Node] = frozenset(),
 ) -> list[_Candidate]:
     """Inception, dense or fusion (rules 2, 3, 9-12); ``done``: producers already given a
-    dense candidate by an earlier concatenation (one SE per producer)."""
+    dense candidate by an earlier concatenation (one SE per producer); ``residuals``: the sums
+    before ``cat`` that are residual blocks (not fusions, not linear merges)."""
     flow = unit.flow
     raw = cat.args[0] if cat.args else cat.kwargs.get("tensors", ())
     inputs: list[fx.Node] = []
@@ -579,25 +591,28 @@ def _concatenation(
     if (linear := _linear_block(unit, region, cost)) is not None:
         return [_skip(cand, SkipReason.LINEAR_BLOCK, linear)]
     ancestors = {i: flow.ancestors_within(i, region) for i in inputs}
-    trunks = _sum_trunks(flow, inputs, cost)
-    sums = {n for n in region if _is_sum(flow, n)}
+    trunks = _sum_trunks(flow, inputs, residuals, cost)
 
     def carried(i: fx.Node, pool_is_branch: bool) -> bool:
         # Rule 3: the fork, a slice or pooled copy of it (a pooling-only input is a branch of an
         # Inception module, but beside carried features just a pooled copy of them); rule 9: a
-        # sum's output, or anything computed from one here, is trunk.
+        # residual sum's output (and a slice of its shortcut) is trunk.
         return (
             i is fork
             or (cost[i] == 0 and not (pool_is_branch and pooled[i]))
-            or _is_sum(flow, i)
             or (channel_slice_of(flow, i) or i) in trunks
-            or not sums.isdisjoint(ancestors[i])
+            or _after_residual(unit, i, fork, residuals)
         )
 
     computed = [i for i in inputs if not carried(i, pool_is_branch=False)]
     coarse = _coarser_path(unit, cat, shape, axis, [i for i in inputs if i is not fork], ancestors)
     if coarse is not None:
         return [_skip(cand, SkipReason.FUSION, coarse)]
+    nearest = min(flow.shortest_costs(fork, region).get(i, 0) for i in inputs)
+    if nearest > TRUNK_MAX_PARAMETRIC:
+        # Rule 12: no input lies within a handful of layers of the fork (NASNet's two-input
+        # cells meet only far back): a fusion of distant features, not one module.
+        return [_skip(cand, SkipReason.FUSION, f"every input is {nearest}+ parametric layers from {unit.names[fork]}")]
     if not computed:
         return [_skip(cand, SkipReason.NO_COMPUTED_BRANCH)]
     if not any(carried(i, pool_is_branch=True) for i in inputs):
@@ -643,12 +658,29 @@ def _concatenation(
     return dense
 
 
-def _sum_trunks(flow: DataFlow, inputs: list[fx.Node], cost: dict[fx.Node, int]) -> set[fx.Node]:
+def _after_residual(unit: _Unit, node: fx.Node, fork: fx.Node, residuals: Set[fx.Node]) -> bool:
+    """Rule 9: ``node`` is a residual sum's output, directly or through a single-input chain of
+    at most a handful of layers (an activation; CSP's transition conv after its blocks): the
+    aggregation of finished residual blocks, not a new feature."""
+    flow, layers = unit.flow, 0
+    while node is not fork:
+        if node in residuals:
+            return True
+        if flow.is_parametric(node) and not is_scaling(flow, node):
+            layers += 1
+        preds = flow.preds.get(node, [])
+        if len(preds) != 1 or layers > TRUNK_MAX_PARAMETRIC:
+            return False
+        node = preds[0]
+    return False
+
+
+def _sum_trunks(flow: DataFlow, inputs: list[fx.Node], residuals: Set[fx.Node], cost: dict[fx.Node, int]) -> set[fx.Node]:
     """The trunks of the sums among ``inputs`` (the shorter operand, or what it is a channel
     slice of): another slice of a sum's projected shortcut is carried too (dual-path blocks)."""
     trunks: set[fx.Node] = set()
     for i in inputs:
-        if _is_sum(flow, i):
+        if i in residuals:
             a, b = i.args[:2]
             trunk = a if cost.get(a, 0) <= cost.get(b, 0) else b
             trunks.add(channel_slice_of(flow, trunk) or trunk)  # type: ignore[arg-type]
@@ -664,11 +696,6 @@ def _is_prediction(unit: _Unit, node: fx.Node) -> bool:
 
 def _leaf(unit: _Unit, node: fx.Node) -> nn.Module | None:
     return unit.module.get_submodule(str(node.target)) if node.op == "call_module" else None
-
-
-def _is_sum(flow: DataFlow, node: fx.Node) -> bool:
-    """Rule 9: the output of an addition of two data tensors (a residual or any merge by sum)."""
-    return is_add(node) and len([a for a in node.args[:2] if isinstance(a, fx.Node) and flow.live.get(a)]) == 2
 
 
 def _coarser_path(
