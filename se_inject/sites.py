@@ -478,10 +478,12 @@ def _branch_output(
         if inner is None and (whole := channel_slice_of(flow, source)) is not None and usable(whole):
             inner, sliced = whole, True
         if inner is None and is_layout(flow, source):
-            probe = source
-            while is_layout(flow, probe) and usable(probe):
+            # Only permutes and reshapes that keep the rank: a token sequence viewed as a map
+            # (SAM's attention output) is squeezed as the map the sum sees.
+            probe, rank = source, len(tensor_shape(source) or ())
+            while is_layout(flow, probe) and usable(probe) and len(tensor_shape(probe) or ()) == rank:
                 probe = flow.live_inputs(probe)[0]
-            if usable(probe) and trailing_scaling_input(flow, probe) is not None:
+            if usable(probe) and len(tensor_shape(probe) or ()) == rank and trailing_scaling_input(flow, probe) is not None:
                 inner = flow.live_inputs(source)[0]
         if not usable(inner):
             break
