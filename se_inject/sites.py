@@ -443,6 +443,9 @@ def _residual(unit: _Unit, add: fx.Node, policy: _Policy) -> _Candidate | None:
     gates = gating_products(flow, region)
     if gates:
         return _skip(cand, SkipReason.ALREADY_ATTENDED, f"branch gated at {unit.names[gates[0]]}")
+    gates = _enclosing_gates(unit, cand.owner_rel, add) if cand.owner_rel else []
+    if gates:
+        return _skip(cand, SkipReason.ALREADY_ATTENDED, f"enclosing block gated at {unit.names[gates[0]]}")
     if policy.placement == "pre":
         branch_side = flow.ancestors_within(branch, region) | {branch}
         trunk_side = flow.ancestors_within(trunk, region) | {trunk}
@@ -623,7 +626,7 @@ def _concatenation(
         cand.source = cat
         if not _check_tensor(cand, cat, policy):
             return [cand]
-        gated = gating_products(flow, region) or _block_gates(unit, owner_rel)
+        gated = gating_products(flow, region) or _block_gates(unit, owner_rel, cat)
         if gated:
             return [_skip(cand, SkipReason.ALREADY_ATTENDED, f"block gated at {unit.names[gated[0]]}")]
         if policy.placement == "pre":
@@ -652,7 +655,7 @@ def _concatenation(
             d.skip = Skipped(unit.names[producer], d.skip.reason, d.skip.detail)  # type: ignore[union-attr]
             dense.append(d)
             continue
-        gated = _block_gates(unit, owner) if owner else gating_products(flow, region)
+        gated = _block_gates(unit, owner, cat) if owner else gating_products(flow, region)
         if gated:
             dense.append(_skip(d, SkipReason.ALREADY_ATTENDED, f"block gated at {unit.names[gated[0]]}", producer))
             continue
@@ -723,19 +726,30 @@ def _coarser_path(
     return None
 
 
-def _block_gates(unit: _Unit, owner_rel: str) -> list[fx.Node]:
-    """Rule 11: attention in the block owning a concatenation, or in the block enclosing it
-    (a split convolution inside an inverted residual whose SE follows it). Containers and the
-    analysed root are no enclosing blocks: they hold many blocks."""
+def _block_gates(unit: _Unit, owner_rel: str, anchor: fx.Node) -> list[fx.Node]:
+    """Rule 5 and 11: attention anywhere in the block owning a concatenation, or in the block
+    enclosing it after the concatenation (a split convolution inside an inverted residual
+    whose SE follows it)."""
     if not owner_rel:
         return []
-    gates = unit.owner_gates(owner_rel)
-    parent = owner_rel.rpartition(".")[0]
-    if gates or not parent:
-        return gates
-    if isinstance(unit.module.get_submodule(parent), (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+    return unit.owner_gates(owner_rel) or _enclosing_gates(unit, owner_rel, anchor)
+
+
+def _enclosing_gates(unit: _Unit, owner_rel: str, anchor: fx.Node) -> list[fx.Node]:
+    """Rule 11: gates of the nearest enclosing block of ``owner_rel`` that read ``anchor``'s
+    output (the SE that follows a split convolution; the channel attention on a CSP stage's
+    concatenation, after its residual blocks). Containers (``nn.Sequential``, ...) hold many
+    blocks and are looked through; the analysed root is no enclosing block."""
+    enclosing = owner_rel.rpartition(".")[0]
+    while enclosing and isinstance(unit.module.get_submodule(enclosing), (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+        enclosing = enclosing.rpartition(".")[0]
+    if not enclosing:
         return []
-    return unit.owner_gates(parent)
+    gates = unit.owner_gates(enclosing)
+    if not gates:
+        return []
+    nodes = set(unit.owned_nodes(enclosing))
+    return [g for g in gates if anchor in unit.flow.ancestors_within(g, nodes)]
 
 
 def _common_owner(nodes: Sequence[fx.Node]) -> str:

@@ -316,16 +316,20 @@ class CrossStage(nn.Module):
     """CSP / C2f-style stage: half the channels carried, half through residual blocks and an
     optional transition; the concatenation aggregates finished blocks (rule 9)."""
 
-    def __init__(self, c: int, blocks: int = 2, transition: bool = True) -> None:
+    def __init__(self, c: int, blocks: int = 2, transition: bool = True, attention: bool = False) -> None:
         super().__init__()
         self.blocks = nn.Sequential(*(Residual(c // 2) for _ in range(blocks)))
         self.transition_b = conv_bn_relu(c // 2, c // 2, 1) if transition else nn.Identity()
+        self.gate = nn.Conv2d(c, c, 1) if attention else None  # CSPNeXt: channel attention on the join
         self.transition = conv_bn_relu(c, c, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xs, xb = x.chunk(2, dim=1)
         xb = self.transition_b(self.blocks(xb))
-        return self.transition(torch.cat([xs, xb], 1))
+        y = torch.cat([xs, xb], 1)
+        if self.gate is not None:
+            y = y * torch.sigmoid(self.gate(y.mean((2, 3), keepdim=True)))
+        return self.transition(y)
 
 
 class RepBlock(nn.Module):

@@ -125,6 +125,18 @@ def test_cross_stage_aggregation_gets_no_site_of_its_own(transition: bool) -> No
     _inject(model)
 
 
+def test_blocks_inside_a_stage_with_channel_attention_after_them_are_attended() -> None:
+    # Rule 11: the enclosing block's attention (CSPNeXt: on the stage's concatenation, after
+    # its residual blocks) counts for the blocks inside it.
+    plan = find_sites(nn.Sequential(conv_bn(3, 8), CrossStage(8, attention=True)))
+    assert plan.sites == ()
+    assert _reasons(plan) == [
+        ("1.blocks.0.add", SkipReason.ALREADY_ATTENDED), ("1.blocks.1.add", SkipReason.ALREADY_ATTENDED),
+        ("1.cat", SkipReason.NO_COMPUTED_BRANCH),
+    ]
+    assert "enclosing block gated at 1.mul" in plan.skipped[0].detail
+
+
 def test_reparameterisable_blocks_are_one_layer() -> None:
     # Rule 10: conv kxk + conv 1x1 + identity BN, summed: no site inside, with the reason.
     model = nn.Sequential(RepBlock(3), RepBlock(3))
