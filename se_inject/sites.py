@@ -748,8 +748,34 @@ def _enclosing_gates(unit: _Unit, owner_rel: str, anchor: fx.Node) -> list[fx.No
     gates = unit.owner_gates(enclosing)
     if not gates:
         return []
+    containers = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+    block = unit.module.get_submodule(enclosing)
+
+    def child(path: str) -> str:  # the enclosing block's child that holds ``path`` ("": itself)
+        return path[len(enclosing) + 1:].split(".")[0] if path.startswith(enclosing + ".") else ""
+
+    own = child(owner_rel)
     nodes = set(unit.owned_nodes(enclosing))
-    return [g for g in gates if anchor in unit.flow.ancestors_within(g, nodes)]
+    found = []
+    for g in gates:
+        holder = child(str(g.target) if g.op == "call_module" else node_scope(g))
+        # Attention of a sibling block (another block of the same stage, in a container or a
+        # residual block of its own) is not the block's own.
+        if holder == own or (holder and isinstance(block.get_submodule(holder), containers)):
+            continue
+        if holder and any(_is_residual_shaped(unit.flow, n) for n in unit.owned_nodes(f"{enclosing}.{holder}")):
+            continue
+        if anchor in unit.flow.ancestors_within(g, nodes):
+            found.append(g)
+    return found
+
+
+def _is_residual_shaped(flow: DataFlow, node: fx.Node) -> bool:
+    """An addition of two data tensors of one shape: what a residual block ends with."""
+    if not is_add(node):
+        return False
+    operands = [a for a in node.args[:2] if isinstance(a, fx.Node) and flow.live.get(a)]
+    return len(operands) == 2 and tensor_shape(operands[0]) == tensor_shape(operands[1]) is not None
 
 
 def _common_owner(nodes: Sequence[fx.Node]) -> str:

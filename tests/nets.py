@@ -496,3 +496,16 @@ class OSA(nn.Module):
             x = layer(x)
             outputs.append(x)
         return self.concat(torch.cat(outputs, 1))
+
+
+class Stage(nn.Module):
+    """A stage module (not a container) holding blocks as direct children, only the second
+    with attention: the first block's site stays (a sibling's SE is not its own)."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.plain = Residual(c)
+        self.attended = Gated(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attended(self.plain(x))

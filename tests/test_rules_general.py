@@ -17,6 +17,7 @@ from nets import (
     PermutedScale,
     PoolMixer,
     RepBlock,
+    Stage,
     SumThenNew,
     Tree,
     UNetLike,
@@ -135,6 +136,12 @@ def test_blocks_inside_a_stage_with_channel_attention_after_them_are_attended() 
         ("1.cat", SkipReason.NO_COMPUTED_BRANCH),
     ]
     assert "enclosing block gated at 1.mul" in plan.skipped[0].detail
+
+
+def test_a_sibling_blocks_attention_is_not_the_enclosing_blocks() -> None:
+    plan = find_sites(nn.Sequential(conv_bn(3, 8), Stage(8)))
+    assert [s.name for s in plan.sites] == ["1.plain.se"]
+    assert _reasons(plan) == [("1.attended.add", SkipReason.ALREADY_ATTENDED)]
 
 
 def test_reparameterisable_blocks_are_one_layer() -> None:
