@@ -379,8 +379,8 @@ def _inside(node: fx.Node, owner_rel: str) -> bool:
 def _unit_candidates(unit: _Unit, policy: _Policy) -> list[_Candidate]:
     found: list[_Candidate] = []
     producers: set[fx.Node | None] = set()
-    # Rule 9: residual sums and aggregations of finished blocks: their outputs are trunk.
-    residuals: set[fx.Node] = set()
+    # Rule 9: ends of finished blocks (residual sums, aggregation roots): their outputs are trunk.
+    finished: set[fx.Node] = set()
     for node in unit.flow.order:
         if not unit.flow.live.get(node):
             continue
@@ -389,11 +389,11 @@ def _unit_candidates(unit: _Unit, policy: _Policy) -> list[_Candidate]:
             if cand is not None:
                 found.append(cand)
                 if cand.structural:
-                    residuals.add(node)
+                    finished.add(node)
         elif is_cat(node):
-            cands = _concatenation(unit, node, policy, producers, residuals)
+            cands = _concatenation(unit, node, policy, producers, finished)
             if len(cands) == 1 and cands[0].skip is not None and cands[0].skip.reason is SkipReason.NO_COMPUTED_BRANCH:
-                residuals.add(node)  # an aggregation root (DLA, CSP): trunk, like the sums it joins
+                finished.add(node)  # an aggregation root (DLA, CSP): trunk, like the sums it joins
             for cand in cands:
                 # Rule 3: one SE per producer, however many concatenations read it.
                 if cand.kind is SiteKind.DENSE and cand.source in producers:
@@ -565,11 +565,12 @@ def _concatenation(
     cat: fx.Node,
     policy: _Policy,
     done: Set[fx.Node | None] = frozenset(),
-    residuals: Set[fx.Node] = frozenset(),
+    finished: Set[fx.Node] = frozenset(),
 ) -> list[_Candidate]:
     """Inception, dense or fusion (rules 2, 3, 9-12); ``done``: producers already given a
-    dense candidate by an earlier concatenation (one SE per producer); ``residuals``: the sums
-    before ``cat`` that are residual blocks (not fusions, not linear merges)."""
+    dense candidate by an earlier concatenation (one SE per producer); ``finished``: the ends of
+    finished blocks before ``cat``: residual sums (not fusions, not linear merges) and
+    aggregation roots."""
     flow = unit.flow
     raw = cat.args[0] if cat.args else cat.kwargs.get("tensors", ())
     inputs: list[fx.Node] = []
@@ -596,7 +597,7 @@ def _concatenation(
     if (linear := _linear_block(unit, region, cost)) is not None:
         return [_skip(cand, SkipReason.LINEAR_BLOCK, linear)]
     ancestors = {i: flow.ancestors_within(i, region) for i in inputs}
-    trunks = _sum_trunks(flow, inputs, residuals, cost)
+    trunks = _sum_trunks(flow, inputs, finished, cost)
 
     def carried(i: fx.Node, pool_is_branch: bool) -> bool:
         # Rule 3: the fork, a slice or pooled copy of it (a pooling-only input is a branch of an
@@ -606,7 +607,7 @@ def _concatenation(
             i is fork
             or (cost[i] == 0 and not (pool_is_branch and pooled[i]))
             or (channel_slice_of(flow, i) or i) in trunks
-            or _after_residual(unit, i, fork, residuals)
+            or _after_residual(unit, i, fork, finished)
         )
 
     computed = [i for i in inputs if not carried(i, pool_is_branch=False)]
@@ -663,13 +664,13 @@ def _concatenation(
     return dense
 
 
-def _after_residual(unit: _Unit, node: fx.Node, fork: fx.Node, residuals: Set[fx.Node]) -> bool:
+def _after_residual(unit: _Unit, node: fx.Node, fork: fx.Node, finished: Set[fx.Node]) -> bool:
     """Rule 9: ``node`` is a residual sum's output, directly or through a single-input chain of
     at most a handful of layers (an activation; CSP's transition conv after its blocks): the
     aggregation of finished residual blocks, not a new feature."""
     flow, layers = unit.flow, 0
     while node is not fork:
-        if node in residuals:
+        if node in finished:
             return True
         if flow.is_parametric(node) and not is_scaling(flow, node):
             layers += 1
@@ -680,12 +681,12 @@ def _after_residual(unit: _Unit, node: fx.Node, fork: fx.Node, residuals: Set[fx
     return False
 
 
-def _sum_trunks(flow: DataFlow, inputs: list[fx.Node], residuals: Set[fx.Node], cost: dict[fx.Node, int]) -> set[fx.Node]:
+def _sum_trunks(flow: DataFlow, inputs: list[fx.Node], finished: Set[fx.Node], cost: dict[fx.Node, int]) -> set[fx.Node]:
     """The trunks of the sums among ``inputs`` (the shorter operand, or what it is a channel
     slice of): another slice of a sum's projected shortcut is carried too (dual-path blocks)."""
     trunks: set[fx.Node] = set()
     for i in inputs:
-        if i in residuals:
+        if i in finished and is_add(i):
             a, b = i.args[:2]
             trunk = a if cost.get(a, 0) <= cost.get(b, 0) else b
             trunks.add(channel_slice_of(flow, trunk) or trunk)  # type: ignore[arg-type]
