@@ -568,6 +568,12 @@ class DataFlow:
                 reached.add(n)
         return reached
 
+    def is_layer(self, node: fx.Node) -> bool:
+        """What path lengths count: parametric layers and per-sample normalisations (also
+        without affine weights, as in PoolFormer's ``pool(norm(x)) - norm(x)``), not scalings
+        by parameters (layer scale, ``res_scale``), which make no branch and lengthen no trunk."""
+        return (self.is_parametric(node) and not is_scaling(self, node)) or is_norm(self.root, node)
+
     def is_parametric(self, node: fx.Node) -> bool:
         """A layer with weights: a module with parameters, or an op fed a parameter or weight."""
         cached = self._parametric.get(node)
@@ -588,24 +594,22 @@ class DataFlow:
         return result
 
     def path_costs(self, fork: fx.Node, region: set[fx.Node]) -> tuple[dict[fx.Node, int], dict[fx.Node, bool]]:
-        """Longest count of parametric layers from ``fork`` to each node, and whether a pooling
-        op lies on the way. Scalings by parameters (layer scale, ``res_scale``) are no layers:
-        they neither make a branch nor lengthen a trunk."""
+        """Longest count of layers (``is_layer``) from ``fork`` to each node, and whether a
+        pooling op lies on the way."""
         cost: dict[fx.Node, int] = {fork: 0}
         pooled: dict[fx.Node, bool] = {fork: False}
         for n in sorted(region, key=self.index.__getitem__):
             ps = [p for p in self.preds[n] if p in cost]
-            layer = self.is_parametric(n) and not is_scaling(self, n)
-            cost[n] = int(layer) + max((cost[p] for p in ps), default=0)
+            cost[n] = int(self.is_layer(n)) + max((cost[p] for p in ps), default=0)
             pooled[n] = _is_pool(self.root, n) or any(pooled[p] for p in ps)
         return cost, pooled
 
     def shortest_costs(self, fork: fx.Node, region: set[fx.Node]) -> dict[fx.Node, int]:
-        """Shortest count of parametric layers (scalings excluded) from ``fork`` to each node."""
+        """Shortest count of layers (``is_layer``) from ``fork`` to each node."""
         cost: dict[fx.Node, int] = {fork: 0}
         for n in sorted(region, key=self.index.__getitem__):
             ps = [cost[p] for p in self.preds[n] if p in cost]
-            cost[n] = int(self.is_parametric(n) and not is_scaling(self, n)) + min(ps, default=0)
+            cost[n] = int(self.is_layer(n)) + min(ps, default=0)
         return cost
 
 

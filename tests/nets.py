@@ -400,16 +400,17 @@ class MixedInvertedResidual(nn.Module):
 
 
 class PoolMixer(nn.Module):
-    """PoolFormer-style token mixer under a layer scale (rule 1 and 10): with ``norm``,
-    ``x * res_scale + ls * (pool(norm(x)) - norm(x))`` is a residual branch; without, the
-    bare ``x + ls * (pool(x) - x)`` is one linear layer."""
+    """PoolFormer-style token mixer under a layer scale (rule 1 and 10). ``norm="affine"``:
+    ``x * res_scale + ls * (pool(norm(x)) - norm(x))``; ``"plain"``: the same with a norm without
+    weights and no ``res_scale``; both are residual branches. ``None``: the bare
+    ``x + ls * (pool(x) - x)`` is one linear layer."""
 
-    def __init__(self, c: int, norm: bool = True) -> None:
+    def __init__(self, c: int, norm: str | None = "affine") -> None:
         super().__init__()
-        self.norm = nn.GroupNorm(1, c) if norm else nn.Identity()
+        self.norm = nn.GroupNorm(1, c, affine=norm == "affine") if norm else nn.Identity()
         self.pool = nn.AvgPool2d(3, 1, 1, count_include_pad=False)
         self.layer_scale = nn.Parameter(torch.full((c, 1, 1), 0.1))
-        self.res_scale = nn.Parameter(torch.ones(c, 1, 1)) if norm else None
+        self.res_scale = nn.Parameter(torch.ones(c, 1, 1)) if norm == "affine" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.norm(x)

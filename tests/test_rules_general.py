@@ -165,13 +165,15 @@ def test_split_convolution_is_one_layer_and_a_non_linear_one_inside_attention_is
     assert "1.mul" in plan.skipped[0].detail
 
 
-def test_pooling_mixer_is_a_branch_with_a_norm_and_one_layer_without() -> None:
-    # Rule 1: x * res_scale + ls * (pool(norm(x)) - norm(x)): the identity side is the trunk,
-    # the SE squeezes the mixer output before the layer scale. Rule 10: without the norm the
-    # mixer is linear.
-    model = nn.Sequential(conv_bn(3, 8), PoolMixer(8), PoolMixer(8, norm=False))
+@pytest.mark.parametrize("norm", ["affine", "plain"])
+def test_pooling_mixer_is_a_branch_with_a_norm_and_one_layer_without(norm: str) -> None:
+    # Rule 1: [x * res_scale] + ls * (pool(norm(x)) - norm(x)): a per-sample norm (with or
+    # without weights) makes a branch; the identity side is the trunk and the SE squeezes the
+    # mixer output before the layer scale. Rule 10: without the norm the mixer is linear.
+    model = nn.Sequential(conv_bn(3, 8), PoolMixer(8, norm), PoolMixer(8, None))
     plan = find_sites(model)
-    assert [(s.name, str(s.kind), s.source, s.targets) for s in plan.sites] == [("1.se", "residual", "1.sub", ("1.mul_1",))]
+    mul = "1.mul_1" if norm == "affine" else "1.mul"
+    assert [(s.name, str(s.kind), s.source, s.targets) for s in plan.sites] == [("1.se", "residual", "1.sub", (mul,))]
     assert _reasons(plan) == [("2.add", SkipReason.LINEAR_BLOCK)]
     block_input = _outputs(model, "0")["0"]
     _, seen = _inject(model)
