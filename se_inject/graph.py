@@ -509,6 +509,7 @@ class DataFlow:
             self.idom[n] = new
         self._parametric: dict[fx.Node, bool] = {}
         self._feeds: dict[fx.Node, bool] | None = None
+        self._layer: dict[fx.Node, bool] = {}
 
     def _pos(self, n: fx.Node | None) -> int:
         return -1 if n is None else self.index[n]
@@ -572,7 +573,11 @@ class DataFlow:
         """What path lengths count: parametric layers and per-sample normalisations (also
         without affine weights, as in PoolFormer's ``pool(norm(x)) - norm(x)``), not scalings
         by parameters (layer scale, ``res_scale``), which make no branch and lengthen no trunk."""
-        return (self.is_parametric(node) and not is_scaling(self, node)) or is_norm(self.root, node)
+        cached = self._layer.get(node)
+        if cached is None:
+            cached = (self.is_parametric(node) and not is_scaling(self, node)) or is_norm(self.root, node)
+            self._layer[node] = cached
+        return cached
 
     def is_parametric(self, node: fx.Node) -> bool:
         """A layer with weights: a module with parameters, or an op fed a parameter or weight."""

@@ -614,7 +614,8 @@ def _concatenation(
     coarse = _coarser_path(unit, cat, shape, axis, [i for i in inputs if i is not fork], ancestors)
     if coarse is not None:
         return [_skip(cand, SkipReason.FUSION, coarse)]
-    nearest = min(flow.shortest_costs(fork, region).get(i, 0) for i in inputs)
+    shortest = flow.shortest_costs(fork, region)
+    nearest = min(shortest.get(i, 0) for i in inputs)
     if nearest > TRUNK_MAX_PARAMETRIC:
         # Rule 12: no input lies within a handful of layers of the fork (NASNet's two-input
         # cells meet only far back): a fusion of distant features, not one module.
