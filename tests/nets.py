@@ -510,3 +510,17 @@ class Stage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.attended(self.plain(x))
+
+
+class TwoTowers(nn.Module):
+    """Two deep towers of one input joined by a concatenation: every input lies far from the
+    fork, so the join is a fusion of distant features (rule 12), not an Inception module."""
+
+    def __init__(self, c: int, depth: int = 3) -> None:
+        super().__init__()
+        self.left = nn.Sequential(*(conv_bn_relu(c, c) for _ in range(depth)))
+        self.right = nn.Sequential(*(conv_bn_relu(c, c, 1) for _ in range(depth)))
+        self.head = conv_bn_relu(2 * c, c, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.cat([self.left(x), self.right(x)], 1))

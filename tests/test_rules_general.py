@@ -20,6 +20,7 @@ from nets import (
     Stage,
     SumThenNew,
     Tree,
+    TwoTowers,
     UNetLike,
     conv_bn,
 )
@@ -194,20 +195,28 @@ def test_layer_scale_behind_a_permute_is_stepped_over() -> None:
 
 
 @pytest.mark.parametrize(
-    ("model", "node"),
+    ("model", "why"),
     [
-        (nn.Sequential(conv_bn(3, 8), UNetLike(8)), "1.cat"),
-        (nn.Sequential(conv_bn(3, 8), UNetLike(8, transpose=True)), "1.cat"),
-        (nn.Sequential(conv_bn(3, 8), DeepLabDecoder(8)), "1.cat"),
+        (nn.Sequential(conv_bn(3, 8), UNetLike(8)), "coarser resolution"),
+        (nn.Sequential(conv_bn(3, 8), UNetLike(8, transpose=True)), "coarser resolution"),
+        (nn.Sequential(conv_bn(3, 8), DeepLabDecoder(8)), "coarser resolution"),
+        (nn.Sequential(conv_bn(3, 8), TwoTowers(8)), "6+ parametric layers from 0.1"),
     ],
-    ids=["unet-upsample", "unet-transposed-conv", "deeplab-v3plus"],
+    ids=["unet-upsample", "unet-transposed-conv", "deeplab-v3plus", "two-deep-towers"],
 )
-def test_cross_resolution_concatenations_are_fusions(model: nn.Module, node: str) -> None:
-    # Rule 12: upsampled deep features joined with a skip.
+def test_cross_resolution_and_distant_concatenations_are_fusions(model: nn.Module, why: str) -> None:
+    # Rule 12: upsampled deep features joined with a skip; inputs that all lie far from the fork.
     plan = find_sites(model)
     assert plan.sites == ()
-    assert _reasons(plan) == [(node, SkipReason.FUSION)]
-    assert "coarser resolution" in plan.skipped[0].detail
+    assert _reasons(plan) == [("1.cat", SkipReason.FUSION)]
+    assert why in plan.skipped[0].detail
+
+
+def test_shallow_towers_are_an_inception_module() -> None:
+    model = nn.Sequential(conv_bn(3, 8), TwoTowers(8, depth=2))
+    (site,) = find_sites(model).sites
+    assert (str(site.kind), site.source) == ("inception", "1.cat")
+    _inject(model)
 
 
 def test_prediction_concatenation_is_not_a_candidate() -> None:
