@@ -292,3 +292,26 @@ def test_plain_injection_keeps_timm_repvgg_fusable() -> None:
 
     make = lambda: timm.create_model("repvgg_a0", pretrained=False)  # noqa: E731
     _check_fusion_after_plain_injection(make, torch.randn(1, 3, 64, 64), blocks=22)
+
+
+def test_blocks_called_with_a_shortcut_rebuild_from_a_saved_plan() -> None:
+    # Rule 7 and 14: the plan records how many tensors each owner is called with, so a plan
+    # read back from plain data rebuilds DLA-style blocks with their shortcut argument.
+    from se_inject import Plan, apply_plan
+
+    torch.manual_seed(0)
+    model = nn.Sequential(conv_bn(3, 8), Tree(8, levels=2, project=True)).eval()
+    plan = find_sites(model)
+    assert {s.owner: s.owner_args for s in plan.sites} == {
+        "1.tree1.tree1": 2, "1.tree1.tree2": 1, "1.tree2.tree1": 2, "1.tree2.tree2": 1
+    }
+    copy = Plan.from_dict(plan.to_dict())
+    assert copy == plan
+    rebuilt = apply_plan(model, copy)
+    for se in (m for m in rebuilt.modules() if isinstance(m, SEBlock)):
+        for p in se.parameters():
+            p.data.normal_(0, 0.2)  # gates away from 1
+    block = rebuilt[1].tree1.tree1
+    a, shortcut = torch.randn(2, 8, 16, 16), torch.randn(2, 8, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(block(a, shortcut), torch.relu(shortcut + block.se(block.branch(a))))
