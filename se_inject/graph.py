@@ -561,14 +561,6 @@ class DataFlow:
             self._feeds = feeds
         return self._feeds.get(node, False)
 
-    def descendants_within(self, fork: fx.Node, region: set[fx.Node]) -> set[fx.Node]:
-        """Nodes of ``region`` reached from ``fork`` by data edges (one pass in graph order)."""
-        reached: set[fx.Node] = set()
-        for n in sorted(region, key=self.index.__getitem__):
-            if any(p is fork or p in reached for p in self.preds[n]):
-                reached.add(n)
-        return reached
-
     def is_layer(self, node: fx.Node) -> bool:
         """What path lengths count: parametric layers and per-sample normalisations (also
         without affine weights, as in PoolFormer's ``pool(norm(x)) - norm(x)``), not scalings
