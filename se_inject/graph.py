@@ -50,6 +50,10 @@ __all__ = [
     "input_name",
     "cat_dim",
     "trailing_scaling_input",
+    "is_layout",
+    "is_scaling",
+    "is_linear",
+    "channel_slice_of",
     "gating_products",
     "tensor_shape",
     "mode_dependent_leaves",
@@ -206,14 +210,20 @@ def standalone_concrete_args(module: nn.Module, passed: int = 0) -> dict[str, An
 
 
 def standalone_call(module: nn.Module, args: tuple[str, ...], kwargs: tuple[tuple[str, str, Any], ...]) -> bool:
-    """Whether a call with these arguments is what ``module`` computes when traced on its own:
-    exactly the required positional arguments, all tensors, and keyword arguments (if any)
-    that repeat their parameter's default."""
+    """Whether a call with these arguments is what ``module`` computes when traced on its own
+    with ``len(args)`` placeholders: the required positional arguments, plus optional ones
+    (DLA's ``shortcut``), all tensors, and keyword arguments (if any) that repeat their
+    parameter's default."""
     try:
         params = inspect.signature(module.forward).parameters
     except (TypeError, ValueError):
         return False
-    if args != ("tensor",) * len(args) or len(args) != required_positional(module):
+    required = required_positional(module)
+    positional = sum(
+        1 for p in params.values()
+        if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    )
+    if args != ("tensor",) * len(args) or required is None or not required <= len(args) <= positional:
         return False
     for name, kind, value in kwargs:
         param = params.get(name)
@@ -498,6 +508,8 @@ class DataFlow:
                 new = p if i == 0 else self._intersect(p, new)
             self.idom[n] = new
         self._parametric: dict[fx.Node, bool] = {}
+        self._feeds: dict[fx.Node, bool] | None = None
+        self._layer: dict[fx.Node, bool] = {}
 
     def _pos(self, n: fx.Node | None) -> int:
         return -1 if n is None else self.index[n]
@@ -537,6 +549,28 @@ class DataFlow:
             stack.extend(self.preds[n])
         return seen
 
+    def feeds_parametric(self, node: fx.Node) -> bool:
+        """Whether some parametric layer reads ``node``'s value, directly or further on (one
+        reverse pass over the graph, computed once)."""
+        if self._feeds is None:
+            feeds: dict[fx.Node, bool] = {}
+            for n in reversed(self.order):
+                feeds[n] = any(
+                    n in self.preds.get(u, ()) and (self.is_parametric(u) or feeds.get(u, False)) for u in n.users
+                )
+            self._feeds = feeds
+        return self._feeds.get(node, False)
+
+    def is_layer(self, node: fx.Node) -> bool:
+        """What path lengths count: parametric layers and per-sample normalisations (also
+        without affine weights, as in PoolFormer's ``pool(norm(x)) - norm(x)``), not scalings
+        by parameters (layer scale, ``res_scale``), which make no branch and lengthen no trunk."""
+        cached = self._layer.get(node)
+        if cached is None:
+            cached = (self.is_parametric(node) and not is_scaling(self, node)) or is_norm(self.root, node)
+            self._layer[node] = cached
+        return cached
+
     def is_parametric(self, node: fx.Node) -> bool:
         """A layer with weights: a module with parameters, or an op fed a parameter or weight."""
         cached = self._parametric.get(node)
@@ -557,15 +591,23 @@ class DataFlow:
         return result
 
     def path_costs(self, fork: fx.Node, region: set[fx.Node]) -> tuple[dict[fx.Node, int], dict[fx.Node, bool]]:
-        """Longest count of parametric layers from ``fork`` to each node, and whether a pooling
-        op lies on the way."""
+        """Longest count of layers (``is_layer``) from ``fork`` to each node, and whether a
+        pooling op lies on the way."""
         cost: dict[fx.Node, int] = {fork: 0}
         pooled: dict[fx.Node, bool] = {fork: False}
         for n in sorted(region, key=self.index.__getitem__):
             ps = [p for p in self.preds[n] if p in cost]
-            cost[n] = int(self.is_parametric(n)) + max((cost[p] for p in ps), default=0)
+            cost[n] = int(self.is_layer(n)) + max((cost[p] for p in ps), default=0)
             pooled[n] = _is_pool(self.root, n) or any(pooled[p] for p in ps)
         return cost, pooled
+
+    def shortest_costs(self, fork: fx.Node, region: set[fx.Node]) -> dict[fx.Node, int]:
+        """Shortest count of layers (``is_layer``) from ``fork`` to each node."""
+        cost: dict[fx.Node, int] = {fork: 0}
+        for n in sorted(region, key=self.index.__getitem__):
+            ps = [cost[p] for p in self.preds[n] if p in cost]
+            cost[n] = int(self.is_layer(n)) + min(ps, default=0)
+        return cost
 
 
 # --------------------------------------------------------------------------------------------
@@ -751,6 +793,113 @@ def trailing_scaling_input(flow: DataFlow, node: fx.Node) -> fx.Node | None:
     return None
 
 
+_LAYOUT_METHODS = {
+    "permute", "transpose", "swapaxes", "swapdims", "reshape", "view", "flatten", "unflatten",
+    "contiguous", "clone", "squeeze", "unsqueeze",
+}
+
+
+def _op_key(node: fx.Node) -> str | None:
+    if node.op == "call_method":
+        return str(node.target)
+    if node.op == "call_function":
+        return getattr(node.target, "__name__", None)
+    return None
+
+
+def is_layout(flow: DataFlow, node: fx.Node) -> bool:
+    """A permute, transpose, reshape or copy of one tensor: same values, another layout."""
+    return _op_key(node) in _LAYOUT_METHODS and len(flow.live_inputs(node)) == 1 and node.op != "call_module"
+
+
+def is_scaling(flow: DataFlow, node: fx.Node) -> bool:
+    """A product or quotient of one data tensor with parameters or constants (layer scale,
+    ``res_scale``, ``* scale``): per-channel or per-tensor scaling, no layer of its own."""
+    if not (_is_mul(node) or _is_div(node)) or len(flow.live_inputs(node)) != 1:
+        return False
+    return not _is_div(node) or (bool(node.args) and node.args[0] is flow.live_inputs(node)[0])
+
+
+def channel_slice_of(flow: DataFlow, node: fx.Node) -> fx.Node | None:
+    """The tensor that ``node`` is a channel slice or chunk of (``x[:, :k]``, ``narrow``,
+    ``split``/``chunk`` items); ``None`` for anything else. Slices along other axes are no
+    channel slices."""
+    live = flow.live_inputs(node)
+    if len(live) != 1:
+        return None
+    key = _op_key(node)
+    first = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+    if first is None:
+        return None
+    if key == "getitem" and not isinstance(first.meta.get("val"), torch.Tensor):
+        # An item of split/chunk: the tuple's own input is what was sliced.
+        if _op_key(first) in ("split", "chunk", "tensor_split", "split_with_sizes"):
+            source = flow.live_inputs(first)
+            if len(source) == 1 and _split_dim(first) == channel_axis(source[0], flow):
+                return source[0]
+        return None
+    if key == "getitem" and first is live[0]:
+        axis, shape, in_shape = channel_axis(first, flow), tensor_shape(node), tensor_shape(first)
+        if axis is None or shape is None or in_shape is None or len(shape) != len(in_shape):
+            return None
+        changed = [d for d in range(len(shape)) if shape[d] != in_shape[d]]
+        return first if changed == [axis] else None
+    if key == "narrow" and first is live[0]:
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        in_shape = tensor_shape(first)
+        if isinstance(dim, int) and in_shape is not None and dim % len(in_shape) == channel_axis(first, flow):
+            return first
+    return None
+
+
+def _split_dim(node: fx.Node) -> int | None:
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    source = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+    shape = tensor_shape(source) if source is not None else None
+    return dim % len(shape) if isinstance(dim, int) and shape else None
+
+
+_LINEAR_MODULES: tuple[type[nn.Module], ...] = (
+    nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm,
+    nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+    nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d,
+    nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Flatten, nn.Unflatten,
+)
+_LINEAR_FUNCTIONS = {
+    F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d, F.linear,
+    F.batch_norm, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
+    F.adaptive_avg_pool3d, F.pad, operator.getitem, operator.sub, operator.neg, torch.sub, torch.neg,
+    torch.narrow, torch.split, torch.chunk, torch.flatten, torch.reshape, torch.permute, torch.transpose,
+} | _DROPOUT_FUNCTIONS
+_LINEAR_METHODS = {"sub", "neg", "narrow", "split", "chunk", "tensor_split", "__getitem__", "sum", "mean"} | _LAYOUT_METHODS
+
+
+def _linear_module(module: nn.Module) -> bool:
+    """Builtin linear layers (and timm's norm-act layers with no activation): foldable."""
+    if isinstance(module, mode_dependent_leaves()):
+        return True
+    if not isinstance(module, _LINEAR_MODULES):
+        return False
+    return all(_linear_module(child) for child in module.children())
+
+
+def is_linear(flow: DataFlow, node: fx.Node) -> bool:
+    """An op foldable into one convolution at inference (DESIGN.md rule 10): convolutions,
+    linear layers, BatchNorm, average pooling, padding, slicing, layout changes, sums,
+    concatenations and scalings by parameters. Activations, max pooling, per-sample norms,
+    softmax and products of two data tensors are not."""
+    if is_add(node) or is_cat(node) or is_scaling(flow, node):
+        return True
+    module = _module(flow.root, node)
+    if module is not None:
+        return _linear_module(module)
+    if node.op == "call_function":
+        return node.target in _LINEAR_FUNCTIONS or _mode_dependent_function(node)
+    if node.op == "call_method":
+        return str(node.target) in _LINEAR_METHODS
+    return False
+
+
 # --------------------------------------------------------------------------------------------
 # Channel axis
 
@@ -824,6 +973,8 @@ def _channel_axis(node: fx.Node, flow: DataFlow, memo: dict[fx.Node, int | None]
             return None
         d0, d1 = (int(node.args[1]) % ndim, int(node.args[2]) % ndim)  # type: ignore[call-overload]
         return d1 if a == d0 else d0 if a == d1 else a
+    if target in ("getitem", "narrow") and first is not None and isinstance(first.meta.get("val"), torch.Tensor):
+        return _sliced_axis(node, first, axis_of(first))
     if target == "getitem" and first is not None and not isinstance(first.meta.get("val"), torch.Tensor):
         # An element of a tuple (chunk, split, a module returning several outputs).
         for p in flow.live_inputs(first) or [p for p in first.all_input_nodes if flow.data.get(p)]:
@@ -856,6 +1007,39 @@ def _channel_axis(node: fx.Node, flow: DataFlow, memo: dict[fx.Node, int | None]
             if a is not None:
                 return a
     return None
+
+
+def _sliced_axis(node: fx.Node, first: fx.Node, axis: int | None) -> int | None:
+    """The channel axis after indexing ``first`` (``x[:, :k]``, ``x[..., None]``, ``narrow``):
+    slices keep an axis, integers drop one, ``None`` inserts one (DESIGN.md rule 4)."""
+    in_shape = tensor_shape(first)
+    if axis is None or in_shape is None:
+        return None
+    if _op_key(node) == "narrow":
+        return axis
+    index = node.args[1] if len(node.args) > 1 else None
+    items = list(index) if isinstance(index, tuple) else [index]
+    consumed = sum(1 for i in items if i is not None and i is not Ellipsis)
+    in_dim = out_dim = 0
+    for item in items:
+        if item is Ellipsis:
+            span = len(in_shape) - consumed
+            if in_dim <= axis < in_dim + span:
+                return out_dim + axis - in_dim
+            in_dim, out_dim = in_dim + span, out_dim + span
+        elif item is None:
+            out_dim += 1
+        elif isinstance(item, slice):
+            if in_dim == axis:
+                return out_dim
+            in_dim, out_dim = in_dim + 1, out_dim + 1
+        elif isinstance(item, int) or (isinstance(item, fx.Node) and not isinstance(item.meta.get("val"), torch.Tensor)):
+            if in_dim == axis:
+                return None  # the channel axis itself is indexed away
+            in_dim += 1
+        else:
+            return None  # advanced indexing with a tensor: the layout is not known
+    return out_dim + axis - in_dim if axis >= in_dim else None
 
 
 # --------------------------------------------------------------------------------------------

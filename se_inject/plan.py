@@ -50,6 +50,7 @@ class SkipReason(enum.StrEnum):
     TOO_FEW_CHANNELS = "too-few-channels"
     NOT_REWRITABLE = "not-rewritable"
     NO_SPATIAL_CONV = "no-spatial-conv"
+    LINEAR_BLOCK = "linear-block"
 
 
 #: One human sentence per reason; the enum value is for machines.
@@ -67,6 +68,10 @@ REASON_TEXT: dict[SkipReason, str] = {
     SkipReason.TOO_FEW_CHANNELS: "fewer channels than min_channels",
     SkipReason.NOT_REWRITABLE: "the block that owns it could not be rebuilt",
     SkipReason.NO_SPATIAL_CONV: "placement 'inner' needs a spatial convolution in the branch",
+    SkipReason.LINEAR_BLOCK: (
+        "parallel linear branches (no non-linearity between fork and merge) are one layer in disguise, "
+        "re-parameterisable into a single convolution: no SE inside"
+    ),
 }
 
 
@@ -90,6 +95,8 @@ class Site:
             submodules stay calls.
         prefix_tokens: leading tokens (class, distillation) left out of the squeeze.
         spatial: the non-channel, non-batch sizes of ``source`` at the analysis input.
+        owner_args: positional tensors the owner is called with, optional ones included (DLA's
+            ``block(x, shortcut)``); 0 means its required ones.
     """
 
     name: str
@@ -105,6 +112,7 @@ class Site:
     inline: tuple[str, ...] = ()
     prefix_tokens: int = 0
     spatial: tuple[int, ...] = ()
+    owner_args: int = 0
 
     @property
     def attr(self) -> str:

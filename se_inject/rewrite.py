@@ -378,16 +378,18 @@ class _TraceCache:
     def __init__(self) -> None:
         self._graphs: dict[tuple[Any, ...], dict[bool, fx.Graph]] = {}
 
-    def graphs(self, owner: nn.Module, inline: tuple[str, ...]) -> tuple[dict[bool, fx.Graph], dict[str, Any]]:
+    def graphs(
+        self, owner: nn.Module, inline: tuple[str, ...], args: int = 0
+    ) -> tuple[dict[bool, fx.Graph], dict[str, Any]]:
         """The owner's eval graph under ``False``, and under ``True`` a train graph only when
         the code differs; plus the tensor constants the traces made."""
         key = _signature(owner)
-        key = None if key is None else (key, inline)
+        key = None if key is None else (key, inline, args)
         if key is not None and key in self._graphs:
             return {mode: copy.deepcopy(g) for mode, g in self._graphs[key].items()}, {}
         graphs: dict[bool, fx.Graph] = {}
         constants: dict[str, Any] = {}
-        concrete = standalone_concrete_args(owner, required_positional(owner) or 0)
+        concrete = standalone_concrete_args(owner, args or required_positional(owner) or 0)
         # Both modes, always: any code the trace inlines may read self.training, and a missed
         # one would silently train with the eval graph.
         for training in (False, True):
@@ -403,7 +405,7 @@ class _TraceCache:
 
 def _rebuild(owner: nn.Module, owner_path: str, sites: list[Site], config: SEConfig, cache: _TraceCache) -> RebuiltBlock:
     inline = tuple(sorted({p for s in sites for p in s.inline}))
-    graphs, constants = cache.graphs(owner, inline)
+    graphs, constants = cache.graphs(owner, inline, max(s.owner_args for s in sites))
     for graph in graphs.values():
         _insert_sites(graph, owner_path, sites)
     device, dtype = _module_placement(owner)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-from collections.abc import Sequence
+import math
+from collections.abc import Sequence, Set
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -26,13 +27,17 @@ from .graph import (
     call_stack,
     cat_dim,
     channel_axis,
+    channel_slice_of,
     gating_products,
     input_name,
     is_activation,
     is_add,
     is_cat,
     is_conv,
+    is_layout,
+    is_linear,
     is_norm,
+    is_scaling,
     is_spatial_conv,
     is_unary_elementwise,
     is_upsample,
@@ -84,10 +89,19 @@ class _Unit:
         while scope:
             calls = self.calls.get(scope, [])
             module = self.module.get_submodule(scope)
-            if calls and all(standalone_call(module, args, kwargs) for args, kwargs in calls):
+            if (
+                calls
+                and all(standalone_call(module, args, kwargs) for args, kwargs in calls)
+                and len({len(args) for args, _ in calls}) == 1  # one graph serves every call
+            ):
                 return scope
             scope = scope.rpartition(".")[0]
         return scope
+
+    def owner_args(self, owner_rel: str) -> int:
+        """Positional tensors each call of the owner passes (0 for the unit's root: its own)."""
+        calls = self.calls.get(owner_rel) if owner_rel else None
+        return len(calls[0][0]) if calls else 0
 
     def prefix_tokens(self) -> int:
         """Class and distillation tokens in front of a token sequence: timm's
@@ -364,6 +378,9 @@ def _inside(node: fx.Node, owner_rel: str) -> bool:
 
 def _unit_candidates(unit: _Unit, policy: _Policy) -> list[_Candidate]:
     found: list[_Candidate] = []
+    producers: set[fx.Node | None] = set()
+    # Rule 9: ends of finished blocks (residual sums, aggregation roots): their outputs are trunk.
+    finished: set[fx.Node] = set()
     for node in unit.flow.order:
         if not unit.flow.live.get(node):
             continue
@@ -371,8 +388,18 @@ def _unit_candidates(unit: _Unit, policy: _Policy) -> list[_Candidate]:
             cand = _residual(unit, node, policy)
             if cand is not None:
                 found.append(cand)
+                if cand.structural:
+                    finished.add(node)
         elif is_cat(node):
-            found.extend(_concatenation(unit, node, policy))
+            cands = _concatenation(unit, node, policy, producers, finished)
+            if len(cands) == 1 and cands[0].skip is not None and cands[0].skip.reason is SkipReason.NO_COMPUTED_BRANCH:
+                finished.add(node)  # an aggregation root (DLA, CSP): trunk, like the sums it joins
+            for cand in cands:
+                # Rule 3: one SE per producer, however many concatenations read it.
+                if cand.kind is SiteKind.DENSE and cand.source in producers:
+                    continue
+                producers.add(cand.source)
+                found.append(cand)
     return found
 
 
@@ -389,19 +416,16 @@ def _residual(unit: _Unit, add: fx.Node, policy: _Policy) -> _Candidate | None:
     shape_a, shape_b = tensor_shape(operands[0]), tensor_shape(operands[1])
     if shape_a is None or shape_a != shape_b or shape_a != tensor_shape(add):
         return None
-    scope = node_scope(add)
-    cand = _Candidate(unit, SiteKind.RESIDUAL, add, unit.rewritable_owner(scope))
+    cand = _Candidate(unit, SiteKind.RESIDUAL, add, unit.rewritable_owner(node_scope(add)))
     fork = flow.idom.get(add)
     if fork is None:
         return _skip(cand, SkipReason.FUSION, "operands come from different inputs of the model")
+    # Rule 7: locality is the dataflow's (fork, path lengths, resolution), not module scope:
+    # a shortcut computed by the parent and passed in is still the trunk.
     region = flow.region(fork, add)
-    outside = next((n for n in region if not _inside(n, scope)), None)
-    if outside is not None:
-        return _skip(
-            cand, SkipReason.FUSION,
-            f"operands meet at {unit.names[fork]}; {unit.names[outside]} lies outside {unit.full(scope) or 'the model'}",
-        )
     cost, _ = flow.path_costs(fork, region)
+    if (linear := _linear_block(unit, region, cost)) is not None:
+        return _skip(cand, SkipReason.LINEAR_BLOCK, linear)
     a, b = operands
     if cost[a] == cost[b]:
         return _skip(cand, SkipReason.NO_TRUNK, f"both operands have {cost[a]} parametric layers")
@@ -413,15 +437,15 @@ def _residual(unit: _Unit, add: fx.Node, policy: _Policy) -> _Candidate | None:
         return _skip(cand, SkipReason.FUSION, f"the branch changes resolution at {unit.names[upsampled]}: a multi-scale merge")
     cand.structural = True
     cand.region = region
-    source, target = branch, add
-    while (inner := trailing_scaling_input(flow, source)) is not None and inner in region and inner is not fork:
-        source, target = inner, source
-    if cost.get(source, 0) == 0:
+    cand.source, cand.targets = _branch_output(flow, branch, add, region, fork)
+    if cost.get(cand.source, 0) == 0:
         return _skip(cand, SkipReason.NO_TRUNK, "the branch has no parametric layer before its scalings")
-    cand.source, cand.targets = source, (target,)
     gates = gating_products(flow, region)
     if gates:
         return _skip(cand, SkipReason.ALREADY_ATTENDED, f"branch gated at {unit.names[gates[0]]}")
+    gates = _enclosing_gates(unit, cand.owner_rel, add) if cand.owner_rel else []
+    if gates:
+        return _skip(cand, SkipReason.ALREADY_ATTENDED, f"enclosing block gated at {unit.names[gates[0]]}")
     if policy.placement == "pre":
         branch_side = flow.ancestors_within(branch, region) | {branch}
         trunk_side = flow.ancestors_within(trunk, region) | {trunk}
@@ -437,6 +461,58 @@ def _residual(unit: _Unit, add: fx.Node, policy: _Policy) -> _Candidate | None:
     if not _check_tensor(cand, cand.source, policy):
         return cand
     return _represent(cand)
+
+
+def _branch_output(
+    flow: DataFlow, branch: fx.Node, add: fx.Node, region: set[fx.Node], fork: fx.Node
+) -> tuple[fx.Node, tuple[fx.Node, ...]]:
+    """Where the branch's features end (rule 1): before its trailing scalings (drop-path, layer
+    scale, ``* scale``), also behind a permute or reshape that separates a scaling from the sum
+    (EdgeNeXt), and before a channel slice that feeds only part of the branch to the sum
+    (ReXNet's and dual-path networks' partial residuals: the SE squeezes the whole output).
+    Returns the tensor to scale and the nodes that read it instead."""
+    source, target, sliced = branch, add, False
+
+    def usable(n: fx.Node | None) -> bool:
+        return n is not None and n in region and n is not fork
+
+    while True:
+        inner = trailing_scaling_input(flow, source)
+        if inner is None and (whole := channel_slice_of(flow, source)) is not None and usable(whole):
+            inner, sliced = whole, True
+        if inner is None and is_layout(flow, source):
+            # Only permutes and reshapes that keep the rank: a token sequence viewed as a map
+            # (SAM's attention output) is squeezed as the map the sum sees.
+            probe, rank = source, len(tensor_shape(source) or ())
+            while is_layout(flow, probe) and usable(probe) and len(tensor_shape(probe) or ()) == rank:
+                probe = flow.live_inputs(probe)[0]
+            if usable(probe) and len(tensor_shape(probe) or ()) == rank and trailing_scaling_input(flow, probe) is not None:
+                inner = flow.live_inputs(source)[0]
+        if not usable(inner):
+            break
+        source, target = inner, source  # type: ignore[assignment]
+    if sliced:
+        readers = tuple(u for u in source.users if source in flow.preds.get(u, ()))
+        return source, readers
+    return source, (target,)
+
+
+def _linear_block(unit: _Unit, region: set[fx.Node], cost: dict[fx.Node, int]) -> str | None:
+    """Rule 10: a merge whose whole region from the fork is linear and holds several parallel
+    parametric paths (RepVGG, MobileOne, MixedConv) or none at all (a bare pooling mixer) is one
+    layer in disguise; a detail string, or ``None`` for a real block. A single linear path
+    beside an identity (``x + bn(conv(x))``) stays a residual."""
+    flow = unit.flow
+    nonlinear = next((n for n in region if not is_linear(flow, n)), None)
+    if nonlinear is not None:
+        return None
+    heads = [n for n in region if cost.get(n) == 1 and flow.is_parametric(n) and not is_scaling(flow, n)]
+    if len(heads) == 1:
+        return None
+    if not heads:
+        return "no parametric layer and no non-linearity between fork and merge"
+    names = sorted(unit.names[n] for n in heads)
+    return f"{len(heads)} parallel linear paths ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
 
 
 def _after_last_spatial_conv(
@@ -484,7 +560,17 @@ def _check_tensor(cand: _Candidate, node: fx.Node, policy: _Policy | None = None
     return True
 
 
-def _concatenation(unit: _Unit, cat: fx.Node, policy: _Policy) -> list[_Candidate]:
+def _concatenation(
+    unit: _Unit,
+    cat: fx.Node,
+    policy: _Policy,
+    done: Set[fx.Node | None] = frozenset(),
+    finished: Set[fx.Node] = frozenset(),
+) -> list[_Candidate]:
+    """Inception, dense or fusion (rules 2, 3, 9-12); ``done``: producers already given a
+    dense candidate by an earlier concatenation (one SE per producer); ``finished``: the ends of
+    finished blocks before ``cat``: residual sums (not fusions, not linear merges) and
+    aggregation roots."""
     flow = unit.flow
     raw = cat.args[0] if cat.args else cat.kwargs.get("tensors", ())
     inputs: list[fx.Node] = []
@@ -493,6 +579,8 @@ def _concatenation(unit: _Unit, cat: fx.Node, policy: _Policy) -> list[_Candidat
             inputs.append(a)
     if len(inputs) < 2:
         return []  # rule 6: concatenating a class token or a constant is not a site
+    if not flow.feeds_parametric(cat) and all(_is_prediction(unit, i) for i in inputs):
+        return []  # rule 12: the model's outputs (box and class predictions), read by no layer
     owner_rel = unit.rewritable_owner(node_scope(cat))
     cand = _Candidate(unit, SiteKind.INCEPTION, cat, owner_rel)
     shape = tensor_shape(cat)
@@ -506,17 +594,32 @@ def _concatenation(unit: _Unit, cat: fx.Node, policy: _Policy) -> list[_Candidat
         return [_skip(cand, SkipReason.FUSION, "inputs come from different inputs of the model")]
     region = flow.region(fork, cat)
     cost, pooled = flow.path_costs(fork, region)
+    if (linear := _linear_block(unit, region, cost)) is not None:
+        return [_skip(cand, SkipReason.LINEAR_BLOCK, linear)]
     ancestors = {i: flow.ancestors_within(i, region) for i in inputs}
+    trunks = _sum_trunks(flow, inputs, finished, cost)
+
     def carried(i: fx.Node, pool_is_branch: bool) -> bool:
-        # A pooling-only input is a branch of an Inception module (the max-pool branch of a
-        # reduction block), but beside carried features it is just a pooled copy of them.
+        # Rule 3: the fork, a slice or pooled copy of it (a pooling-only input is a branch of an
+        # Inception module, but beside carried features just a pooled copy of them); rule 9: a
+        # residual sum's output (and a slice of its shortcut) is trunk.
         return (
             i is fork
             or (cost[i] == 0 and not (pool_is_branch and pooled[i]))
-            or any(i in ancestors[j] for j in inputs if j is not i)
+            or (channel_slice_of(flow, i) or i) in trunks
+            or _after_residual(unit, i, fork, finished)
         )
 
     computed = [i for i in inputs if not carried(i, pool_is_branch=False)]
+    coarse = _coarser_path(unit, cat, shape, axis, [i for i in inputs if i is not fork], ancestors)
+    if coarse is not None:
+        return [_skip(cand, SkipReason.FUSION, coarse)]
+    shortest = flow.shortest_costs(fork, region)
+    nearest = min(shortest.get(i, 0) for i in inputs)
+    if nearest > TRUNK_MAX_PARAMETRIC:
+        # Rule 12: no input lies within a handful of layers of the fork (NASNet's two-input
+        # cells meet only far back): a fusion of distant features, not one module.
+        return [_skip(cand, SkipReason.FUSION, f"every input is {nearest}+ parametric layers from {unit.names[fork]}")]
     if not computed:
         return [_skip(cand, SkipReason.NO_COMPUTED_BRANCH)]
     if not any(carried(i, pool_is_branch=True) for i in inputs):
@@ -525,7 +628,7 @@ def _concatenation(unit: _Unit, cat: fx.Node, policy: _Policy) -> list[_Candidat
         cand.source = cat
         if not _check_tensor(cand, cat, policy):
             return [cand]
-        gated = gating_products(flow, region) or (unit.owner_gates(owner_rel) if owner_rel else [])
+        gated = gating_products(flow, region) or _block_gates(unit, owner_rel, cat)
         if gated:
             return [_skip(cand, SkipReason.ALREADY_ATTENDED, f"block gated at {unit.names[gated[0]]}")]
         if policy.placement == "pre":
@@ -536,20 +639,145 @@ def _concatenation(unit: _Unit, cat: fx.Node, policy: _Policy) -> list[_Candidat
                 return [cand]
         return [_represent(cand)]
     dense = []
-    for producer in computed:
-        consumers = tuple(u for u in producer.users if is_cat(u))
+    for new in computed:
+        # Rule 3: each new input gets its SE once, before the concatenation; a channel slice of
+        # a computed tensor is scaled as the whole tensor, before slicing.
+        producer = new
+        while (whole := channel_slice_of(flow, producer)) is not None and whole in region:
+            producer = whole
+        if producer in done:
+            continue
+        consumers = tuple(
+            u for u in producer.users
+            if producer in flow.preds.get(u, ()) and (is_cat(u) or channel_slice_of(flow, u) is producer)
+        )
         owner = unit.rewritable_owner(_common_owner([producer, *consumers]))
         d = _Candidate(unit, SiteKind.DENSE, cat, owner, source=producer, targets=consumers)
         if not _check_tensor(d, producer, policy):
             d.skip = Skipped(unit.names[producer], d.skip.reason, d.skip.detail)  # type: ignore[union-attr]
             dense.append(d)
             continue
-        gated = unit.owner_gates(owner) if owner else gating_products(flow, region)
+        gated = _block_gates(unit, owner, cat) if owner else gating_products(flow, region)
         if gated:
             dense.append(_skip(d, SkipReason.ALREADY_ATTENDED, f"block gated at {unit.names[gated[0]]}", producer))
             continue
         dense.append(_represent(d))
     return dense
+
+
+def _after_residual(unit: _Unit, node: fx.Node, fork: fx.Node, finished: Set[fx.Node]) -> bool:
+    """Rule 9: ``node`` is a residual sum's output, directly or through a single-input chain of
+    at most a handful of layers (an activation; CSP's transition conv after its blocks): the
+    aggregation of finished residual blocks, not a new feature."""
+    flow, layers = unit.flow, 0
+    while node is not fork:
+        if node in finished:
+            return True
+        if flow.is_parametric(node) and not is_scaling(flow, node):
+            layers += 1
+        preds = flow.preds.get(node, [])
+        if len(preds) != 1 or layers > TRUNK_MAX_PARAMETRIC:
+            return False
+        node = preds[0]
+    return False
+
+
+def _sum_trunks(flow: DataFlow, inputs: list[fx.Node], finished: Set[fx.Node], cost: dict[fx.Node, int]) -> set[fx.Node]:
+    """The trunks of the sums among ``inputs`` (the shorter operand, or what it is a channel
+    slice of): another slice of a sum's projected shortcut is carried too (dual-path blocks)."""
+    trunks: set[fx.Node] = set()
+    for i in inputs:
+        if i in finished and is_add(i):
+            a, b = i.args[:2]
+            trunk = a if cost.get(a, 0) <= cost.get(b, 0) else b
+            trunks.add(channel_slice_of(flow, trunk) or trunk)  # type: ignore[arg-type]
+    return trunks
+
+
+def _is_prediction(unit: _Unit, node: fx.Node) -> bool:
+    """A raw output of a convolution or linear layer (box or class logits), possibly reshaped."""
+    while is_layout(unit.flow, node):
+        node = unit.flow.live_inputs(node)[0]
+    return is_conv(unit.module, node) or isinstance(_leaf(unit, node), nn.Linear)
+
+
+def _leaf(unit: _Unit, node: fx.Node) -> nn.Module | None:
+    return unit.module.get_submodule(str(node.target)) if node.op == "call_module" else None
+
+
+def _coarser_path(
+    unit: _Unit,
+    cat: fx.Node,
+    shape: tuple[int, ...],
+    axis: int,
+    inputs: list[fx.Node],
+    ancestors: dict[fx.Node, set[fx.Node]],
+) -> str | None:
+    """Rule 12: an input computed through a coarser resolution than the concatenation's (U-Net
+    and DeepLab decoders, FPN/PAN necks: upsampled deep features joined with a skip) makes the
+    concatenation a fusion. A global-pooling branch (ASPP's image pool, 1 px) is no scale."""
+    def spatial(s: tuple[int, ...]) -> int:
+        return math.prod(d for k, d in enumerate(s) if k not in (0, axis))
+
+    size = spatial(shape)
+    for n in set(inputs).union(*(ancestors[i] for i in inputs)):
+        s = tensor_shape(n)
+        if s is not None and len(s) == len(shape) and 1 < spatial(s) < size:
+            i = next(i for i in inputs if i is n or n in ancestors[i])
+            return f"{unit.names[i]} is computed at a coarser resolution ({unit.names[n]}, {list(s)})"
+    return None
+
+
+def _block_gates(unit: _Unit, owner_rel: str, anchor: fx.Node) -> list[fx.Node]:
+    """Rule 5 and 11: attention anywhere in the block owning a concatenation, or in the block
+    enclosing it after the concatenation (a split convolution inside an inverted residual
+    whose SE follows it)."""
+    if not owner_rel:
+        return []
+    return unit.owner_gates(owner_rel) or _enclosing_gates(unit, owner_rel, anchor)
+
+
+def _enclosing_gates(unit: _Unit, owner_rel: str, anchor: fx.Node) -> list[fx.Node]:
+    """Rule 11: gates of the nearest enclosing block of ``owner_rel`` that read ``anchor``'s
+    output (the SE that follows a split convolution; the channel attention on a CSP stage's
+    concatenation, after its residual blocks). Containers (``nn.Sequential``, ...) hold many
+    blocks and are looked through; the analysed root is no enclosing block."""
+    enclosing = owner_rel.rpartition(".")[0]
+    while enclosing and isinstance(unit.module.get_submodule(enclosing), (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+        enclosing = enclosing.rpartition(".")[0]
+    if not enclosing:
+        return []
+    gates = unit.owner_gates(enclosing)
+    if not gates:
+        return []
+    containers = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+    block = unit.module.get_submodule(enclosing)
+
+    def child(path: str) -> str:  # the enclosing block's child that holds ``path`` ("": itself)
+        return path[len(enclosing) + 1:].split(".")[0] if path.startswith(enclosing + ".") else ""
+
+    own = child(owner_rel)
+    nodes = set(unit.owned_nodes(enclosing))
+    found = []
+    for g in gates:
+        holder = child(str(g.target) if g.op == "call_module" else node_scope(g))
+        # Attention of a sibling block (another block of the same stage, in a container or a
+        # residual block of its own) is not the block's own.
+        if holder == own or (holder and isinstance(block.get_submodule(holder), containers)):
+            continue
+        if holder and any(_is_residual_shaped(unit.flow, n) for n in unit.owned_nodes(f"{enclosing}.{holder}")):
+            continue
+        if anchor in unit.flow.ancestors_within(g, nodes):
+            found.append(g)
+    return found
+
+
+def _is_residual_shaped(flow: DataFlow, node: fx.Node) -> bool:
+    """An addition of two data tensors of one shape: what a residual block ends with."""
+    if not is_add(node):
+        return False
+    operands = [a for a in node.args[:2] if isinstance(a, fx.Node) and flow.live.get(a)]
+    return len(operands) == 2 and tensor_shape(operands[0]) == tensor_shape(operands[1]) is not None
 
 
 def _common_owner(nodes: Sequence[fx.Node]) -> str:
@@ -568,13 +796,21 @@ def _common_owner(nodes: Sequence[fx.Node]) -> str:
 
 
 def _plain_candidates(unit: _Unit) -> list[_Candidate]:
-    """SE-VGG: after the non-linearity that follows each convolution (opt-in, plain networks)."""
+    """SE-VGG: after the non-linearity that follows each convolution (opt-in, plain networks),
+    and after each re-parameterisable block (rule 10), outside it, so that deploy-time fusion
+    (timm's ``reparameterize_model``) still fuses every block."""
     flow = unit.flow
     found = []
     for node in flow.order:
         if not flow.live.get(node) or not is_activation(unit.module, node):
             continue
         producer = flow.preds[node][0] if len(flow.preds[node]) == 1 else None
+        merge = producer
+        while merge is not None and (inner := trailing_scaling_input(flow, merge)) is not None:
+            merge = inner
+        if merge is not None and (is_add(merge) or is_cat(merge)) and _linear_merge(unit, merge):
+            found.append(_after_block(unit, node, _scope_of(merge)))
+            continue
         if producer is not None and is_norm(unit.module, producer) and len(flow.preds[producer]) == 1:
             producer = flow.preds[producer][0]
         if producer is None or not is_conv(unit.module, producer):
@@ -586,6 +822,28 @@ def _plain_candidates(unit: _Unit) -> list[_Candidate]:
         else:
             found.append(cand)
     return found
+
+
+def _linear_merge(unit: _Unit, merge: fx.Node) -> bool:
+    fork = unit.flow.idom.get(merge)
+    if fork is None:
+        return False
+    region = unit.flow.region(fork, merge)
+    cost, _ = unit.flow.path_costs(fork, region)
+    return _linear_block(unit, region, cost) is not None
+
+
+def _after_block(unit: _Unit, act: fx.Node, block: str) -> _Candidate:
+    """A plain site on the output of the re-parameterisable ``block``, owned by its parent."""
+    owner = unit.rewritable_owner(block.rpartition(".")[0]) if block else ""
+    cand = _Candidate(unit, SiteKind.PLAIN, act, owner, source=act)
+    if not _check_tensor(cand, act):
+        return cand
+    cand = _represent(cand)
+    rel = block[len(owner) + 1:] if owner else block
+    if cand.skip is None and block and any(p == rel or rel.startswith(p + ".") for p in cand.inline):
+        return _skip(cand, SkipReason.NOT_REWRITABLE, f"the SE would sit inside the re-parameterisable block {unit.full(block)}")
+    return cand
 
 
 def _scope_of(node: fx.Node) -> str:
@@ -731,6 +989,7 @@ def _finalise(
                 inline=cand.inline,
                 prefix_tokens=cand.prefix_tokens,
                 spatial=_spatial(cand),
+                owner_args=cand.unit.owner_args(cand.owner_rel),
             )
         )
     return _drop_conflicting_owners(sites, skipped)
