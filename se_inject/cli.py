@@ -179,7 +179,7 @@ def _no_sites_message(name: str, plan: Plan, plain: bool = False) -> str:
         )
         helps = [_HELP[r] for r in grouped if r in _HELP] or ["see --dry-run --json for each skipped place's reason"]
     if plan.unanalysed:
-        why += f"; could not analyse {', '.join(plan.unanalysed[:3])}"
+        why += f"; could not analyse {', '.join(map(str, plan.unanalysed[:3]))}"
     return f"no SE site in {name}: {why}. What would help: {'; '.join(helps)}. Nothing was written."
 
 
@@ -345,7 +345,7 @@ def build_report(
         "skipped": [
             {"node": s.node, "reason": str(s.reason), "text": s.text, "detail": s.detail} for s in plan.skipped
         ],
-        "unanalysed": list(plan.unanalysed),
+        "unanalysed": [{"path": u.path, "reason": u.reason} for u in plan.unanalysed],
         **complexity.to_dict(),
         "dry_run": dry_run,
         "output": None if output is None or dry_run else str(output),
@@ -439,7 +439,7 @@ def _render(console: Console, report: dict[str, Any], plan: Plan, complexity: Co
             shown = ", ".join(nodes[:3]) + (f", ... (+{len(nodes) - 3})" if len(nodes) > 3 else "")
             skipped.add_row(items[0].text, str(len(items)), shown)
         if plan.unanalysed:
-            skipped.add_row("could not be analysed", str(len(plan.unanalysed)), ", ".join(plan.unanalysed[:3]))
+            skipped.add_row("could not be analysed", str(len(plan.unanalysed)), ", ".join(map(str, plan.unanalysed[:3])))
         console.print(skipped)
 
     size = "x".join(str(s) for s in complexity.input_size)

@@ -10,6 +10,7 @@ from __future__ import annotations
 __all__ = [
     "SEInjectError",
     "ConfigError",
+    "SelectionError",
     "NoSitesError",
     "PlanMismatchError",
     "UnknownModelError",
@@ -26,6 +27,11 @@ class SEInjectError(Exception):
 
 class ConfigError(SEInjectError, ValueError):
     """An option has a bad value (reduction < 1, unknown gate, malformed glob, ...)."""
+
+
+class SelectionError(ConfigError):
+    """A selection names stages or resolutions the model does not have (the message lists
+    the ones it has)."""
 
 
 class NoSitesError(SEInjectError, ValueError):

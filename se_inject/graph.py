@@ -11,7 +11,6 @@ from __future__ import annotations
 import inspect
 import logging
 import operator
-from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
 from typing import Any, NamedTuple
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .block import SEBlock
+from .names import call_stack, input_name, node_scope, qualified_names
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,7 @@ __all__ = [
     "trace",
     "Traced",
     "standalone_concrete_args",
+    "call_concrete_args",
     "required_positional",
     "standalone_call",
     "propagate_shapes",
@@ -118,11 +119,17 @@ class SETracer(fx.Tracer):
             calls = self.module_calls.setdefault(self.path_of_module(m), [])
             calls.append(
                 (
-                    tuple(_arg_kind(a) for a in args),
+                    tuple((_arg_kind(a), a if isinstance(a, _PLAIN) else None) for a in args),
                     tuple((k, _arg_kind(v), v if isinstance(v, _PLAIN) else None) for k, v in sorted(kwargs.items())),
                 )
             )
         return super().call_module(m, forward, args, kwargs)
+
+    def create_args_for_root(self, root_fn: Any, is_module: bool, concrete_args: Any = None) -> Any:
+        # ``*args`` / ``**kwargs`` (every transformers layer takes ``**kwargs``) would become
+        # proxies, and ``kwargs.get(...)`` control flow fails: trace them empty, as a call
+        # that passes nothing extra would have them.
+        return super().create_args_for_root(_without_var_args(root_fn), is_module, concrete_args)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if self.inline is not None and module_qualified_name not in self.inline:
@@ -130,6 +137,43 @@ class SETracer(fx.Tracer):
         if isinstance(m, self.leaf_modules):
             return True
         return super().is_leaf_module(m, module_qualified_name)
+
+
+_VAR_KINDS = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+
+
+def _without_var_args(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` behind a function with the same named parameters and no ``*args``/``**kwargs``.
+
+    fx reads the parameters from the code object, so the wrapper is real code, compiled once
+    per signature shape; it does not set ``__wrapped__`` (fx would unwrap it again).
+    """
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return fn
+    if not any(p.kind in _VAR_KINDS for p in params):
+        return fn
+    kept = [p for p in params if p.kind not in _VAR_KINDS]
+    if not all(p.name.isidentifier() for p in kept):
+        return fn
+    namespace: dict[str, Any] = {"_fn": fn}
+    parts: list[str] = []
+    call: list[str] = []
+    star = False
+    for p in kept:
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and not star:
+            parts.append("*")
+            star = True
+        if p.default is inspect.Parameter.empty:
+            parts.append(p.name)
+        else:
+            namespace[f"_default_{p.name}"] = p.default
+            parts.append(f"{p.name}=_default_{p.name}")
+        call.append(f"{p.name}={p.name}" if p.kind is inspect.Parameter.KEYWORD_ONLY else p.name)
+    source = f"def forward({', '.join(parts)}):\n    return _fn({', '.join(call)})\n"
+    exec(compile(source, f"<se_inject: {getattr(fn, '__qualname__', 'forward')} without *args/**kwargs>", "exec"), namespace)
+    return namespace["forward"]
 
 
 @contextmanager
@@ -155,9 +199,9 @@ class Traced(NamedTuple):
 
 _PLAIN = (bool, int, float, str, type(None))
 
-#: One recorded call: the kind of each positional argument ("tensor" for traced values), and
-#: (name, kind, value if plain data) for each keyword argument.
-CallRecord = tuple[tuple[str, ...], tuple[tuple[str, str, Any], ...]]
+#: One recorded call: (kind, value if plain data) of each positional argument (kind "tensor"
+#: for traced values), and (name, kind, value if plain data) for each keyword argument.
+CallRecord = tuple[tuple[tuple[str, Any], ...], tuple[tuple[str, str, Any], ...]]
 
 
 def _arg_kind(value: Any) -> str:
@@ -205,18 +249,46 @@ def standalone_concrete_args(module: nn.Module, passed: int = 0) -> dict[str, An
     }
 
 
-def standalone_call(module: nn.Module, args: tuple[str, ...], kwargs: tuple[tuple[str, str, Any], ...]) -> bool:
-    """Whether a call with these arguments is what ``module`` computes when traced on its own:
-    exactly the required positional arguments, all tensors, and keyword arguments (if any)
-    that repeat their parameter's default."""
+def call_concrete_args(module: nn.Module, args: Sequence[Any]) -> dict[str, Any]:
+    """Concrete values for tracing ``module`` as it was called with positional ``args``:
+    plain-data arguments (``None`` masks, ``(H, W)`` sizes, flags) are traced as the constants
+    they were, parameters not passed as their defaults; tensors stay placeholders."""
+    concrete = standalone_concrete_args(module, len(args))
     try:
-        params = inspect.signature(module.forward).parameters
+        params = [p for p in inspect.signature(module.forward).parameters.values() if p.kind not in _VAR_KINDS]
+    except (TypeError, ValueError):
+        return concrete
+    for param, value in zip(params, args, strict=False):
+        if _is_plain(value):
+            concrete[param.name] = value
+    return concrete
+
+
+def _is_plain(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain(v) for v in value)
+    return isinstance(value, _PLAIN)
+
+
+def standalone_call(
+    module: nn.Module, args: tuple[tuple[str, Any], ...], kwargs: tuple[tuple[str, str, Any], ...]
+) -> bool:
+    """Whether a call with these arguments is what ``module`` computes when traced on its own:
+    the required positional arguments, all tensors, then (positionally or by keyword) only
+    plain values that repeat their parameter's default."""
+    try:
+        params = [p for p in inspect.signature(module.forward).parameters.values() if p.kind not in _VAR_KINDS]
     except (TypeError, ValueError):
         return False
-    if args != ("tensor",) * len(args) or len(args) != required_positional(module):
+    required = required_positional(module)
+    if required is None or len(args) < required or len(args) > len(params):
         return False
-    for name, kind, value in kwargs:
-        param = params.get(name)
+    if any(kind != "tensor" for kind, _ in args[:required]):
+        return False
+    given = [(p.name, kind, value) for p, (kind, value) in zip(params[required:], args[required:], strict=False)]
+    by_name = {p.name: p for p in params}
+    for name, kind, value in [*given, *kwargs]:
+        param = by_name.get(name)
         if kind == "tensor" or param is None or param.default is inspect.Parameter.empty:
             return False
         if not (value is param.default or (isinstance(value, _PLAIN) and value == param.default)):
@@ -225,12 +297,11 @@ def standalone_call(module: nn.Module, args: tuple[str, ...], kwargs: tuple[tupl
 
 
 def required_positional(module: nn.Module) -> int | None:
-    """How many positional parameters ``module.forward`` requires; None for ``*args``."""
+    """How many named positional parameters ``module.forward`` requires (``*args`` is traced
+    empty, see ``SETracer``); None when the signature cannot be read."""
     try:
         params = list(inspect.signature(module.forward).parameters.values())
     except (TypeError, ValueError):
-        return None
-    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
         return None
     return sum(
         1
@@ -340,19 +411,21 @@ def _real_zeros(value: Any) -> Any:
 def record_module_inputs(module: nn.Module, args: Sequence[Any]) -> dict[str, tuple[Any, ...]]:
     """Run ``module`` and return the positional inputs of each submodule's first call.
 
-    Used for models whose top level does not trace: their blocks are then traced on their own,
-    with the inputs recorded here. Fake tensors first; a forward on zeros when control flow
-    depends on values. A forward that fails part-way still yields what ran before.
+    Keyword arguments are put in their positional places (parameters skipped in between get
+    their defaults), so a block called as ``layer(x, mask=None)`` is traced like ``layer(x,
+    None)``. Used for models whose top level does not trace: their blocks are then traced on
+    their own, with the inputs recorded here. Fake tensors first; a forward on zeros when
+    control flow depends on values. A forward that fails part-way still yields what ran before.
     """
     names = {id(m): n for n, m in module.named_modules()}
     recorded: dict[str, tuple[Any, ...]] = {}
 
-    def hook(mod: nn.Module, inputs: tuple[Any, ...]) -> None:
+    def hook(mod: nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         name = names.get(id(mod))
         if name is not None and name not in recorded:
-            recorded[name] = inputs
+            recorded[name] = _positional(mod, inputs, kwargs)
 
-    handles = [m.register_forward_pre_hook(hook) for m in module.modules()]
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in module.modules()]
     try:
         with torch.no_grad(), _training_mode(module, False):
             try:
@@ -370,66 +443,28 @@ def record_module_inputs(module: nn.Module, args: Sequence[Any]) -> dict[str, tu
     return recorded
 
 
-# --------------------------------------------------------------------------------------------
-# Names and scopes
-
-
-def call_stack(node: fx.Node) -> list[tuple[str, str]]:
-    """``(call key, module path)`` pairs from outermost to innermost; a call key carries ``@k``
-    for the k-th repeated call of the same module. For ``call_module`` nodes the called module is
-    the last entry."""
-    stack = node.meta.get("nn_module_stack") or {}
-    return [(key, value[0]) for key, value in stack.items()]
-
-
-def node_scope(node: fx.Node) -> str:
-    """Path (relative to the traced root) of the module whose ``forward`` created ``node``."""
-    stack = call_stack(node)
-    if node.op == "call_module":
-        stack = stack[:-1]
-    return stack[-1][1] if stack else ""
-
-
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix and name else prefix or name
-
-
-def _op_name(node: fx.Node) -> str:
-    if isinstance(node.target, str):
-        return node.target
-    return getattr(node.target, "__name__", str(node.target))
-
-
-def input_name(prefix: str, k: int) -> str:
-    """Name of the k-th input of the module at ``prefix`` (``layer1.0.<input0>``)."""
-    return _join(prefix, f"<input{k}>")
-
-
-def qualified_names(graph: fx.Graph, prefix: str = "") -> dict[fx.Node, str]:
-    """torchvision-style node names: ``layer1.0.conv1``, ``layer1.0.add``, ``layer1.0.relu_1``.
-
-    Module calls are named after the module, other ops after the module that performs them;
-    repeats get ``_1``, ``_2``, ... in graph order; inputs are ``<input0>``, ``<input1>``, ...
-    ``prefix`` is the path of the traced module,
-    so a block traced on its own gets the same names as inside the whole model.
-    """
-    counts: Counter[str] = Counter()
-    names: dict[fx.Node, str] = {}
-    inputs = 0
-    for node in graph.nodes:
-        if node.op in ("call_module", "get_attr"):
-            base = _join(prefix, str(node.target))
-        elif node.op == "placeholder":
-            base, inputs = input_name(prefix, inputs), inputs + 1
-        elif node.op == "output":
-            base = _join(prefix, node.name)
+def _positional(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+    if not kwargs:
+        return tuple(args)
+    try:
+        params = [p for p in inspect.signature(module.forward).parameters.values() if p.kind not in _VAR_KINDS]
+    except (TypeError, ValueError):
+        return tuple(args)
+    values = list(args)
+    last_given = len(values)
+    for p in params[len(args):]:
+        if p.name in kwargs:
+            values.append(kwargs[p.name])
+            last_given = len(values)
+        elif p.default is not inspect.Parameter.empty:
+            values.append(p.default)
         else:
-            base = _join(_join(prefix, node_scope(node)), _op_name(node))
-        k = counts[base]
-        counts[base] += 1
-        names[node] = base if k == 0 else f"{base}_{k}"
-    return names
+            break
+    return tuple(values[:last_given])
 
+
+# --------------------------------------------------------------------------------------------
+# Names and scopes live in ``names.py`` (one implementation for the planner and the rewriter).
 
 # --------------------------------------------------------------------------------------------
 # Values

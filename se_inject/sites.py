@@ -19,10 +19,11 @@ import torch.fx as fx
 from torch import nn
 
 from .block import SEConfig, hidden_width
-from .errors import ConfigError
+from .errors import ConfigError, SelectionError
 from .graph import (
     CallRecord,
     DataFlow,
+    call_concrete_args,
     call_stack,
     cat_dim,
     channel_axis,
@@ -41,12 +42,14 @@ from .graph import (
     qualified_names,
     record_module_inputs,
     standalone_call,
-    standalone_concrete_args,
     tensor_shape,
     trace,
     trailing_scaling_input,
 )
-from .plan import Plan, Site, SiteKind, Skipped, SkipReason
+from .input_size import example_input as _default_example_input
+from .names import owner_local_name
+from .owners import OwnerTraces
+from .plan import Plan, Site, SiteKind, Skipped, SkipReason, Unanalysed
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +73,9 @@ class _Unit:
     flow: DataFlow
     names: dict[fx.Node, str]
     calls: dict[str, list[CallRecord]]
+    #: Why the unit's root cannot be rebuilt on its own ("" when it can): it was called with
+    #: values other than tensors and defaults, which its own trace would not reproduce.
+    root_call_issue: str = ""
     _owned: dict[str, list[fx.Node]] = field(default_factory=dict)
     _gated: dict[str, list[fx.Node]] = field(default_factory=dict)
 
@@ -168,8 +174,13 @@ def build_plan(
     plain: bool = False,
     tokens: bool = False,
     example_input: Any = None,
+    traces: OwnerTraces | None = None,
 ) -> Plan:
     """Analyse ``model`` (unchanged) and return where SE blocks go under ``config``.
+
+    Every owner is traced as the rewriter will trace it and every site is found in that trace
+    before it is listed (owners that fail are skipped as ``not-rewritable``); pass ``traces``
+    to keep those traces for ``apply_plan``.
 
     ``plain`` adds the paper's SE-VGG placement (after the non-linearity that follows each
     convolution) to models that have no residual or concatenation site; ``tokens`` turns
@@ -178,6 +189,8 @@ def build_plan(
 
     Raises:
         ConfigError: a selection option has a bad value.
+        SelectionError: ``stages`` or ``resolutions`` name none of the model's (the message
+            lists them).
     """
     selection = Selection(
         _check_globs("include", include),
@@ -190,14 +203,14 @@ def build_plan(
         raise ConfigError(f"min_channels must be >= 0, got {min_channels}")
     args = example_args(model, example_input)
     units: list[_Unit] = []
-    unanalysed: list[str] = []
-    _analyse(model, "", args, units, unanalysed)
+    unanalysed: list[Unanalysed] = []
+    _analyse(model, "", args, units, unanalysed, {})
     policy = _Policy(config.placement, tokens)
     candidates = [c for unit in units for c in _unit_candidates(unit, policy)]
     _mark_nested(candidates)
     if plain and not any(c.skip is None for c in candidates):
         candidates += [c for unit in units for c in _plain_candidates(unit)]
-    sites, skipped = _finalise(model, candidates, config, selection)
+    sites, skipped = _finalise(model, candidates, config, selection, OwnerTraces() if traces is None else traces)
     return Plan(tuple(sites), tuple(skipped), tuple(unanalysed), config)
 
 
@@ -228,37 +241,20 @@ def _check_globs(what: str, globs: Sequence[str] | None) -> tuple[str, ...] | No
 
 
 def example_args(model: nn.Module, example_input: Any = None) -> tuple[Any, ...]:
-    """The inputs to analyse with: the user's, else one built from the model's config.
+    """The inputs to analyse with: the user's, else an empty tensor of the model's declared
+    input size (``input_size.model_input_size``), batch 2; only shapes matter.
 
-    Only shapes matter (analysis runs on fake tensors): timm's ``pretrained_cfg['input_size']``
-    when known, else the first layer's input channels at the model's ``image_size`` or 224 px,
-    batch 2.
+    Raises:
+        ConfigError: no input was given and the model does not say what it reads.
     """
     if example_input is not None:
         return tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
-    ref = next(iter(model.parameters()), None)
-    dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.get_default_dtype()
-    device = ref.device if ref is not None else torch.device("cpu")
-    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
-    shape: tuple[int, ...] | None = None
-    image_size = getattr(model, "image_size", None)  # torchvision's ViT checks its input size
-    if isinstance(cfg, dict) and cfg.get("input_size"):
-        shape = (2, *cfg["input_size"])
-    else:
-        for m in model.modules():
-            if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-                side = image_size if isinstance(image_size, int) else 224
-                spatial = {nn.Conv1d: (side,), nn.Conv2d: (side, side), nn.Conv3d: (16, 112, 112)}[type(m)]
-                shape = (2, m.in_channels, *spatial)
-                break
-            if isinstance(m, nn.Linear):
-                shape = (2, m.in_features)
-                break
-    if shape is None:
+    built = _default_example_input(model)
+    if built is None:
         raise ConfigError(
             f"cannot guess an input for {type(model).__name__}; pass example_input=torch.randn(...)"
         )
-    return (torch.empty(shape, dtype=dtype, device=device),)
+    return (built,)
 
 
 # --------------------------------------------------------------------------------------------
@@ -281,13 +277,31 @@ def _resolve(module: nn.Module, target: str) -> Any:
     return obj
 
 
-def _analysable_children(module: nn.Module) -> list[tuple[str, nn.Module]]:
-    # Builtin layers are leaves (nothing inside to analyse), and so are modules without weights.
-    return [
-        (name, child)
-        for name, child in module.named_children()
-        if not type(child).__module__.startswith("torch.") and any(True for _ in child.parameters())
-    ]
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def _may_hold_sites(module: nn.Module) -> bool:
+    """Builtin layers are leaves (nothing inside to analyse), and so are modules without
+    weights; torch's containers are not leaves: what they hold is analysed (rule 13)."""
+    if not any(True for _ in module.parameters()):
+        return False
+    return isinstance(module, _CONTAINERS) or not type(module).__module__.startswith("torch.")
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+def _join_path(path: str, name: str) -> str:
+    return f"{path}.{name}" if path and name else path or name
+
+
+def _args_key(args: Sequence[Any]) -> tuple[Any, ...]:
+    return tuple(
+        (tuple(a.shape), a.dtype) if isinstance(a, torch.Tensor) else a if isinstance(a, (bool, int, str)) else type(a).__name__
+        for a in args
+    )
 
 
 def _analyse(
@@ -295,48 +309,109 @@ def _analyse(
     path: str,
     args: Sequence[Any],
     units: list[_Unit],
-    unanalysed: list[str],
-    untraceable: set[tuple[type, tuple[str, ...]]] | None = None,
+    unanalysed: list[Unanalysed],
+    memo: dict[Any, str],
 ) -> None:
-    """Trace ``module`` into a unit; if it does not trace, analyse its children on their own.
+    """Trace ``module`` into a unit; if it does not trace, analyse its parts on their own.
 
-    ``untraceable`` remembers (class, argument types) that failed, so the 58 dense layers of
-    timm's DenseNet-121 (no-trace leaves taking a list) fail once, not 58 times.
+    ``memo`` remembers per (class, argument kinds) why a module failed to trace, so the 58
+    dense layers of timm's DenseNet-121 (no-trace leaves taking a list) fail once, not 58
+    times; and per (block signature, argument shapes) blocks whose trace has nothing to
+    analyse (timm's ``BatchNormAct2d``), so such no-trace leaves are traced once per kind.
     """
-    untraceable = set() if untraceable is None else untraceable
     key = (type(module), tuple(type(a).__name__ for a in args))
-    children = _analysable_children(module)
     try:
-        if key in untraceable:
-            raise TypeError("a module of this class failed to trace with these argument types")
-        graph, constants, calls = trace(module, concrete_args=standalone_concrete_args(module, len(args)))
+        if key in memo:
+            raise _KnownFailure(memo[key])
+        concrete = call_concrete_args(module, args)
+        graph, constants, calls = trace(module, concrete_args=concrete)
         propagate_shapes(_graph_module(module, graph, constants), args)
     except Exception as e:  # noqa: BLE001 - any failure means "analyse the parts"
-        log.debug("%s does not trace (%s: %s); analysing its children", path or "model", type(e).__name__, e)
-        untraceable.add(key)
-        unanalysed.append(path)
-        inputs = record_module_inputs(module, args) if children else {}
-        for name, child in children:
-            child_path = f"{path}.{name}" if path else name
-            if name in inputs:
-                _analyse(child, child_path, inputs[name], units, unanalysed, untraceable)
-            else:
-                unanalysed.append(child_path)
+        reason = str(e) if isinstance(e, _KnownFailure) else _first_line(e)
+        log.debug("%s does not trace (%s); analysing its parts", path or "model", reason)
+        memo.setdefault(key, reason)
+        unanalysed.append(Unanalysed(path, reason))
+        _analyse_parts(module, path, args, units, unanalysed, memo)
         return
     flow = DataFlow(graph, module)
-    units.append(_Unit(path, module, graph, flow, qualified_names(graph, path), calls))
+    record = tuple(("tensor" if isinstance(a, torch.Tensor) else type(a).__name__, a) for a in args)
+    issue = "" if standalone_call(module, record, ()) else "called with values other than tensors and defaults"
+    units.append(_Unit(path, module, graph, flow, qualified_names(graph, path), calls, issue))
     # Leaves we cannot see into (timm's no-trace blocks): analyse them on their own.
     for node in graph.nodes:
-        if node.op != "call_module":
+        if node.op != "call_module" or not _is_first_call(node):
             continue
         child = module.get_submodule(str(node.target))
-        if type(child).__module__.startswith("torch.") or not any(True for _ in child.parameters()):
+        if not _may_hold_sites(child) or isinstance(child, _CONTAINERS):
             continue
-        if _is_first_call(node):
-            device = next(child.parameters()).device
-            vals = tuple(_on_device(a.meta.get("val"), device) if isinstance(a, fx.Node) else a for a in node.args)
-            child_path = f"{path}.{node.target}" if path else str(node.target)
-            _analyse(child, child_path, vals, units, unanalysed, untraceable)
+        device = next(child.parameters()).device
+        vals = tuple(_on_device(a.meta.get("val"), device) if isinstance(a, fx.Node) else a for a in node.args)
+        child_path = _join_path(path, str(node.target))
+        leaf_key = _leaf_key(child, vals)
+        if leaf_key is not None and memo.get(leaf_key) == _NOTHING:
+            continue
+        before = len(units)
+        _analyse(child, child_path, vals, units, unanalysed, memo)
+        if leaf_key is not None and len(units) == before + 1 and _nothing_inside(units[-1]):
+            units.pop()
+            memo[leaf_key] = _NOTHING
+
+
+class _KnownFailure(Exception):
+    """A module of a class that already failed to trace with these argument kinds."""
+
+
+_NOTHING = "nothing to analyse"
+
+
+def _leaf_key(module: nn.Module, args: Sequence[Any]) -> tuple[Any, ...] | None:
+    from .owners import block_signature
+
+    signature = block_signature(module)
+    return None if signature is None else ("leaf", signature, _args_key(args))
+
+
+def _nothing_inside(unit: _Unit) -> bool:
+    """A traced leaf with no addition or concatenation and no module left to open holds no
+    site of any rule (residual, inception, dense), nor SE-VGG's plain sites when it has no
+    convolution (timm's ``BatchNormAct2d``: a norm and an activation)."""
+    for node in unit.graph.nodes:
+        if is_add(node) or is_cat(node) or is_conv(unit.module, node):
+            return False
+        if node.op == "call_module" and _may_hold_sites(unit.module.get_submodule(str(node.target))):
+            return False
+    return True
+
+
+def _analyse_parts(
+    module: nn.Module,
+    path: str,
+    args: Sequence[Any],
+    units: list[_Unit],
+    unanalysed: list[Unanalysed],
+    memo: dict[Any, str],
+) -> None:
+    """Analyse the children of a module that did not trace, with the inputs a forward pass
+    gave them; containers (``nn.ModuleList``, ``nn.Sequential``, ``nn.ModuleDict``) and
+    modules that were not called themselves are looked through, at any depth."""
+    if not any(_may_hold_sites(c) for c in module.children()):
+        return
+    inputs = record_module_inputs(module, args)
+
+    def visit(parent: nn.Module, rel: str) -> None:
+        for name, child in parent.named_children():
+            child_rel = _join_path(rel, name)
+            if not _may_hold_sites(child):
+                continue
+            child_path = _join_path(path, child_rel)
+            if child_rel in inputs:
+                _analyse(child, child_path, inputs[child_rel], units, unanalysed, memo)
+            elif any(_may_hold_sites(c) for c in child.children()):
+                visit(child, child_rel)  # an iterated container, or a module used only through its parts
+            else:
+                unanalysed.append(Unanalysed(child_path, "not called by the forward pass on the example input"))
+
+    visit(module, "")
 
 
 def _on_device(value: Any, device: torch.device) -> Any:
@@ -596,27 +671,8 @@ def _scope_of(node: fx.Node) -> str:
 # Owner-level names of the nodes a site touches
 
 
-def _owner_entries(node: fx.Node, owner_rel: str) -> list[tuple[str, str]]:
-    return [(k, p) for k, p in call_stack(node) if not owner_rel or p.startswith(owner_rel + ".")]
-
-
-def _call_name(unit: _Unit, key: str, path: str) -> str:
-    k = int(key.rsplit("@", 1)[1]) if "@" in key else 0
-    full = unit.full(path)
-    return full if k == 0 else f"{full}_{k}"
-
-
 def _rep(unit: _Unit, node: fx.Node, owner_rel: str, depth: int) -> tuple[str, list[str], str | None]:
-    """Name of ``node`` in the owner's graph when the first ``depth`` nested calls are traced
-    through; also the paths traced through and the call key that stands for the node."""
-    entries = _owner_entries(node, owner_rel)
-    if node.op == "call_module":
-        entries = entries[:-1] + [("", entries[-1][1])] if entries else entries
-    if depth < len(entries) and entries[depth][0]:
-        key, path = entries[depth]
-        return _call_name(unit, key, path), [p for _, p in entries[:depth]], key
-    inline = [p for k, p in entries if k]
-    return unit.names[node], inline, None
+    return owner_local_name(node, unit.names, unit.path, owner_rel, depth)
 
 
 def _represent(cand: _Candidate) -> _Candidate:
@@ -677,25 +733,77 @@ def _spatial(cand: _Candidate) -> tuple[int, ...]:
     return tuple(size for d, size in enumerate(cand.shape) if d not in (0, axis))
 
 
+def _stage_spatial(cand: _Candidate) -> tuple[int, ...]:
+    """Feature-map size of the site's block (its sum or concatenation), whatever the placement
+    moves the SE to (``pre`` scales the fork, which may be at the previous resolution)."""
+    shape = tensor_shape(cand.anchor)
+    if shape is None or len(shape) != len(cand.shape):
+        return _spatial(cand)
+    axis = cand.axis % len(shape)
+    return tuple(size for d, size in enumerate(shape) if d not in (0, axis))
+
+
+def _number_stages(candidates: list[_Candidate]) -> dict[int, tuple[int, tuple[int, ...]]]:
+    """Stage (index, feature-map size) of every usable candidate: runs of blocks at one
+    resolution in graph order, counted over all sites before selection, so indices do not
+    depend on it."""
+    order: dict[int, int] = {}
+    for c in candidates:
+        order.setdefault(id(c.unit), len(order))
+    usable = [c for c in candidates if c.skip is None]
+    usable.sort(key=lambda c: (order[id(c.unit)], c.unit.flow.index[c.anchor], c.unit.flow.index[c.source or c.anchor]))
+    stages: dict[int, tuple[int, tuple[int, ...]]] = {}
+    stage, last = -1, None
+    for cand in usable:
+        spatial = _stage_spatial(cand)
+        if spatial != last:
+            stage, last = stage + 1, spatial
+        stages[id(cand)] = (stage, spatial)
+    return stages
+
+
+def _check_selection(model: nn.Module, selection: Selection, stages: dict[int, tuple[int, tuple[int, ...]]]) -> None:
+    """Refuse stages and resolutions the model does not have, listing the ones it has."""
+    if not stages:
+        return  # no site at all: the caller says so
+    known: dict[int, tuple[int, ...]] = {}
+    for stage, spatial in stages.values():
+        known.setdefault(stage, spatial)
+    name = type(model).__name__
+    unknown = sorted(set(selection.stages or ()) - set(known))
+    if unknown:
+        listed = ", ".join(f"{k} ({_size(v)})" for k, v in sorted(known.items()))
+        raise SelectionError(
+            f"stage {', '.join(map(str, unknown))}: {name} has {len(known)} stages "
+            f"(runs of SE sites at one feature-map size, at the analysed input): {listed}"
+        )
+    sides = sorted({max(v, default=0) for v in known.values()}, reverse=True)
+    unknown = sorted(set(selection.resolutions or ()) - set(sides))
+    if unknown:
+        raise SelectionError(
+            f"resolution {', '.join(map(str, unknown))}: {name} has SE sites at resolutions "
+            f"{', '.join(map(str, sides))} (the largest side of each feature map at the analysed input)"
+        )
+
+
+def _size(spatial: Sequence[int]) -> str:
+    return "x".join(str(n) for n in spatial) if spatial else "-"
+
+
 def _finalise(
-    model: nn.Module, candidates: list[_Candidate], config: SEConfig, selection: Selection
+    model: nn.Module, candidates: list[_Candidate], config: SEConfig, selection: Selection, traces: OwnerTraces
 ) -> tuple[list[Site], list[Skipped]]:
     order: dict[int, int] = {}
     for c in candidates:
         order.setdefault(id(c.unit), len(order))
     candidates = sorted(candidates, key=lambda c: (order[id(c.unit)], c.unit.flow.index[c.source or c.anchor]))
-    # Stages are counted over every usable site before selection, so indices do not depend on it.
-    stages: dict[int, int] = {}
-    stage, last = -1, None
-    for cand in candidates:
-        if cand.skip is None:
-            if _spatial(cand) != last:
-                stage, last = stage + 1, _spatial(cand)
-            stages[id(cand)] = stage
+    stages = _number_stages(candidates)
+    _check_selection(model, selection, stages)
     sites: list[Site] = []
     skipped: list[Skipped] = []
     taken: dict[str, set[str]] = {}
     seen_sources: dict[tuple[int, fx.Node], int] = {}
+    root_issues: dict[str, str] = {}
     for cand in candidates:
         if cand.skip is not None:
             skipped.append(cand.skip)
@@ -708,9 +816,12 @@ def _finalise(
             sites[seen_sources[key]] = replace(site, targets=merged)
             continue
         owner = cand.unit.full(cand.owner_rel)
+        if not cand.owner_rel and cand.unit.root_call_issue:
+            root_issues[owner] = cand.unit.root_call_issue
         name = _free_name(model, owner, taken)
         node_name = cand.unit.names[cand.anchor]
-        reason = _deselected(selection, name, owner, cand.channels, stages[id(cand)], _spatial(cand))
+        stage, spatial = stages[id(cand)]
+        reason = _deselected(selection, name, owner, cand.channels, stage, spatial)
         if reason is not None:
             skipped.append(Skipped(node_name, *reason))
             continue
@@ -727,13 +838,45 @@ def _finalise(
                 channels=cand.channels,
                 hidden=hidden_width(cand.channels, config.reduction, config.min_hidden, config.hidden),
                 channel_axis=cand.axis,
-                stage=stages[id(cand)],
+                stage=stage,
                 inline=cand.inline,
                 prefix_tokens=cand.prefix_tokens,
-                spatial=_spatial(cand),
+                spatial=spatial,
+                config=config,
             )
         )
-    return _drop_conflicting_owners(sites, skipped)
+    sites, skipped = _drop_conflicting_owners(sites, skipped)
+    return _rebuildable(model, sites, skipped, traces, root_issues)
+
+
+def _rebuildable(
+    model: nn.Module, sites: list[Site], skipped: list[Skipped], traces: OwnerTraces, root_issues: dict[str, str]
+) -> tuple[list[Site], list[Skipped]]:
+    """Rule 14: trace every owner as the rewriter will and keep only the sites found in it;
+    the others are skipped as ``not-rewritable`` with the reason."""
+    by_owner: dict[str, list[Site]] = {}
+    for site in sites:
+        by_owner.setdefault(site.owner, []).append(site)
+    dropped: dict[str, str] = {}
+    for owner, group in by_owner.items():
+        if owner in root_issues:
+            dropped.update({s.name: f"{owner or 'the model'} is {root_issues[owner]}" for s in group})
+            continue
+        module = model.get_submodule(owner) if owner else model
+        pending = list(group)
+        while pending:
+            reason = traces.check(module, owner, pending)
+            if reason is None:
+                break
+            # Keep the sites that work on their own; drop the others with the reason.
+            alone = {s.name: traces.check(module, owner, [s]) for s in pending}
+            bad = [s for s in pending if alone[s.name] is not None] or pending
+            for s in bad:
+                dropped[s.name] = alone.get(s.name) or reason
+            pending = [s for s in pending if s not in bad]
+    kept = [s for s in sites if s.name not in dropped]
+    skipped += [Skipped(s.node, SkipReason.NOT_REWRITABLE, dropped[s.name]) for s in sites if s.name in dropped]
+    return kept, skipped
 
 
 def _deselected(
