@@ -32,10 +32,12 @@ __all__ = [
     "Traced",
     "standalone_concrete_args",
     "call_concrete_args",
+    "passes_var_positional",
     "required_positional",
     "standalone_call",
     "propagate_shapes",
     "record_module_inputs",
+    "RecordedInputs",
     "qualified_names",
     "node_scope",
     "call_stack",
@@ -106,12 +108,16 @@ class SETracer(fx.Tracer):
         leaf_modules: Sequence[type[nn.Module]] = (),
         autowrap_functions: Sequence[Callable[..., Any]] = (),
         inline: Iterable[str] | None = None,
+        var_positional: bool = False,
+        opaque: Iterable[str] = (),
     ) -> None:
         timm_modules, timm_functions = _timm_notrace()
         super().__init__(autowrap_functions=tuple(autowrap_functions) + timm_functions)
         # SEBlock is a leaf so our own blocks read as one call (and as attention) in the graph.
         self.leaf_modules = tuple(leaf_modules) + timm_modules + mode_dependent_leaves() + (SEBlock,)
         self.inline = None if inline is None else frozenset(inline)
+        self.var_positional = var_positional
+        self.opaque = frozenset(opaque)
         self.module_calls: dict[str, list[CallRecord]] = {}
 
     def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -129,12 +135,12 @@ class SETracer(fx.Tracer):
         # ``*args`` / ``**kwargs`` (every transformers layer takes ``**kwargs``) would become
         # proxies, and ``kwargs.get(...)`` control flow fails: trace them empty, as a call
         # that passes nothing extra would have them.
-        return super().create_args_for_root(_without_var_args(root_fn), is_module, concrete_args)
+        return super().create_args_for_root(_without_var_args(root_fn, self.var_positional), is_module, concrete_args)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if self.inline is not None and module_qualified_name not in self.inline:
             return True
-        if isinstance(m, self.leaf_modules):
+        if isinstance(m, self.leaf_modules) or module_qualified_name in self.opaque:
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
@@ -142,8 +148,9 @@ class SETracer(fx.Tracer):
 _VAR_KINDS = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
 
 
-def _without_var_args(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``fn`` behind a function with the same named parameters and no ``*args``/``**kwargs``.
+def _without_var_args(fn: Callable[..., Any], keep_var_positional: bool = False) -> Callable[..., Any]:
+    """``fn`` behind a function with the same named parameters and no ``*args``/``**kwargs``
+    (``*args`` kept when the call passes arguments into it: fx then traces it as one input).
 
     fx reads the parameters from the code object, so the wrapper is real code, compiled once
     per signature shape; it does not set ``__wrapped__`` (fx would unwrap it again).
@@ -152,9 +159,10 @@ def _without_var_args(fn: Callable[..., Any]) -> Callable[..., Any]:
         params = list(inspect.signature(fn).parameters.values())
     except (TypeError, ValueError):
         return fn
-    if not any(p.kind in _VAR_KINDS for p in params):
+    dropped = (inspect.Parameter.VAR_KEYWORD,) if keep_var_positional else _VAR_KINDS
+    if not any(p.kind in dropped for p in params):
         return fn
-    kept = [p for p in params if p.kind not in _VAR_KINDS]
+    kept = [p for p in params if p.kind not in dropped]
     if not all(p.name.isidentifier() for p in kept):
         return fn
     namespace: dict[str, Any] = {"_fn": fn}
@@ -162,6 +170,11 @@ def _without_var_args(fn: Callable[..., Any]) -> Callable[..., Any]:
     call: list[str] = []
     star = False
     for p in kept:
+        if p.kind is inspect.Parameter.VAR_POSITIONAL:
+            parts.append(f"*{p.name}")
+            call.append(f"*{p.name}")
+            star = True
+            continue
         if p.kind is inspect.Parameter.KEYWORD_ONLY and not star:
             parts.append("*")
             star = True
@@ -214,14 +227,18 @@ def trace(
     training: bool = False,
     inline: Iterable[str] | None = None,
     concrete_args: dict[str, Any] | None = None,
+    var_positional: bool = False,
+    opaque: Iterable[str] = (),
 ) -> Traced:
-    """Trace ``module`` in the given mode.
+    """Trace ``module`` in the given mode; ``var_positional``: the call passes arguments into
+    the forward's ``*args`` (else it is traced empty, as ``**kwargs`` always is); ``opaque``:
+    paths of submodules kept as calls (parts that do not trace themselves).
 
     The tracer stores tensor constants as attributes of the traced root; they are removed from
     ``module`` again and returned, so tracing never changes the user's model.
     """
     before = set(module.__dict__)
-    tracer = SETracer(inline=inline)
+    tracer = SETracer(inline=inline, var_positional=var_positional, opaque=opaque)
     try:
         with _training_mode(module, training):
             graph = tracer.trace(module, concrete_args=concrete_args)
@@ -229,7 +246,21 @@ def trace(
         added = {k: module.__dict__[k] for k in set(module.__dict__) - before}
         for k in added:
             del module.__dict__[k]
+    _restore_parameter_names(graph, concrete_args or {})
     return Traced(graph, added, tracer.module_calls)
+
+
+def _restore_parameter_names(graph: fx.Graph, concrete_args: dict[str, Any]) -> None:
+    """fx names the input of a constant parameter ``mask_1``; a rebuilt block's forward must
+    take ``mask=`` as the original does."""
+    taken = {str(n.target) for n in graph.nodes if n.op == "placeholder"}
+    for node in graph.nodes:
+        if node.op != "placeholder":
+            continue
+        name, _, count = str(node.target).rpartition("_")
+        if count == "1" and name in concrete_args and name not in taken:
+            node.target = name
+            taken.add(name)
 
 
 def standalone_concrete_args(module: nn.Module, passed: int = 0) -> dict[str, Any]:
@@ -247,6 +278,16 @@ def standalone_concrete_args(module: nn.Module, passed: int = 0) -> dict[str, An
         and p.default is not inspect.Parameter.empty
         and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     }
+
+
+def passes_var_positional(module: nn.Module, passed: int) -> bool:
+    """Whether ``passed`` positional arguments reach ``module.forward``'s ``*args``."""
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    named = sum(p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD) for p in params)
+    return passed > named and any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params)
 
 
 def call_concrete_args(module: nn.Module, args: Sequence[Any]) -> dict[str, Any]:
@@ -408,7 +449,24 @@ def _real_zeros(value: Any) -> Any:
     return value
 
 
-def record_module_inputs(module: nn.Module, args: Sequence[Any]) -> dict[str, tuple[Any, ...]]:
+class RecordedInputs(dict[str, tuple[Any, ...]]):
+    """Positional inputs of each submodule's first call, by module path; ``extra_keywords``
+    names the keyword arguments a call passed into the forward's ``**kwargs``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.extra_keywords: dict[str, tuple[str, ...]] = {}
+
+
+def _extra_keywords(module: nn.Module, kwargs: dict[str, Any]) -> tuple[str, ...]:
+    try:
+        named = {p.name for p in inspect.signature(module.forward).parameters.values() if p.kind not in _VAR_KINDS}
+    except (TypeError, ValueError):
+        return ()
+    return tuple(sorted(k for k in kwargs if k not in named))
+
+
+def record_module_inputs(module: nn.Module, args: Sequence[Any]) -> RecordedInputs:
     """Run ``module`` and return the positional inputs of each submodule's first call.
 
     Keyword arguments are put in their positional places (parameters skipped in between get
@@ -418,12 +476,15 @@ def record_module_inputs(module: nn.Module, args: Sequence[Any]) -> dict[str, tu
     control flow depends on values. A forward that fails part-way still yields what ran before.
     """
     names = {id(m): n for n, m in module.named_modules()}
-    recorded: dict[str, tuple[Any, ...]] = {}
+    recorded = RecordedInputs()
 
     def hook(mod: nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         name = names.get(id(mod))
         if name is not None and name not in recorded:
             recorded[name] = _positional(mod, inputs, kwargs)
+            extra = _extra_keywords(mod, kwargs)
+            if extra:
+                recorded.extra_keywords[name] = extra
 
     handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in module.modules()]
     try:

@@ -9,6 +9,7 @@ mark nested ones, then name, size and select the sites.
 from __future__ import annotations
 
 import fnmatch
+import itertools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -38,6 +39,7 @@ from .graph import (
     is_unary_elementwise,
     is_upsample,
     node_scope,
+    passes_var_positional,
     propagate_shapes,
     qualified_names,
     record_module_inputs,
@@ -48,7 +50,7 @@ from .graph import (
 )
 from .input_size import example_input as _default_example_input
 from .names import owner_local_name
-from .owners import OwnerTraces
+from .owners import OwnerTraces, block_signature
 from .plan import Plan, Site, SiteKind, Skipped, SkipReason, Unanalysed
 
 log = logging.getLogger(__name__)
@@ -311,50 +313,107 @@ def _analyse(
     units: list[_Unit],
     unanalysed: list[Unanalysed],
     memo: dict[Any, str],
-) -> None:
+    extra_keywords: tuple[str, ...] = (),
+) -> frozenset[str] | None:
     """Trace ``module`` into a unit; if it does not trace, analyse its parts on their own.
+
+    When parts of it fail to trace, it is traced again with those parts kept as calls, so
+    a block whose attention does not trace still shows its residual sums (rule 13). Returns
+    the paths of the parts left opaque in its unit, or None when it could not be analysed as
+    one unit.
 
     ``memo`` remembers per (class, argument kinds) why a module failed to trace, so the 58
     dense layers of timm's DenseNet-121 (no-trace leaves taking a list) fail once, not 58
     times; and per (block signature, argument shapes) blocks whose trace has nothing to
-    analyse (timm's ``BatchNormAct2d``), so such no-trace leaves are traced once per kind.
+    analyse (timm's ``BatchNormAct2d``), so such blocks are traced once per kind.
     """
     key = (type(module), tuple(type(a).__name__ for a in args))
+    leaf_key = _leaf_key(module, args)
+    if leaf_key is not None and memo.get(leaf_key) == _NOTHING:
+        return frozenset()
     try:
         if key in memo:
             raise _KnownFailure(memo[key])
-        concrete = call_concrete_args(module, args)
-        graph, constants, calls = trace(module, concrete_args=concrete)
-        propagate_shapes(_graph_module(module, graph, constants), args)
+        unit = _trace_unit(module, path, args, frozenset(), extra_keywords)
     except Exception as e:  # noqa: BLE001 - any failure means "analyse the parts"
         reason = str(e) if isinstance(e, _KnownFailure) else _first_line(e)
         log.debug("%s does not trace (%s); analysing its parts", path or "model", reason)
         memo.setdefault(key, reason)
-        unanalysed.append(Unanalysed(path, reason))
-        _analyse_parts(module, path, args, units, unanalysed, memo)
-        return
-    flow = DataFlow(graph, module)
+        part_units: list[_Unit] = []
+        part_unanalysed: list[Unanalysed] = []
+        opaque = _analyse_parts(module, path, args, part_units, part_unanalysed, memo)
+        unit = None
+        if opaque:
+            try:
+                unit = _trace_unit(module, path, args, opaque, extra_keywords)
+            except Exception as e2:  # noqa: BLE001 - its own code does not trace either
+                log.debug("%s does not trace with its parts opaque either (%s)", path or "model", _first_line(e2))
+        if unit is None:
+            unanalysed.append(Unanalysed(path, reason))
+            units += part_units
+            unanalysed += part_unanalysed
+            return None
+        # Its unit covers the parts that traced; keep what was found inside the opaque ones.
+        units += [u for u in part_units if any(_within(u.path, p) for p in opaque)]
+        unanalysed += part_unanalysed
+        _keep_unit(unit, units, unanalysed, memo, leaf_key, opaque)
+        return opaque
+    _keep_unit(unit, units, unanalysed, memo, leaf_key, frozenset())
+    return frozenset()
+
+
+def _within(path: str, ancestor: str) -> bool:
+    return path == ancestor or path.startswith(ancestor + ".") or not ancestor
+
+
+def _trace_unit(
+    module: nn.Module, path: str, args: Sequence[Any], opaque: frozenset[str], extra_keywords: tuple[str, ...] = ()
+) -> _Unit:
+    prefix = len(path) + 1 if path else 0
+    graph, constants, calls = trace(
+        module,
+        concrete_args=call_concrete_args(module, args),
+        var_positional=passes_var_positional(module, len(args)),
+        opaque={p[prefix:] for p in opaque},
+    )
+    propagate_shapes(_graph_module(module, graph, constants), args)
     record = tuple(("tensor" if isinstance(a, torch.Tensor) else type(a).__name__, a) for a in args)
-    issue = "" if standalone_call(module, record, ()) else "called with values other than tensors and defaults"
-    units.append(_Unit(path, module, graph, flow, qualified_names(graph, path), calls, issue))
-    # Leaves we cannot see into (timm's no-trace blocks): analyse them on their own.
-    for node in graph.nodes:
+    if extra_keywords:
+        issue = f"called with keyword arguments its rebuilt forward would not take ({', '.join(extra_keywords)})"
+    elif not standalone_call(module, record, ()):
+        issue = "called with values other than tensors and defaults"
+    else:
+        issue = ""
+    return _Unit(path, module, graph, DataFlow(graph, module), qualified_names(graph, path), calls, issue)
+
+
+def _keep_unit(
+    unit: _Unit,
+    units: list[_Unit],
+    unanalysed: list[Unanalysed],
+    memo: dict[Any, str],
+    leaf_key: tuple[Any, ...] | None,
+    opaque: frozenset[str],
+) -> None:
+    """Keep ``unit`` unless it holds nothing to analyse, then open the leaves inside it
+    that may hold sites (timm's no-trace blocks), each on its own."""
+    if not opaque and _nothing_inside(unit):
+        if leaf_key is not None:
+            memo[leaf_key] = _NOTHING
+        return
+    units.append(unit)
+    for node in unit.graph.nodes:
         if node.op != "call_module" or not _is_first_call(node):
             continue
-        child = module.get_submodule(str(node.target))
+        child_path = _join_path(unit.path, str(node.target))
+        if child_path in opaque:
+            continue  # analysed already, as parts
+        child = unit.module.get_submodule(str(node.target))
         if not _may_hold_sites(child) or isinstance(child, _CONTAINERS):
             continue
         device = next(child.parameters()).device
         vals = tuple(_on_device(a.meta.get("val"), device) if isinstance(a, fx.Node) else a for a in node.args)
-        child_path = _join_path(path, str(node.target))
-        leaf_key = _leaf_key(child, vals)
-        if leaf_key is not None and memo.get(leaf_key) == _NOTHING:
-            continue
-        before = len(units)
         _analyse(child, child_path, vals, units, unanalysed, memo)
-        if leaf_key is not None and len(units) == before + 1 and _nothing_inside(units[-1]):
-            units.pop()
-            memo[leaf_key] = _NOTHING
 
 
 class _KnownFailure(Exception):
@@ -364,15 +423,20 @@ class _KnownFailure(Exception):
 _NOTHING = "nothing to analyse"
 
 
-def _leaf_key(module: nn.Module, args: Sequence[Any]) -> tuple[Any, ...] | None:
-    from .owners import block_signature
+#: Blocks with more submodules than this are not memoised as "nothing inside" (the ones
+#: that repeat by the hundred, like timm's BatchNormAct2d, are small; big ones rarely repeat).
+_MEMO_MAX_MODULES = 16
 
+
+def _leaf_key(module: nn.Module, args: Sequence[Any]) -> tuple[Any, ...] | None:
+    if sum(1 for _ in itertools.islice(module.modules(), _MEMO_MAX_MODULES + 1)) > _MEMO_MAX_MODULES:
+        return None
     signature = block_signature(module)
     return None if signature is None else ("leaf", signature, _args_key(args))
 
 
 def _nothing_inside(unit: _Unit) -> bool:
-    """A traced leaf with no addition or concatenation and no module left to open holds no
+    """A traced block with no addition or concatenation and no module left to open holds no
     site of any rule (residual, inception, dense), nor SE-VGG's plain sites when it has no
     convolution (timm's ``BatchNormAct2d``: a norm and an activation)."""
     for node in unit.graph.nodes:
@@ -390,13 +454,15 @@ def _analyse_parts(
     units: list[_Unit],
     unanalysed: list[Unanalysed],
     memo: dict[Any, str],
-) -> None:
+) -> frozenset[str]:
     """Analyse the children of a module that did not trace, with the inputs a forward pass
     gave them; containers (``nn.ModuleList``, ``nn.Sequential``, ``nn.ModuleDict``) and
-    modules that were not called themselves are looked through, at any depth."""
+    modules that were not called themselves are looked through, at any depth. Returns the
+    paths of the parts that stay opaque (did not trace, or hold parts that did not)."""
     if not any(_may_hold_sites(c) for c in module.children()):
-        return
+        return frozenset()
     inputs = record_module_inputs(module, args)
+    opaque: set[str] = set()
 
     def visit(parent: nn.Module, rel: str) -> None:
         for name, child in parent.named_children():
@@ -405,13 +471,16 @@ def _analyse_parts(
                 continue
             child_path = _join_path(path, child_rel)
             if child_rel in inputs:
-                _analyse(child, child_path, inputs[child_rel], units, unanalysed, memo)
+                extra = inputs.extra_keywords.get(child_rel, ())
+                inner = _analyse(child, child_path, inputs[child_rel], units, unanalysed, memo, extra)
+                opaque.update({child_path} if inner is None else inner)
             elif any(_may_hold_sites(c) for c in child.children()):
                 visit(child, child_rel)  # an iterated container, or a module used only through its parts
             else:
                 unanalysed.append(Unanalysed(child_path, "not called by the forward pass on the example input"))
 
     visit(module, "")
+    return frozenset(opaque)
 
 
 def _on_device(value: Any, device: torch.device) -> Any:
