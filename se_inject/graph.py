@@ -211,6 +211,7 @@ class Traced(NamedTuple):
 
 
 _PLAIN = (bool, int, float, str, type(None))
+_MISSING = object()
 
 #: One recorded call: (kind, value if plain data) of each positional argument (kind "tensor"
 #: for traced values), and (name, kind, value if plain data) for each keyword argument.
@@ -237,6 +238,9 @@ def trace(
     The tracer stores tensor constants as attributes of the traced root; they are removed from
     ``module`` again and returned, so tracing never changes the user's model.
     """
+    # Forwards that set attributes lazily (torchvision's MultiScaleRoIAlign caches its scales)
+    # would keep proxies: every module's attributes are put back as they were.
+    saved = [(m, dict(m.__dict__)) for m in module.modules()]
     before = set(module.__dict__)
     tracer = SETracer(inline=inline, var_positional=var_positional, opaque=opaque)
     try:
@@ -244,8 +248,11 @@ def trace(
             graph = tracer.trace(module, concrete_args=concrete_args)
     finally:
         added = {k: module.__dict__[k] for k in set(module.__dict__) - before}
-        for k in added:
-            del module.__dict__[k]
+        for m, attrs in saved:
+            now = m.__dict__
+            if len(now) != len(attrs) or any(now.get(k, _MISSING) is not v for k, v in attrs.items()):
+                now.clear()
+                now.update(attrs)
     _restore_parameter_names(graph, concrete_args or {})
     return Traced(graph, added, tracer.module_calls)
 
@@ -466,14 +473,19 @@ def _extra_keywords(module: nn.Module, kwargs: dict[str, Any]) -> tuple[str, ...
     return tuple(sorted(k for k in kwargs if k not in named))
 
 
-def record_module_inputs(module: nn.Module, args: Sequence[Any]) -> RecordedInputs:
+def record_module_inputs(
+    module: nn.Module, args: Sequence[Any], enough: Callable[[RecordedInputs], bool] | None = None
+) -> RecordedInputs:
     """Run ``module`` and return the positional inputs of each submodule's first call.
 
     Keyword arguments are put in their positional places (parameters skipped in between get
     their defaults), so a block called as ``layer(x, mask=None)`` is traced like ``layer(x,
     None)``. Used for models whose top level does not trace: their blocks are then traced on
     their own, with the inputs recorded here. Fake tensors first; a forward on zeros when
-    control flow depends on values. A forward that fails part-way still yields what ran before.
+    control flow depends on values, unless what the fake forward recorded before it stopped
+    is ``enough`` (a detector's postprocessing stops it after the backbone and heads ran; a
+    real forward at its 800 px would cost seconds). A forward that fails part-way still
+    yields what ran before.
     """
     names = {id(m): n for n, m in module.named_modules()}
     recorded = RecordedInputs()
@@ -492,8 +504,12 @@ def record_module_inputs(module: nn.Module, args: Sequence[Any]) -> RecordedInpu
             try:
                 module(*_to_fake(_fake_mode(), list(args)))
             except Exception as e:  # noqa: BLE001 - data-dependent control flow: run for real
+                if enough is not None and enough(recorded):
+                    log.debug("forward on fake tensors stopped early (%s); what ran is enough", e)
+                    return recorded
                 log.debug("forward on fake tensors stopped early (%s); running on zeros", e)
                 recorded.clear()
+                recorded.extra_keywords.clear()
                 try:
                     module(*[_real_zeros(a) for a in args])
                 except Exception as e2:  # noqa: BLE001 - partial records are still useful

@@ -24,6 +24,7 @@ from .errors import ConfigError, SelectionError
 from .graph import (
     CallRecord,
     DataFlow,
+    RecordedInputs,
     call_concrete_args,
     call_stack,
     cat_dim,
@@ -312,8 +313,9 @@ def _analyse(
     args: Sequence[Any],
     units: list[_Unit],
     unanalysed: list[Unanalysed],
-    memo: dict[Any, str],
+    memo: dict[Any, Any],
     extra_keywords: tuple[str, ...] = (),
+    recorded: RecordedInputs | None = None,
 ) -> frozenset[str] | None:
     """Trace ``module`` into a unit; if it does not trace, analyse its parts on their own.
 
@@ -341,7 +343,7 @@ def _analyse(
         memo.setdefault(key, reason)
         part_units: list[_Unit] = []
         part_unanalysed: list[Unanalysed] = []
-        opaque = _analyse_parts(module, path, args, part_units, part_unanalysed, memo)
+        opaque = _analyse_parts(module, path, args, part_units, part_unanalysed, memo, recorded)
         unit = None
         if opaque:
             try:
@@ -391,7 +393,7 @@ def _keep_unit(
     unit: _Unit,
     units: list[_Unit],
     unanalysed: list[Unanalysed],
-    memo: dict[Any, str],
+    memo: dict[Any, Any],
     leaf_key: tuple[Any, ...] | None,
     opaque: frozenset[str],
 ) -> None:
@@ -436,13 +438,21 @@ def _leaf_key(module: nn.Module, args: Sequence[Any]) -> tuple[Any, ...] | None:
 
 
 def _nothing_inside(unit: _Unit) -> bool:
+    return _graph_holds_nothing(unit.module, unit.graph)
+
+
+def _graph_holds_nothing(module: nn.Module, graph: fx.Graph, opaque: frozenset[str] = frozenset()) -> bool:
     """A traced block with no addition or concatenation and no module left to open holds no
     site of any rule (residual, inception, dense), nor SE-VGG's plain sites when it has no
     convolution (timm's ``BatchNormAct2d``: a norm and an activation)."""
-    for node in unit.graph.nodes:
-        if is_add(node) or is_cat(node) or is_conv(unit.module, node):
+    for node in graph.nodes:
+        if is_add(node) or is_cat(node) or is_conv(module, node):
             return False
-        if node.op == "call_module" and _may_hold_sites(unit.module.get_submodule(str(node.target))):
+        if (
+            node.op == "call_module"
+            and str(node.target) not in opaque
+            and _may_hold_sites(module.get_submodule(str(node.target)))
+        ):
             return False
     return True
 
@@ -453,15 +463,24 @@ def _analyse_parts(
     args: Sequence[Any],
     units: list[_Unit],
     unanalysed: list[Unanalysed],
-    memo: dict[Any, str],
+    memo: dict[Any, Any],
+    recorded: RecordedInputs | None = None,
 ) -> frozenset[str]:
     """Analyse the children of a module that did not trace, with the inputs a forward pass
     gave them; containers (``nn.ModuleList``, ``nn.Sequential``, ``nn.ModuleDict``) and
     modules that were not called themselves are looked through, at any depth. Returns the
-    paths of the parts that stay opaque (did not trace, or hold parts that did not)."""
+    paths of the parts that stay opaque (did not trace, or hold parts that did not).
+
+    ``recorded``: inputs of this module's submodules from a forward pass of an ancestor,
+    reused when they cover every part that needs inputs (no second forward pass).
+    """
     if not any(_may_hold_sites(c) for c in module.children()):
         return frozenset()
-    inputs = record_module_inputs(module, args)
+
+    def enough(rec: RecordedInputs) -> bool:
+        return not _missing_inputs(module, "", rec, memo)
+
+    inputs = recorded if recorded is not None and enough(recorded) else record_module_inputs(module, args, enough)
     opaque: set[str] = set()
 
     def visit(parent: nn.Module, rel: str) -> None:
@@ -472,15 +491,99 @@ def _analyse_parts(
             child_path = _join_path(path, child_rel)
             if child_rel in inputs:
                 extra = inputs.extra_keywords.get(child_rel, ())
-                inner = _analyse(child, child_path, inputs[child_rel], units, unanalysed, memo, extra)
+                inner = _analyse(
+                    child, child_path, inputs[child_rel], units, unanalysed, memo, extra, _sub_record(inputs, child_rel)
+                )
                 opaque.update({child_path} if inner is None else inner)
-            elif any(_may_hold_sites(c) for c in child.children()):
-                visit(child, child_rel)  # an iterated container, or a module used only through its parts
-            else:
-                unanalysed.append(Unanalysed(child_path, "not called by the forward pass on the example input"))
+                continue
+            if not isinstance(child, _CONTAINERS):
+                probe = _probe(child, memo)
+                if probe.reason is None and not probe.needs_inputs:
+                    continue  # traced without inputs: nothing in it can be a site
+                if probe.reason is None or not any(_may_hold_sites(c) for c in child.children()):
+                    unanalysed.append(Unanalysed(child_path, "not reached by the forward pass on the example input"))
+                    continue
+                unanalysed.append(Unanalysed(child_path, probe.reason))
+                opaque.add(child_path)
+            visit(child, child_rel)  # an iterated container, or a module not reached as a whole
 
     visit(module, "")
     return frozenset(opaque)
+
+
+def _sub_record(recorded: RecordedInputs, rel: str) -> RecordedInputs:
+    """The entries of ``recorded`` under ``rel``, relative to it."""
+    sub = RecordedInputs()
+    prefix = rel + "."
+    for key, value in recorded.items():
+        if key.startswith(prefix):
+            sub[key[len(prefix):]] = value
+    for key, value in recorded.extra_keywords.items():
+        if key.startswith(prefix):
+            sub.extra_keywords[key[len(prefix):]] = value
+    return sub
+
+
+@dataclass(frozen=True)
+class _Probe:
+    """A module traced without inputs: why it does not trace (None: it does), and whether
+    analysing it (or its parts) needs real inputs, i.e. it may hold a site."""
+
+    reason: str | None
+    needs_inputs: bool
+
+
+def _probe(module: nn.Module, memo: dict[Any, Any]) -> _Probe:
+    """Trace ``module`` without inputs as ``_analyse`` would: whole, else with the parts that
+    do not trace kept as calls; it needs inputs when its graph or one of those parts may hold
+    a site."""
+    key = ("probe", id(module))
+    if key in memo:
+        return memo[key]
+    concrete = call_concrete_args(module, ())
+    try:
+        result = _Probe(None, not _graph_holds_nothing(module, trace(module, concrete_args=concrete).graph))
+    except Exception as e:  # noqa: BLE001 - does not trace whole: try with its failing parts as calls
+        reason = _first_line(e)
+        opaque = _failing_parts(module, "", memo)
+        needs = any(_probe(module.get_submodule(p), memo).needs_inputs for p in opaque)
+        if opaque:
+            try:
+                graph = trace(module, concrete_args=concrete, opaque=opaque).graph
+                needs = needs or not _graph_holds_nothing(module, graph, opaque)
+            except Exception:  # noqa: BLE001 - its own code does not trace: only its parts count
+                pass
+        result = _Probe(reason, needs)
+    memo[key] = result
+    return result
+
+
+def _failing_parts(module: nn.Module, rel: str, memo: dict[Any, Any]) -> frozenset[str]:
+    """Paths (relative to the probed module) of the parts that do not trace, through containers."""
+    found: set[str] = set()
+    for name, child in module.named_children():
+        child_rel = _join_path(rel, name)
+        if not _may_hold_sites(child):
+            continue
+        if isinstance(child, _CONTAINERS):
+            found |= _failing_parts(child, child_rel, memo)
+        elif _probe(child, memo).reason is not None:
+            found.add(child_rel)
+    return frozenset(found)
+
+
+def _missing_inputs(module: nn.Module, rel: str, recorded: RecordedInputs, memo: dict[Any, Any]) -> bool:
+    """Whether a part of ``module`` that may hold a site has no recorded inputs."""
+    for name, child in module.named_children():
+        child_rel = _join_path(rel, name)
+        if child_rel in recorded or not _may_hold_sites(child):
+            continue
+        if isinstance(child, _CONTAINERS):
+            if _missing_inputs(child, child_rel, recorded, memo):
+                return True
+        elif _probe(child, memo).needs_inputs:
+            return True
+    return False
 
 
 def _on_device(value: Any, device: torch.device) -> Any:
