@@ -208,6 +208,8 @@ class Traced(NamedTuple):
     graph: fx.Graph
     constants: dict[str, Any]
     calls: dict[str, list[CallRecord]]
+    #: Whether the traced code read a ``training`` flag (else the other mode traces the same).
+    read_mode: bool = True
 
 
 _PLAIN = (bool, int, float, str, type(None))
@@ -243,8 +245,9 @@ def trace(
     saved = [(m, dict(m.__dict__)) for m in module.modules()]
     before = set(module.__dict__)
     tracer = SETracer(inline=inline, var_positional=var_positional, opaque=opaque)
+    reads: list[str] = []
     try:
-        with _training_mode(module, training):
+        with _training_mode(module, training), _watch_mode_reads(module, reads):
             graph = tracer.trace(module, concrete_args=concrete_args)
     finally:
         added = {k: module.__dict__[k] for k in set(module.__dict__) - before}
@@ -254,7 +257,59 @@ def trace(
                 now.clear()
                 now.update(attrs)
     _restore_parameter_names(graph, concrete_args or {})
-    return Traced(graph, added, tracer.module_calls)
+    return Traced(graph, added, tracer.module_calls, bool(reads))
+
+
+# While tracing, every module's class is swapped for a subclass whose ``training`` is a
+# property that notes reads: a trace that read no ``training`` flag is the same in both
+# modes, so the other mode's trace can be skipped.
+_WATCHED_CLASSES: dict[type, type] = {}
+_reads_sink: list[list[str]] = []
+
+
+def _training_get(self: nn.Module) -> bool:
+    if _reads_sink:
+        _reads_sink[-1].append(type(self).__name__)
+    return self.__dict__["training"]
+
+
+def _training_set(self: nn.Module, value: bool) -> None:
+    self.__dict__["training"] = value
+
+
+def _watching(cls: type) -> type:
+    sub = _WATCHED_CLASSES.get(cls)
+    if sub is None:
+        body = {"training": property(_training_get, _training_set), "__module__": cls.__module__,
+                "__qualname__": cls.__qualname__}
+        sub = _WATCHED_CLASSES[cls] = type(cls.__name__, (cls,), body)
+    return sub
+
+
+@contextmanager
+def _watch_mode_reads(module: nn.Module, reads: list[str]):
+    """Record in ``reads`` each read of a ``training`` flag of ``module`` or its submodules;
+    a module whose class cannot be swapped counts as read (both modes are then traced)."""
+    swapped: list[tuple[nn.Module, type]] = []
+    try:
+        for m in module.modules():
+            cls = type(m)
+            if "training" not in m.__dict__:
+                reads.append(cls.__name__)
+                continue
+            try:
+                m.__class__ = _watching(cls)
+            except TypeError:
+                reads.append(cls.__name__)
+                continue
+            swapped.append((m, cls))
+        _reads_sink.append(reads)
+        yield
+    finally:
+        if _reads_sink and _reads_sink[-1] is reads:
+            _reads_sink.pop()
+        for m, cls in swapped:
+            m.__class__ = cls
 
 
 def _restore_parameter_names(graph: fx.Graph, concrete_args: dict[str, Any]) -> None:

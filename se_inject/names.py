@@ -108,23 +108,36 @@ def owner_local_name(
 
 
 def locate(
-    graph: fx.Graph, owner_path: str, source: str, targets: Sequence[str], what: str = "site"
+    graph: fx.Graph,
+    owner_path: str,
+    source: str,
+    targets: Sequence[str],
+    what: str = "site",
+    relative: dict[str, fx.Node] | None = None,
 ) -> tuple[fx.Node, list[fx.Node]]:
     """The nodes named ``source`` and ``targets`` in ``graph`` (the owner's trace), checking
     that each target reads the source; all users of the source when ``targets`` is empty.
+    ``relative``: the graph's names without the owner's prefix, when the caller keeps them
+    (``qualified_names(graph, p)`` is ``p.`` + ``qualified_names(graph)``).
 
     Raises:
         PlanMismatchError: a name is missing or a target does not read the source.
     """
-    by_name = {name: node for node, name in qualified_names(graph, owner_path).items()}
-    node = by_name.get(source)
+    if relative is None:
+        relative = {name: node for node, name in qualified_names(graph).items()}
+    prefix = owner_path + "." if owner_path else ""
+
+    def lookup(name: str) -> fx.Node | None:
+        return relative.get(name[len(prefix):]) if name.startswith(prefix) else None
+
+    node = lookup(source)
     if node is None:
         raise PlanMismatchError(f"{what}: node {source!r} not found in {owner_path or 'the model'}")
     if not targets:
         return node, list(node.users)
     found = []
     for t in targets:
-        target = by_name.get(t)
+        target = lookup(t)
         if target is None or node not in target.all_input_nodes:
             raise PlanMismatchError(f"{what}: {t!r} does not consume {source!r}")
         found.append(target)

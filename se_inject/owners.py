@@ -17,7 +17,7 @@ import torch.fx as fx
 from torch import nn
 
 from .graph import required_positional, standalone_concrete_args, trace
-from .names import locate
+from .names import locate, qualified_names
 from .plan import Site
 
 __all__ = ["OwnerTraces", "inline_paths", "block_signature"]
@@ -76,6 +76,17 @@ class OwnerTraces:
         self._graphs: dict[tuple[Any, ...], dict[bool, fx.Graph]] = {}
         # Per owner instance: traces with per-instance constants, which are never shared.
         self._own: dict[tuple[int, tuple[str, ...]], tuple[dict[bool, fx.Graph], dict[str, Any]]] = {}
+        # Per owner instance: its signature (planning and rewriting ask for the same owners).
+        self._signatures: dict[int, tuple[nn.Module, tuple[Any, ...] | None]] = {}
+        # Per graph: node names relative to the owner (the owner's path is a prefix).
+        self._names: dict[int, dict[str, fx.Node]] = {}
+
+    def _signature(self, owner: nn.Module) -> tuple[Any, ...] | None:
+        held = self._signatures.get(id(owner))
+        if held is None or held[0] is not owner:
+            held = (owner, block_signature(owner))
+            self._signatures[id(owner)] = held
+        return held[1]
 
     def graphs(self, owner: nn.Module, inline: tuple[str, ...]) -> tuple[dict[bool, fx.Graph], dict[str, Any]]:
         """Copies of the owner's eval graph under ``False`` and, under ``True``, of a train
@@ -88,21 +99,23 @@ class OwnerTraces:
         own = self._own.get((id(owner), inline))
         if own is not None:
             return own
-        key = block_signature(owner)
+        key = self._signature(owner)
         key = None if key is None else (key, inline)
         if key is not None and key in self._graphs:
             return self._graphs[key], {}
         graphs: dict[bool, fx.Graph] = {}
         constants: dict[str, Any] = {}
         concrete = standalone_concrete_args(owner, required_positional(owner) or 0)
-        # Both modes, always: any code the trace inlines may read self.training, and a missed
-        # one would silently train with the eval graph.
-        for training in (False, True):
-            traced = trace(owner, training=training, inline=inline, concrete_args=concrete)
-            graphs[training] = traced.graph
+        # Both modes unless the eval trace read no ``training`` flag: code that reads one may
+        # differ in train mode, and a missed difference would silently train with the eval graph.
+        traced = trace(owner, training=False, inline=inline, concrete_args=concrete)
+        graphs[False] = traced.graph
+        constants.update(traced.constants)
+        if traced.read_mode:
+            traced = trace(owner, training=True, inline=inline, concrete_args=concrete)
             constants.update(traced.constants)
-        if graphs[False].python_code("self").src == graphs[True].python_code("self").src:
-            del graphs[True]
+            if graphs[False].python_code("self").src != traced.graph.python_code("self").src:
+                graphs[True] = traced.graph
         if key is not None and not constants:  # constants are per instance: never share them
             self._graphs[key] = graphs
         else:
@@ -115,8 +128,11 @@ class OwnerTraces:
         try:
             graphs, _ = self._traced(owner, inline_paths(sites))
             for graph in graphs.values():
+                names = self._names.get(id(graph))
+                if names is None:
+                    names = self._names[id(graph)] = {name: node for node, name in qualified_names(graph).items()}
                 for site in sites:
-                    locate(graph, owner_path, site.source, site.targets, f"site {site.name}")
+                    locate(graph, owner_path, site.source, site.targets, f"site {site.name}", names)
         except Exception as e:  # noqa: BLE001 - any failure means "not rewritable", with its reason
             text = str(e).strip().splitlines()
             return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__

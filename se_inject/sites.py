@@ -372,12 +372,13 @@ def _trace_unit(
     module: nn.Module, path: str, args: Sequence[Any], opaque: frozenset[str], extra_keywords: tuple[str, ...] = ()
 ) -> _Unit:
     prefix = len(path) + 1 if path else 0
-    graph, constants, calls = trace(
+    traced = trace(
         module,
         concrete_args=call_concrete_args(module, args),
         var_positional=passes_var_positional(module, len(args)),
         opaque={p[prefix:] for p in opaque},
     )
+    graph, constants, calls = traced.graph, traced.constants, traced.calls
     propagate_shapes(_graph_module(module, graph, constants), args)
     record = tuple(("tensor" if isinstance(a, torch.Tensor) else type(a).__name__, a) for a in args)
     if extra_keywords:
