@@ -170,11 +170,11 @@ class SEBlock(nn.Module):
         self.fc1 = nn.Linear(channels, hidden, bias=bias, **dd)
         self.act = nn.ReLU(inplace=True)
         if identity_init:
-            # Zeroed anyway: skip the random init (a third of an injection's time on ResNet-152).
-            self.fc2 = torch.nn.utils.skip_init(nn.Linear, hidden, channels, bias=bias, **dd)
-            nn.init.zeros_(self.fc2.weight)
-            if self.fc2.bias is not None:
-                nn.init.zeros_(self.fc2.bias)
+            # Zeroed anyway: built on the meta device (no random init), then given zeros.
+            self.fc2 = nn.Linear(hidden, channels, bias=bias, device="meta", dtype=dtype)
+            self.fc2.weight = nn.Parameter(torch.zeros(channels, hidden, **dd))
+            if bias:
+                self.fc2.bias = nn.Parameter(torch.zeros(channels, **dd))
         else:
             self.fc2 = nn.Linear(hidden, channels, bias=bias, **dd)
         self._gate = GATES[gate][0]
