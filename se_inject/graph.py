@@ -213,6 +213,7 @@ class Traced(NamedTuple):
 
 
 _PLAIN = (bool, int, float, str, type(None))
+_PLAIN_KINDS = frozenset(t.__name__ for t in _PLAIN)
 _MISSING = object()
 
 #: One recorded call: (kind, value if plain data) of each positional argument (kind "tensor"
@@ -392,8 +393,8 @@ def standalone_call(
     by_name = {p.name: p for p in params}
     for name, kind, value in [*given, *kwargs]:
         param = by_name.get(name)
-        if kind == "tensor" or param is None or param.default is inspect.Parameter.empty:
-            return False
+        if kind not in _PLAIN_KINDS or param is None or param.default is inspect.Parameter.empty:
+            return False  # a tensor, or data recorded without its value (a list of tensors)
         if not (value is param.default or (isinstance(value, _PLAIN) and value == param.default)):
             return False
     return True

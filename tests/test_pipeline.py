@@ -397,3 +397,20 @@ def test_no_trace_leaves_without_sites_are_traced_once_per_kind(monkeypatch) -> 
     plan = find_sites(Net(), example_input=torch.randn(2, 8, 16, 16))
     assert len(plan.sites) == 6
     assert traced.count(BatchNormAct2d) == 1
+
+
+def test_a_call_with_data_other_than_defaults_is_not_standalone() -> None:
+    """DLA calls its trees with ``children=[...]`` where the default is None: such a block is
+    not rebuilt on its own (its trace would assert children is None)."""
+    from se_inject.graph import standalone_call
+
+    class Tree(nn.Module):
+        def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None, children: list | None = None) -> torch.Tensor:
+            return x
+
+    tree = Tree()
+    assert standalone_call(tree, (("tensor", None),), ())
+    assert standalone_call(tree, (("tensor", None), ("NoneType", None)), ())
+    assert not standalone_call(tree, (("tensor", None), ("NoneType", None), ("list", None)), ())
+    assert not standalone_call(tree, (("tensor", None),), (("children", "list", None),))
+    assert not standalone_call(tree, (("tensor", None), ("tensor", None)), ())
