@@ -137,6 +137,18 @@ class SETracer(fx.Tracer):
         # that passes nothing extra would have them.
         return super().create_args_for_root(_without_var_args(root_fn, self.var_positional), is_module, concrete_args)
 
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        count = _static_length(node)
+        return _PartsProxy(node, self, count) if count is not None else super().proxy(node)
+
+    def iter(self, obj: fx.Proxy) -> Any:
+        # ``list(x.chunk(2, 1))`` and ``a, b = x.split([c1, c2], 1)`` have a length fixed by
+        # their arguments (YOLO's C2f blocks, GhostNet, CSP stages): iterate the parts.
+        count = _static_length(obj.node)
+        if count is not None:
+            return iter([obj[i] for i in range(count)])
+        return super().iter(obj)
+
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if self.inline is not None and module_qualified_name not in self.inline:
             return True
@@ -146,6 +158,31 @@ class SETracer(fx.Tracer):
 
 
 _VAR_KINDS = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+
+
+class _PartsProxy(fx.Proxy):
+    """The parts of a ``chunk``/``split``: ``list(...)`` asks their number first."""
+
+    def __init__(self, node: fx.Node, tracer: fx.Tracer, count: int) -> None:
+        super().__init__(node, tracer)
+        self._count = count
+
+    def __len__(self) -> int:
+        return self._count
+
+
+def _static_length(node: fx.Node) -> int | None:
+    """Number of parts of a ``chunk(n)`` or ``split([sizes])`` node, known without values."""
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", None)
+    if node.op not in ("call_method", "call_function") or len(node.args) < 2:
+        return None
+    arg = node.args[1] if "chunks" not in node.kwargs and "split_size_or_sections" not in node.kwargs else None
+    arg = node.kwargs.get("chunks", node.kwargs.get("split_size_or_sections", arg))
+    if name == "chunk" and isinstance(arg, int):
+        return arg
+    if name == "split" and isinstance(arg, (list, tuple)) and all(isinstance(a, int) for a in arg):
+        return len(arg)
+    return None
 
 
 def _without_var_args(fn: Callable[..., Any], keep_var_positional: bool = False) -> Callable[..., Any]:

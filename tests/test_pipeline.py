@@ -414,3 +414,31 @@ def test_a_call_with_data_other_than_defaults_is_not_standalone() -> None:
     assert not standalone_call(tree, (("tensor", None), ("NoneType", None), ("list", None)), ())
     assert not standalone_call(tree, (("tensor", None),), (("children", "list", None),))
     assert not standalone_call(tree, (("tensor", None), ("tensor", None)), ())
+
+
+class _C2f(nn.Module):
+    """YOLOv8's C2f: ``list(x.chunk(2, 1))`` then a growing list, concatenated."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.cv1 = nn.Conv2d(c, 2 * c, 1)
+        self.m = nn.ModuleList([nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.ReLU()) for _ in range(2)])
+        self.cv2 = nn.Conv2d(4 * c, c, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.m[0][0].in_channels % 2:  # a split of known sizes unpacks too
+            u, v = self.cv1(x).split([self.m[0][0].in_channels, self.m[0][0].in_channels], 1)
+            y = [u, v]
+        else:
+            y = list(self.cv1(x).chunk(2, 1))
+        y.extend(m(y[-1]) for m in self.m)
+        return self.cv2(torch.cat(y, 1))
+
+
+def test_chunks_and_splits_of_known_length_trace() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), _C2f(8), nn.Conv2d(8, 7, 1), _C2f(7))
+    x = torch.randn(2, 3, 16, 16)
+    plan = find_sites(model, example_input=x)
+    assert plan.unanalysed == ()
+    assert plan.sites
+    _exact(model, x)
