@@ -264,22 +264,6 @@ def example_args(model: nn.Module, example_input: Any = None) -> tuple[Any, ...]
 # Tracing into units
 
 
-def _graph_module(module: nn.Module, graph: fx.Graph, constants: dict[str, Any]) -> fx.GraphModule:
-    attrs: dict[str, Any] = {}
-    for node in graph.nodes:
-        if node.op in ("get_attr", "call_module"):
-            target = str(node.target)
-            attrs[target] = constants[target] if target in constants else _resolve(module, target)
-    return fx.GraphModule(attrs, graph)
-
-
-def _resolve(module: nn.Module, target: str) -> Any:
-    obj: Any = module
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 
@@ -379,7 +363,7 @@ def _trace_unit(
         opaque={p[prefix:] for p in opaque},
     )
     graph, constants, calls = traced.graph, traced.constants, traced.calls
-    propagate_shapes(_graph_module(module, graph, constants), args)
+    propagate_shapes(module, args, graph=graph, constants=constants)
     record = tuple(("tensor" if isinstance(a, torch.Tensor) else type(a).__name__, a) for a in args)
     if extra_keywords:
         issue = f"called with keyword arguments its rebuilt forward would not take ({', '.join(extra_keywords)})"
