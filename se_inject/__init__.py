@@ -21,6 +21,7 @@ from .plan import Site as Site
 from .plan import SiteKind as SiteKind
 from .plan import Skipped as Skipped
 from .plan import SkipReason as SkipReason
+from .plan import Unanalysed as Unanalysed
 
 __version__ = "0.1.0"
 
@@ -34,6 +35,7 @@ __all__ = [
     "SiteKind",
     "Skipped",
     "SkipReason",
+    "Unanalysed",
     "apply_plan",
     "find_sites",
     "find_head",
