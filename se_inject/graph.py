@@ -119,6 +119,24 @@ class SETracer(fx.Tracer):
         self.var_positional = var_positional
         self.opaque = frozenset(opaque)
         self.module_calls: dict[str, list[CallRecord]] = {}
+        self._aliases: dict[int, list[str]] | None = None
+
+    def path_of_module(self, mod: nn.Module) -> str:
+        # A module registered under several names (ultralytics' Conv blocks share one SiLU) is
+        # named where it is called from: the alias inside the module being traced. fx names it
+        # by its first registration, which puts the call in another block.
+        if self._aliases is None:
+            found: dict[int, list[str]] = {}
+            for name, sub in self.root.named_modules(remove_duplicate=False):
+                found.setdefault(id(sub), []).append(name)
+            self._aliases = {k: v for k, v in found.items() if len(v) > 1}
+        paths = self._aliases.get(id(mod))
+        if paths:
+            scope = self.scope.module_path
+            for path in paths:
+                if path.rpartition(".")[0] == scope:
+                    return path
+        return super().path_of_module(mod)
 
     def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if not self.is_leaf_module(m, self.path_of_module(m)):

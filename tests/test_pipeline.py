@@ -442,3 +442,26 @@ def test_chunks_and_splits_of_known_length_trace() -> None:
     assert plan.unanalysed == ()
     assert plan.sites
     _exact(model, x)
+
+
+def test_a_module_shared_by_several_blocks_is_named_where_it_is_called() -> None:
+    """ultralytics' Conv blocks share one activation instance: fx names every call of it by
+    its first registration, which put block 2's calls inside block 1 (its residual looked like
+    a fusion reaching outside the block)."""
+    act = nn.SiLU()
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(8, 8, 3, padding=1)
+            self.act = act  # the same module object in every block
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.act(self.conv(x))
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), Block(), Block(), Block())
+    x = torch.randn(2, 3, 16, 16)
+    plan = find_sites(model, example_input=x)
+    assert [s.name for s in plan.sites] == ["1.se", "2.se", "3.se"]
+    assert plan.skipped == ()
+    _exact(model, x)
