@@ -376,7 +376,8 @@ def _restore_parameter_names(graph: fx.Graph, concrete_args: dict[str, Any]) -> 
         if node.op != "placeholder":
             continue
         name, _, count = str(node.target).rpartition("_")
-        if count == "1" and name in concrete_args and name not in taken:
+        leaf = name in concrete_args and not isinstance(concrete_args[name], (list, tuple, dict))
+        if count == "1" and leaf and name not in taken:  # (a tuple is flattened: leave it to fx)
             node.target = name
             taken.add(name)
 
