@@ -20,9 +20,15 @@ What it measures: analysis time is ``find_sites`` alone, at the model's default 
 of 64 / 96 / 128 px / the native size that the original model accepts, batch 2. Crashes of the
 original model itself (a forward that fails at every size) are crashes too, with the cause.
 
+Other libraries (``--other``): vision models of transformers and ultralytics built from their
+configs (``benchmarks/other_libraries.py``; the project's ``zoo`` extra installs them), same
+columns, written to ``results/zoo-other-libraries.md``. Every row also has the build time and
+``inject_se`` time over it (*inject / build*), in one run on the same machine.
+
 Usage::
 
     python benchmarks/zoo.py                 # full sweep -> results/zoo.md (+ results/zoo.jsonl)
+    python benchmarks/zoo.py --other         # other libraries -> results/zoo-other-libraries.md
     python benchmarks/zoo.py --quick         # ~12 models, < 2 minutes, what CI runs
     python benchmarks/zoo.py --only 'timm:*vit*' --output /tmp/vit.md
     python benchmarks/zoo.py --resume        # keep finished models from results/zoo.jsonl
@@ -51,9 +57,12 @@ import torch
 import torchvision
 from torch import nn
 
-from se_inject import SEBlock, apply_plan, find_sites
+from se_inject import SEBlock, find_sites, inject_se
 from se_inject.names import ModelSpec, Source
 from se_inject.weights import create_model
+
+sys.path.insert(0, str(Path(__file__).parent))
+import other_libraries  # noqa: E402 - a sibling script, not a package
 
 __all__ = ["ZooResult", "QUICK", "select_models", "run_model", "sweep", "render_markdown", "summary_line", "main"]
 
@@ -91,11 +100,13 @@ class ZooResult:
     sites: int = 0
     kinds: dict[str, int] = field(default_factory=dict)
     skipped: dict[str, int] = field(default_factory=dict)
-    unanalysed: list[str] = field(default_factory=list)
+    unanalysed: list[str] = field(default_factory=list)  # "path: first line of its error"
     identity: str = "n/a"  # yes | no | n/a (no SE inserted, or not reached)
     identity_detail: str = ""
     class_kept: str = "n/a"
     analysis_s: float = 0.0
+    build_s: float = 0.0  # building the model (create_model, or the library's constructor)
+    inject_s: float = 0.0  # inject_se on the built model (analysis + rewrite)
     total_s: float = 0.0
     input_size: list[int] = field(default_factory=list)
     error: str = ""
@@ -147,9 +158,14 @@ def timm_smallest(refresh: bool = False) -> dict[str, str]:
     return {m: cached[m]["name"] for m in modules if m in cached}
 
 
-def select_models(*, quick: bool = False, only: Sequence[str] = (), refresh: bool = False) -> list[tuple[str, str, str]]:
-    """``(source, name, family)`` triples to sweep, torchvision first, each sorted by name."""
-    if quick:
+def select_models(
+    *, quick: bool = False, only: Sequence[str] = (), refresh: bool = False, other: bool = False
+) -> list[tuple[str, str, str]]:
+    """``(source, name, family)`` triples to sweep, torchvision first, each sorted by name;
+    ``other``: the models of other libraries that are installed."""
+    if other:
+        chosen = []
+    elif quick:
         chosen = []
         for key in QUICK:
             source, name = key.split(":", 1)
@@ -158,6 +174,9 @@ def select_models(*, quick: bool = False, only: Sequence[str] = (), refresh: boo
     else:
         chosen = [("torchvision", n, _tv_family(n)) for n in sorted(torchvision.models.list_models(module=torchvision.models))]
         chosen += [("timm", name, module) for module, name in sorted(timm_smallest(refresh).items())]
+    if other:
+        chosen = [(k.split(":", 1)[0], k.split(":", 1)[1], k.split(":", 1)[0]) for k in other_libraries.BUILDERS]
+        chosen = [c for c in chosen if other_libraries.available(f"{c[0]}:{c[1]}")]
     if only:
         chosen = [c for c in chosen if any(fnmatch.fnmatchcase(f"{c[0]}:{c[1]}", p) or fnmatch.fnmatchcase(c[1], p) for p in only)]
     return chosen
@@ -304,9 +323,20 @@ def run_model(source: str, name: str, family: str = "", *, timeout: int = 600) -
     return result
 
 
+def _build(source: str, name: str) -> nn.Module:
+    key = f"{source}:{name}"
+    if key in other_libraries.BUILDERS:
+        return other_libraries.build(key)
+    return create_model(ModelSpec(Source(source), name)).eval()
+
+
 def _run_model(result: ZooResult) -> None:
+    if f"{result.source}:{result.name}" in other_libraries.BUILDERS:
+        _build(result.source, result.name)  # untimed: the library's lazy imports happen on first use
     torch.manual_seed(0)
-    model = create_model(ModelSpec(Source(result.source), result.name)).eval()
+    start = time.perf_counter()
+    model = _build(result.source, result.name)
+    result.build_s = round(time.perf_counter() - start, 3)
     original_class = type(model)
     result.params = sum(p.numel() for p in model.parameters())
 
@@ -316,8 +346,9 @@ def _run_model(result: ZooResult) -> None:
     result.sites = len(plan.sites)
     result.kinds = dict(Counter(str(s.kind) for s in plan.sites))
     result.skipped = {str(k): len(v) for k, v in plan.skipped_by_reason().items()}
-    result.unanalysed = ["(root)" if p == "" else p for p in plan.unanalysed]
+    result.unanalysed = [str(u) for u in plan.unanalysed]
     if not plan.sites:
+        result.inject_s = result.analysis_s  # inject_se analyses, finds nothing, leaves the model
         return
 
     x, eval_before = _working_input(model)
@@ -330,7 +361,11 @@ def _run_model(result: ZooResult) -> None:
     model.load_state_dict(saved)
     del saved
 
-    injected = apply_plan(model, plan)
+    start = time.perf_counter()
+    injected = inject_se(model)
+    result.inject_s = round(time.perf_counter() - start, 3)
+    if injected.se_inject_plan.sites != plan.sites:
+        raise AssertionError("inject_se built other sites than find_sites listed")
     result.class_kept = "yes" if type(injected) is original_class else "no"
     added = sum(isinstance(m, SEBlock) for m in injected.modules())
     if added != len(plan.sites):
@@ -421,8 +456,25 @@ def summary_line(results: Sequence[ZooResult]) -> str:
     )
 
 
+def _ratio(r: ZooResult) -> str:
+    return f"{r.inject_s / r.build_s:.2f}" if r.build_s > 0 and r.inject_s > 0 else "-"
+
+
 def _cell_skipped(r: ZooResult) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(r.skipped.items())) or "-"
+
+
+def _other_versions(results: Sequence[ZooResult]) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    libraries = sorted({r.source for r in results} - {"timm", "torchvision"})
+    found = []
+    for lib in libraries:
+        try:
+            found.append(f"{lib} {version(lib)}")
+        except PackageNotFoundError:
+            continue
+    return "".join(f", {f}" for f in found)
 
 
 def render_markdown(results: Sequence[ZooResult], *, title: str = "se-inject zoo sweep") -> str:
@@ -431,7 +483,7 @@ def render_markdown(results: Sequence[ZooResult], *, title: str = "se-inject zoo
         f"# {title}",
         "",
         f"Generated by `benchmarks/zoo.py` with torch {torch.__version__}, torchvision {torchvision.__version__}, "
-        f"timm {timm.__version__}; random init, CPU; se-inject at "
+        f"timm {timm.__version__}{_other_versions(results)}; random init, CPU; se-inject at "
         f"{', '.join(sorted({r.revision for r in results if r.revision})) or 'unknown revision'}.",
         "",
         f"**Summary: {summary_line(results)}.**",
@@ -440,26 +492,34 @@ def render_markdown(results: Sequence[ZooResult], *, title: str = "se-inject zoo
         "module paths that did not trace as a whole (their traceable children were analysed on their own);",
         "*identity* is `torch.equal` of the outputs before and after injection, in eval and (seeded) train mode,",
         "at the input shown; *n/a* when no SE block was inserted. Analysis time is `find_sites` at the model's",
-        "default input size.",
+        "default input size; *inject / build* is `inject_se` time over the time to build the model, same run.",
         "",
-        "| source | model | family | params (M) | sites | skipped | untraced | identity | class kept | input | analysis (s) |",
-        "|---|---|---|--:|--:|---|---|---|---|---|--:|",
+        "| source | model | family | params (M) | sites | skipped | untraced | identity | class kept | input | analysis (s) | inject / build |",
+        "|---|---|---|--:|--:|---|---|---|---|---|--:|--:|",
     ]
     for r in results:
         if r.status != "ok":
             lines.append(
-                f"| {r.source} | {r.name} | {r.family} | {r.params / 1e6:.1f} | **{r.status}** | | | | | | {r.analysis_s:.2f} |"
+                f"| {r.source} | {r.name} | {r.family} | {r.params / 1e6:.1f} | **{r.status}** | | | | | | {r.analysis_s:.2f} | |"
             )
             continue
         kinds = " ".join(f"{k[0]}{v}" for k, v in sorted(r.kinds.items()))
         sites = f"{r.sites} ({kinds})" if r.sites else "0"
-        untraced = ", ".join(f"`{p}`" for p in r.unanalysed[:4]) + (f" +{len(r.unanalysed) - 4}" if len(r.unanalysed) > 4 else "")
+        paths = [u.split(": ", 1)[0] for u in r.unanalysed]
+        untraced = ", ".join(f"`{p}`" for p in paths[:4]) + (f" +{len(paths) - 4}" if len(paths) > 4 else "")
         identity = r.identity + (f", {r.identity_detail}" if r.identity_detail else "")
         size = "x".join(str(s) for s in r.input_size[2:]) if r.input_size else ""
         lines.append(
             f"| {r.source} | {r.name} | {r.family} | {r.params / 1e6:.1f} | {sites} | {_cell_skipped(r)} | "
-            f"{untraced or '-'} | {identity} | {r.class_kept} | {size} | {r.analysis_s:.2f} |"
+            f"{untraced or '-'} | {identity} | {r.class_kept} | {size} | {r.analysis_s:.2f} | {_ratio(r)} |"
         )
+    reasons = [r for r in results if r.unanalysed and r.status == "ok"]
+    if reasons:
+        lines += ["", "## Parts that could not be analysed, with the first line of their error", ""]
+        for r in reasons:
+            shown = "; ".join(f"`{u.split(': ', 1)[0]}`: {u.split(': ', 1)[1] if ': ' in u else ''}"[:160] for u in r.unanalysed[:6])
+            more = f" (+{len(r.unanalysed) - 6} more)" if len(r.unanalysed) > 6 else ""
+            lines.append(f"- `{r.key}`: {shown}{more}")
     failures = [r for r in results if r.status != "ok"]
     if failures:
         lines += ["", "## Crashes and timeouts", ""]
@@ -474,6 +534,7 @@ def render_markdown(results: Sequence[ZooResult], *, title: str = "se-inject zoo
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="the small CI subset")
+    parser.add_argument("--other", action="store_true", help="models of other libraries (transformers, ultralytics)")
     parser.add_argument("--only", action="append", default=[], help="fnmatch pattern on 'source:name' or name (repeatable)")
     parser.add_argument("--output", type=Path, default=None, help="markdown file (default results/zoo.md, quick: none)")
     parser.add_argument("--cache", type=Path, default=None, help="JSON-lines results (default results/zoo.jsonl for a full run)")
@@ -484,18 +545,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
-    full = not args.quick and not args.only
-    output = args.output if args.output is not None else (RESULTS / "zoo.md" if full else None)
+    full = not args.quick and not args.only and not args.other
+    default_output = RESULTS / "zoo-other-libraries.md" if args.other and not args.only else RESULTS / "zoo.md" if full else None
+    output = args.output if args.output is not None else default_output
     cache = args.cache if args.cache is not None else (RESULTS / "zoo.jsonl" if full else None)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    models = select_models(quick=args.quick, only=args.only, refresh=args.refresh_selection)
+    models = select_models(quick=args.quick, only=args.only, refresh=args.refresh_selection, other=args.other)
     results = sweep(
         models, timeout=args.timeout, cache=cache, resume=args.resume or args.rerun_failed,
         rerun_failed=args.rerun_failed, progress=not args.no_progress,
     )
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)
-        title = "se-inject zoo sweep (quick subset)" if args.quick else "se-inject zoo sweep"
+        title = (
+            "se-inject zoo sweep: other libraries" if args.other
+            else "se-inject zoo sweep (quick subset)" if args.quick else "se-inject zoo sweep"
+        )
         output.write_text(render_markdown(results, title=title))
     print(summary_line(results))
     return 0 if all(r.status == "ok" and r.identity != "no" for r in results) else 1

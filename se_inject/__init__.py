@@ -23,10 +23,12 @@ if TYPE_CHECKING:
     from .checkpoint import save as save
     from .errors import CheckpointError as CheckpointError
     from .errors import ConfigError as ConfigError
+    from .errors import GateMismatchError as GateMismatchError
     from .errors import NoSitesError as NoSitesError
     from .errors import OutputPathError as OutputPathError
     from .errors import PlanMismatchError as PlanMismatchError
     from .errors import SEInjectError as SEInjectError
+    from .errors import SelectionError as SelectionError
     from .errors import UnknownModelError as UnknownModelError
     from .errors import UnsafeCheckpointError as UnsafeCheckpointError
     from .errors import WeightsError as WeightsError
@@ -42,6 +44,7 @@ if TYPE_CHECKING:
     from .plan import SiteKind as SiteKind
     from .plan import Skipped as Skipped
     from .plan import SkipReason as SkipReason
+    from .plan import Unanalysed as Unanalysed
     from .report import Report as Report
     from .workflow import inject_named as inject_named
 
@@ -57,6 +60,8 @@ _EXPORTS: dict[str, str] = {
     "save": "checkpoint",
     "SEInjectError": "errors",
     "ConfigError": "errors",
+    "GateMismatchError": "errors",
+    "SelectionError": "errors",
     "NoSitesError": "errors",
     "PlanMismatchError": "errors",
     "UnknownModelError": "errors",
@@ -76,6 +81,7 @@ _EXPORTS: dict[str, str] = {
     "SiteKind": "plan",
     "Skipped": "plan",
     "SkipReason": "plan",
+    "Unanalysed": "plan",
     "Report": "report",
     "inject_named": "workflow",
 }

@@ -178,11 +178,14 @@ class SEBlock(nn.Module):
         self.prefix_tokens = prefix_tokens
         self.fc1 = nn.Linear(channels, hidden, bias=bias, **dd)
         self.act = nn.ReLU(inplace=True)
-        self.fc2 = nn.Linear(hidden, channels, bias=bias, **dd)
         if identity_init:
-            nn.init.zeros_(self.fc2.weight)
-            if self.fc2.bias is not None:
-                nn.init.zeros_(self.fc2.bias)
+            # Zeroed anyway: built on the meta device (no random init), then given zeros.
+            self.fc2 = nn.Linear(hidden, channels, bias=bias, device="meta", dtype=dtype)
+            self.fc2.weight = nn.Parameter(torch.zeros(channels, hidden, **dd))
+            if bias:
+                self.fc2.bias = nn.Parameter(torch.zeros(channels, **dd))
+        else:
+            self.fc2 = nn.Linear(hidden, channels, bias=bias, **dd)
         self.register_load_state_dict_pre_hook(_flatten_conv_weights)
 
     @classmethod

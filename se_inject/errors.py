@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 __all__ = [
     "SEInjectError",
     "ConfigError",
+    "SelectionError",
     "NoSitesError",
     "PlanMismatchError",
     "UnknownModelError",
@@ -32,6 +33,11 @@ class SEInjectError(Exception):
 
 class ConfigError(SEInjectError, ValueError):
     """An option has a bad value (reduction < 1, unknown gate, malformed glob, ...)."""
+
+
+class SelectionError(ConfigError):
+    """A selection names stages or resolutions the model does not have (the message lists
+    the ones it has)."""
 
 
 class NoSitesError(SEInjectError, ValueError):

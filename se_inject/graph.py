@@ -11,7 +11,6 @@ from __future__ import annotations
 import inspect
 import logging
 import operator
-from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
 from typing import Any, NamedTuple
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .block import SEBlock
+from .node_names import call_stack, input_name, node_scope, qualified_names
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +31,14 @@ __all__ = [
     "trace",
     "Traced",
     "standalone_concrete_args",
+    "call_concrete_args",
+    "passes_var_positional",
     "required_positional",
     "standalone_call",
+    "leading_tensors",
     "propagate_shapes",
     "record_module_inputs",
+    "RecordedInputs",
     "qualified_names",
     "node_scope",
     "call_stack",
@@ -109,31 +113,140 @@ class SETracer(fx.Tracer):
         leaf_modules: Sequence[type[nn.Module]] = (),
         autowrap_functions: Sequence[Callable[..., Any]] = (),
         inline: Iterable[str] | None = None,
+        var_positional: bool = False,
+        opaque: Iterable[str] = (),
     ) -> None:
         timm_modules, timm_functions = _timm_notrace()
         super().__init__(autowrap_functions=tuple(autowrap_functions) + timm_functions)
         # SEBlock is a leaf so our own blocks read as one call (and as attention) in the graph.
         self.leaf_modules = tuple(leaf_modules) + timm_modules + mode_dependent_leaves() + (SEBlock,)
         self.inline = None if inline is None else frozenset(inline)
+        self.var_positional = var_positional
+        self.opaque = frozenset(opaque)
         self.module_calls: dict[str, list[CallRecord]] = {}
+        self._aliases: dict[int, list[str]] | None = None
+
+    def path_of_module(self, mod: nn.Module) -> str:
+        # A module registered under several names (ultralytics' Conv blocks share one SiLU) is
+        # named where it is called from: the alias inside the module being traced. fx names it
+        # by its first registration, which puts the call in another block.
+        if self._aliases is None:
+            found: dict[int, list[str]] = {}
+            for name, sub in self.root.named_modules(remove_duplicate=False):
+                found.setdefault(id(sub), []).append(name)
+            self._aliases = {k: v for k, v in found.items() if len(v) > 1}
+        paths = self._aliases.get(id(mod))
+        if paths:
+            scope = self.scope.module_path
+            for path in paths:
+                if path.rpartition(".")[0] == scope:
+                    return path
+        return super().path_of_module(mod)
 
     def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if not self.is_leaf_module(m, self.path_of_module(m)):
             calls = self.module_calls.setdefault(self.path_of_module(m), [])
             calls.append(
                 (
-                    tuple(_arg_kind(a) for a in args),
+                    tuple((_arg_kind(a), a if isinstance(a, _PLAIN) else None) for a in args),
                     tuple((k, _arg_kind(v), v if isinstance(v, _PLAIN) else None) for k, v in sorted(kwargs.items())),
                 )
             )
         return super().call_module(m, forward, args, kwargs)
 
+    def create_args_for_root(self, root_fn: Any, is_module: bool, concrete_args: Any = None) -> Any:
+        # ``*args`` / ``**kwargs`` (every transformers layer takes ``**kwargs``) would become
+        # proxies, and ``kwargs.get(...)`` control flow fails: trace them empty, as a call
+        # that passes nothing extra would have them.
+        return super().create_args_for_root(_without_var_args(root_fn, self.var_positional), is_module, concrete_args)
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        count = _static_length(node)
+        return _PartsProxy(node, self, count) if count is not None else super().proxy(node)
+
+    def iter(self, obj: fx.Proxy) -> Any:
+        # ``list(x.chunk(2, 1))`` and ``a, b = x.split([c1, c2], 1)`` have a length fixed by
+        # their arguments (YOLO's C2f blocks, GhostNet, CSP stages): iterate the parts.
+        count = _static_length(obj.node)
+        if count is not None:
+            return iter([obj[i] for i in range(count)])
+        return super().iter(obj)
+
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if self.inline is not None and module_qualified_name not in self.inline:
             return True
-        if isinstance(m, self.leaf_modules):
+        if isinstance(m, self.leaf_modules) or module_qualified_name in self.opaque:
             return True
         return super().is_leaf_module(m, module_qualified_name)
+
+
+_VAR_KINDS = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+
+
+class _PartsProxy(fx.Proxy):
+    """The parts of a ``chunk``/``split``: ``list(...)`` asks their number first."""
+
+    def __init__(self, node: fx.Node, tracer: fx.Tracer, count: int) -> None:
+        super().__init__(node, tracer)
+        self._count = count
+
+    def __len__(self) -> int:
+        return self._count
+
+
+def _static_length(node: fx.Node) -> int | None:
+    """Number of parts of a ``chunk(n)`` or ``split([sizes])`` node, known without values."""
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", None)
+    if node.op not in ("call_method", "call_function") or len(node.args) < 2:
+        return None
+    arg = node.args[1] if "chunks" not in node.kwargs and "split_size_or_sections" not in node.kwargs else None
+    arg = node.kwargs.get("chunks", node.kwargs.get("split_size_or_sections", arg))
+    if name == "chunk" and isinstance(arg, int):
+        return arg
+    if name == "split" and isinstance(arg, (list, tuple)) and all(isinstance(a, int) for a in arg):
+        return len(arg)
+    return None
+
+
+def _without_var_args(fn: Callable[..., Any], keep_var_positional: bool = False) -> Callable[..., Any]:
+    """``fn`` behind a function with the same named parameters and no ``*args``/``**kwargs``
+    (``*args`` kept when the call passes arguments into it: fx then traces it as one input).
+
+    fx reads the parameters from the code object, so the wrapper is real code, compiled once
+    per signature shape; it does not set ``__wrapped__`` (fx would unwrap it again).
+    """
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return fn
+    dropped = (inspect.Parameter.VAR_KEYWORD,) if keep_var_positional else _VAR_KINDS
+    if not any(p.kind in dropped for p in params):
+        return fn
+    kept = [p for p in params if p.kind not in dropped]
+    if not all(p.name.isidentifier() for p in kept):
+        return fn
+    namespace: dict[str, Any] = {"_fn": fn}
+    parts: list[str] = []
+    call: list[str] = []
+    star = False
+    for p in kept:
+        if p.kind is inspect.Parameter.VAR_POSITIONAL:
+            parts.append(f"*{p.name}")
+            call.append(f"*{p.name}")
+            star = True
+            continue
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and not star:
+            parts.append("*")
+            star = True
+        if p.default is inspect.Parameter.empty:
+            parts.append(p.name)
+        else:
+            namespace[f"_default_{p.name}"] = p.default
+            parts.append(f"{p.name}=_default_{p.name}")
+        call.append(f"{p.name}={p.name}" if p.kind is inspect.Parameter.KEYWORD_ONLY else p.name)
+    source = f"def forward({', '.join(parts)}):\n    return _fn({', '.join(call)})\n"
+    exec(compile(source, f"<se_inject: {getattr(fn, '__qualname__', 'forward')} without *args/**kwargs>", "exec"), namespace)
+    return namespace["forward"]
 
 
 @contextmanager
@@ -155,13 +268,17 @@ class Traced(NamedTuple):
     graph: fx.Graph
     constants: dict[str, Any]
     calls: dict[str, list[CallRecord]]
+    #: Whether the traced code read a ``training`` flag (else the other mode traces the same).
+    read_mode: bool = True
 
 
 _PLAIN = (bool, int, float, str, type(None))
+_PLAIN_KINDS = frozenset(t.__name__ for t in _PLAIN)
+_MISSING = object()
 
-#: One recorded call: the kind of each positional argument ("tensor" for traced values), and
-#: (name, kind, value if plain data) for each keyword argument.
-CallRecord = tuple[tuple[str, ...], tuple[tuple[str, str, Any], ...]]
+#: One recorded call: (kind, value if plain data) of each positional argument (kind "tensor"
+#: for traced values), and (name, kind, value if plain data) for each keyword argument.
+CallRecord = tuple[tuple[tuple[str, Any], ...], tuple[tuple[str, str, Any], ...]]
 
 
 def _arg_kind(value: Any) -> str:
@@ -174,22 +291,100 @@ def trace(
     training: bool = False,
     inline: Iterable[str] | None = None,
     concrete_args: dict[str, Any] | None = None,
+    var_positional: bool = False,
+    opaque: Iterable[str] = (),
 ) -> Traced:
-    """Trace ``module`` in the given mode.
+    """Trace ``module`` in the given mode; ``var_positional``: the call passes arguments into
+    the forward's ``*args`` (else it is traced empty, as ``**kwargs`` always is); ``opaque``:
+    paths of submodules kept as calls (parts that do not trace themselves).
 
     The tracer stores tensor constants as attributes of the traced root; they are removed from
     ``module`` again and returned, so tracing never changes the user's model.
     """
+    # Forwards that set attributes lazily (torchvision's MultiScaleRoIAlign caches its scales)
+    # would keep proxies: every module's attributes are put back as they were.
+    saved = [(m, dict(m.__dict__)) for m in module.modules()]
     before = set(module.__dict__)
-    tracer = SETracer(inline=inline)
+    tracer = SETracer(inline=inline, var_positional=var_positional, opaque=opaque)
+    reads: list[str] = []
     try:
-        with _training_mode(module, training):
+        with _training_mode(module, training), _watch_mode_reads(module, reads):
             graph = tracer.trace(module, concrete_args=concrete_args)
     finally:
         added = {k: module.__dict__[k] for k in set(module.__dict__) - before}
-        for k in added:
-            del module.__dict__[k]
-    return Traced(graph, added, tracer.module_calls)
+        for m, attrs in saved:
+            now = m.__dict__
+            if len(now) != len(attrs) or any(now.get(k, _MISSING) is not v for k, v in attrs.items()):
+                now.clear()
+                now.update(attrs)
+    _restore_parameter_names(graph, concrete_args or {})
+    return Traced(graph, added, tracer.module_calls, bool(reads))
+
+
+# While tracing, every module's class is swapped for a subclass whose ``training`` is a
+# property that notes reads: a trace that read no ``training`` flag is the same in both
+# modes, so the other mode's trace can be skipped.
+_WATCHED_CLASSES: dict[type, type] = {}
+_reads_sink: list[list[str]] = []
+
+
+def _training_get(self: nn.Module) -> bool:
+    if _reads_sink:
+        _reads_sink[-1].append(type(self).__name__)
+    return self.__dict__["training"]
+
+
+def _training_set(self: nn.Module, value: bool) -> None:
+    self.__dict__["training"] = value
+
+
+def _watching(cls: type) -> type:
+    sub = _WATCHED_CLASSES.get(cls)
+    if sub is None:
+        body = {"training": property(_training_get, _training_set), "__module__": cls.__module__,
+                "__qualname__": cls.__qualname__}
+        sub = _WATCHED_CLASSES[cls] = type(cls.__name__, (cls,), body)
+    return sub
+
+
+@contextmanager
+def _watch_mode_reads(module: nn.Module, reads: list[str]):
+    """Record in ``reads`` each read of a ``training`` flag of ``module`` or its submodules;
+    a module whose class cannot be swapped counts as read (both modes are then traced)."""
+    swapped: list[tuple[nn.Module, type]] = []
+    try:
+        for m in module.modules():
+            cls = type(m)
+            if "training" not in m.__dict__:
+                reads.append(cls.__name__)
+                continue
+            try:
+                m.__class__ = _watching(cls)
+            except TypeError:
+                reads.append(cls.__name__)
+                continue
+            swapped.append((m, cls))
+        _reads_sink.append(reads)
+        yield
+    finally:
+        if _reads_sink and _reads_sink[-1] is reads:
+            _reads_sink.pop()
+        for m, cls in swapped:
+            m.__class__ = cls
+
+
+def _restore_parameter_names(graph: fx.Graph, concrete_args: dict[str, Any]) -> None:
+    """fx names the input of a constant parameter ``mask_1``; a rebuilt block's forward must
+    take ``mask=`` as the original does."""
+    taken = {str(n.target) for n in graph.nodes if n.op == "placeholder"}
+    for node in graph.nodes:
+        if node.op != "placeholder":
+            continue
+        name, _, count = str(node.target).rpartition("_")
+        leaf = name in concrete_args and not isinstance(concrete_args[name], (list, tuple, dict))
+        if count == "1" and leaf and name not in taken:  # (a tuple is flattened: leave it to fx)
+            node.target = name
+            taken.add(name)
 
 
 def standalone_concrete_args(module: nn.Module, passed: int = 0) -> dict[str, Any]:
@@ -209,38 +404,80 @@ def standalone_concrete_args(module: nn.Module, passed: int = 0) -> dict[str, An
     }
 
 
-def standalone_call(module: nn.Module, args: tuple[str, ...], kwargs: tuple[tuple[str, str, Any], ...]) -> bool:
-    """Whether a call with these arguments is what ``module`` computes when traced on its own
-    with ``len(args)`` placeholders: the required positional arguments, plus optional ones
-    (DLA's ``shortcut``), all tensors, and keyword arguments (if any) that repeat their
-    parameter's default."""
+def passes_var_positional(module: nn.Module, passed: int) -> bool:
+    """Whether ``passed`` positional arguments reach ``module.forward``'s ``*args``."""
     try:
-        params = inspect.signature(module.forward).parameters
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    named = sum(p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD) for p in params)
+    return passed > named and any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params)
+
+
+def call_concrete_args(module: nn.Module, args: Sequence[Any]) -> dict[str, Any]:
+    """Concrete values for tracing ``module`` as it was called with positional ``args``:
+    plain-data arguments (``None`` masks, ``(H, W)`` sizes, flags) are traced as the constants
+    they were, parameters not passed as their defaults; tensors stay placeholders."""
+    concrete = standalone_concrete_args(module, len(args))
+    try:
+        params = [p for p in inspect.signature(module.forward).parameters.values() if p.kind not in _VAR_KINDS]
+    except (TypeError, ValueError):
+        return concrete
+    for param, value in zip(params, args, strict=False):
+        if _is_plain(value):
+            concrete[param.name] = value
+    return concrete
+
+
+def _is_plain(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain(v) for v in value)
+    return isinstance(value, _PLAIN)
+
+
+def leading_tensors(args: Sequence[tuple[str, Any]]) -> int:
+    """How many of a recorded call's positional arguments, from the first, are tensors: the
+    placeholders a block rebuilt on its own is traced with."""
+    count = 0
+    for kind, _ in args:
+        if kind != "tensor":
+            break
+        count += 1
+    return count
+
+
+def standalone_call(
+    module: nn.Module, args: tuple[tuple[str, Any], ...], kwargs: tuple[tuple[str, str, Any], ...]
+) -> bool:
+    """Whether a call with these arguments is what ``module`` computes when traced on its own
+    with its leading tensor arguments as placeholders: the required positional arguments plus
+    optional tensors (DLA's ``shortcut``), then (positionally or by keyword) only plain values
+    that repeat their parameter's default."""
+    try:
+        params = [p for p in inspect.signature(module.forward).parameters.values() if p.kind not in _VAR_KINDS]
     except (TypeError, ValueError):
         return False
     required = required_positional(module)
-    positional = sum(
-        1 for p in params.values()
-        if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    )
-    if args != ("tensor",) * len(args) or required is None or not required <= len(args) <= positional:
+    tensors = leading_tensors(args)
+    if required is None or tensors < required or len(args) > len(params):
         return False
-    for name, kind, value in kwargs:
-        param = params.get(name)
-        if kind == "tensor" or param is None or param.default is inspect.Parameter.empty:
-            return False
+    given = [(p.name, kind, value) for p, (kind, value) in zip(params[tensors:], args[tensors:], strict=False)]
+    by_name = {p.name: p for p in params}
+    for name, kind, value in [*given, *kwargs]:
+        param = by_name.get(name)
+        if kind not in _PLAIN_KINDS or param is None or param.default is inspect.Parameter.empty:
+            return False  # a tensor, or data recorded without its value (a list of tensors)
         if not (value is param.default or (isinstance(value, _PLAIN) and value == param.default)):
             return False
     return True
 
 
 def required_positional(module: nn.Module) -> int | None:
-    """How many positional parameters ``module.forward`` requires; None for ``*args``."""
+    """How many named positional parameters ``module.forward`` requires (``*args`` is traced
+    empty, see ``SETracer``); None when the signature cannot be read."""
     try:
         params = list(inspect.signature(module.forward).parameters.values())
     except (TypeError, ValueError):
-        return None
-    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
         return None
     return sum(
         1
@@ -268,7 +505,18 @@ def _to_fake(mode: Any, value: Any) -> Any:
 
 
 class _ValueProp(fx.Interpreter):
-    """Runs a graph and keeps each node's value in ``node.meta["val"]``."""
+    """Runs a graph and keeps each node's value in ``node.meta["val"]``. Runs ``graph`` on
+    the module it was traced from (no ``GraphModule`` is built: its code generation costs
+    more than the run), with the tensor constants the trace made."""
+
+    def __init__(self, module: nn.Module, graph: fx.Graph | None = None, constants: dict[str, Any] | None = None) -> None:
+        super().__init__(module, graph=graph)
+        self.constants = constants or {}
+
+    def fetch_attr(self, target: str) -> Any:
+        if target in self.constants:
+            return self.constants[target]
+        return super().fetch_attr(target)
 
     def run_node(self, n: fx.Node) -> Any:
         result = super().run_node(n)
@@ -276,9 +524,14 @@ class _ValueProp(fx.Interpreter):
         return result
 
 
+def _meta_like(t: torch.Tensor) -> torch.Tensor:
+    # torch.empty_like on a meta tensor runs a Python reference (~50 us); the factory does not.
+    return torch.empty(t.shape, dtype=t.dtype, device="meta")
+
+
 def _meta(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
-        return torch.empty_like(value, device="meta")
+        return torch.empty(value.shape, dtype=value.dtype, device="meta")
     if isinstance(value, (list, tuple)):
         return type(value)(_meta(v) for v in value)
     if isinstance(value, dict):
@@ -299,22 +552,25 @@ class _MetaProp(_ValueProp):
     def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
         module = self.fetch_attr(target)
         if _keeps_shape(module) and len(args) == 1 and isinstance(args[0], torch.Tensor) and not kwargs:
-            return torch.empty_like(args[0])
+            return _meta_like(args[0])
         state = {k: _meta(v) for k, v in [*module.named_parameters(), *module.named_buffers()]}
         return torch.func.functional_call(module, state, tuple(args), dict(kwargs))
 
     def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
         # reason: meta batch_norm runs a Python decomposition (~10 ms a call); its shape is its input's.
         if target in _SHAPE_KEEPING_FUNCTIONS and args and isinstance(args[0], torch.Tensor):
-            return torch.empty_like(args[0])
+            return _meta_like(args[0])
         return super().call_function(target, args, kwargs)
 
     def get_attr(self, target: Any, args: Any, kwargs: Any) -> Any:
         return _meta(super().get_attr(target, args, kwargs))
 
 
-def propagate_shapes(gm: fx.GraphModule, args: Sequence[Any]) -> None:
-    """Write ``node.meta["val"]`` for every node without computing anything real.
+def propagate_shapes(
+    module: nn.Module, args: Sequence[Any], *, graph: fx.Graph | None = None, constants: dict[str, Any] | None = None
+) -> None:
+    """Write ``node.meta["val"]`` for every node of ``graph`` (traced from ``module``; by
+    default ``module`` is a ``GraphModule`` and its own graph) without computing anything real.
 
     Meta tensors first: on this project's reference machine they take well under a second
     for ResNet-152, where ``FakeTensorProp`` takes 6-10 s (its batch-norm decomposition
@@ -322,21 +578,40 @@ def propagate_shapes(gm: fx.GraphModule, args: Sequence[Any]) -> None:
     """
     from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
+    graph = module.graph if graph is None else graph  # type: ignore[assignment]
     try:
         with torch.no_grad():
-            _MetaProp(gm).run(*_meta(list(args)))
+            _MetaProp(module, graph, constants).run(*_meta(list(args)))
         return
     except Exception as e:  # noqa: BLE001 - any failure means "try the next way"
         log.debug("meta propagation failed (%s); trying fake tensors", e)
     mode = _fake_mode()
     try:
         with torch.no_grad():
-            FakeTensorProp(gm, mode).propagate(*_to_fake(mode, list(args)))
+            FakeTensorProp(_as_graph_module(module, graph, constants or {}), mode).propagate(*_to_fake(mode, list(args)))
         return
     except Exception as e:  # noqa: BLE001
         log.debug("fake tensor propagation failed (%s); running for real", e)
     with torch.no_grad():
-        _ValueProp(gm).run(*[_real_zeros(a) for a in args])
+        _ValueProp(module, graph, constants).run(*[_real_zeros(a) for a in args])
+
+
+def _as_graph_module(module: nn.Module, graph: fx.Graph, constants: dict[str, Any]) -> fx.GraphModule:
+    if isinstance(module, fx.GraphModule) and module.graph is graph:
+        return module
+    attrs: dict[str, Any] = {}
+    for node in graph.nodes:
+        if node.op in ("get_attr", "call_module"):
+            target = str(node.target)
+            attrs[target] = constants[target] if target in constants else _resolve(module, target)
+    return fx.GraphModule(attrs, graph)
+
+
+def _resolve(module: nn.Module, target: str) -> Any:
+    obj: Any = module
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def _real_zeros(value: Any) -> Any:
@@ -347,29 +622,60 @@ def _real_zeros(value: Any) -> Any:
     return value
 
 
-def record_module_inputs(module: nn.Module, args: Sequence[Any]) -> dict[str, tuple[Any, ...]]:
+class RecordedInputs(dict[str, tuple[Any, ...]]):
+    """Positional inputs of each submodule's first call, by module path; ``extra_keywords``
+    names the keyword arguments a call passed into the forward's ``**kwargs``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.extra_keywords: dict[str, tuple[str, ...]] = {}
+
+
+def _extra_keywords(module: nn.Module, kwargs: dict[str, Any]) -> tuple[str, ...]:
+    try:
+        named = {p.name for p in inspect.signature(module.forward).parameters.values() if p.kind not in _VAR_KINDS}
+    except (TypeError, ValueError):
+        return ()
+    return tuple(sorted(k for k in kwargs if k not in named))
+
+
+def record_module_inputs(
+    module: nn.Module, args: Sequence[Any], enough: Callable[[RecordedInputs], bool] | None = None
+) -> RecordedInputs:
     """Run ``module`` and return the positional inputs of each submodule's first call.
 
-    Used for models whose top level does not trace: their blocks are then traced on their own,
-    with the inputs recorded here. Fake tensors first; a forward on zeros when control flow
-    depends on values. A forward that fails part-way still yields what ran before.
+    Keyword arguments are put in their positional places (parameters skipped in between get
+    their defaults), so a block called as ``layer(x, mask=None)`` is traced like ``layer(x,
+    None)``. Used for models whose top level does not trace: their blocks are then traced on
+    their own, with the inputs recorded here. Fake tensors first; a forward on zeros when
+    control flow depends on values, unless what the fake forward recorded before it stopped
+    is ``enough`` (a detector's postprocessing stops it after the backbone and heads ran; a
+    real forward at its 800 px would cost seconds). A forward that fails part-way still
+    yields what ran before.
     """
     names = {id(m): n for n, m in module.named_modules()}
-    recorded: dict[str, tuple[Any, ...]] = {}
+    recorded = RecordedInputs()
 
-    def hook(mod: nn.Module, inputs: tuple[Any, ...]) -> None:
+    def hook(mod: nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         name = names.get(id(mod))
         if name is not None and name not in recorded:
-            recorded[name] = inputs
+            recorded[name] = _positional(mod, inputs, kwargs)
+            extra = _extra_keywords(mod, kwargs)
+            if extra:
+                recorded.extra_keywords[name] = extra
 
-    handles = [m.register_forward_pre_hook(hook) for m in module.modules()]
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in module.modules()]
     try:
         with torch.no_grad(), _training_mode(module, False):
             try:
                 module(*_to_fake(_fake_mode(), list(args)))
             except Exception as e:  # noqa: BLE001 - data-dependent control flow: run for real
+                if enough is not None and enough(recorded):
+                    log.debug("forward on fake tensors stopped early (%s); what ran is enough", e)
+                    return recorded
                 log.debug("forward on fake tensors stopped early (%s); running on zeros", e)
                 recorded.clear()
+                recorded.extra_keywords.clear()
                 try:
                     module(*[_real_zeros(a) for a in args])
                 except Exception as e2:  # noqa: BLE001 - partial records are still useful
@@ -380,66 +686,28 @@ def record_module_inputs(module: nn.Module, args: Sequence[Any]) -> dict[str, tu
     return recorded
 
 
-# --------------------------------------------------------------------------------------------
-# Names and scopes
-
-
-def call_stack(node: fx.Node) -> list[tuple[str, str]]:
-    """``(call key, module path)`` pairs from outermost to innermost; a call key carries ``@k``
-    for the k-th repeated call of the same module. For ``call_module`` nodes the called module is
-    the last entry."""
-    stack = node.meta.get("nn_module_stack") or {}
-    return [(key, value[0]) for key, value in stack.items()]
-
-
-def node_scope(node: fx.Node) -> str:
-    """Path (relative to the traced root) of the module whose ``forward`` created ``node``."""
-    stack = call_stack(node)
-    if node.op == "call_module":
-        stack = stack[:-1]
-    return stack[-1][1] if stack else ""
-
-
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix and name else prefix or name
-
-
-def _op_name(node: fx.Node) -> str:
-    if isinstance(node.target, str):
-        return node.target
-    return getattr(node.target, "__name__", str(node.target))
-
-
-def input_name(prefix: str, k: int) -> str:
-    """Name of the k-th input of the module at ``prefix`` (``layer1.0.<input0>``)."""
-    return _join(prefix, f"<input{k}>")
-
-
-def qualified_names(graph: fx.Graph, prefix: str = "") -> dict[fx.Node, str]:
-    """torchvision-style node names: ``layer1.0.conv1``, ``layer1.0.add``, ``layer1.0.relu_1``.
-
-    Module calls are named after the module, other ops after the module that performs them;
-    repeats get ``_1``, ``_2``, ... in graph order; inputs are ``<input0>``, ``<input1>``, ...
-    ``prefix`` is the path of the traced module,
-    so a block traced on its own gets the same names as inside the whole model.
-    """
-    counts: Counter[str] = Counter()
-    names: dict[fx.Node, str] = {}
-    inputs = 0
-    for node in graph.nodes:
-        if node.op in ("call_module", "get_attr"):
-            base = _join(prefix, str(node.target))
-        elif node.op == "placeholder":
-            base, inputs = input_name(prefix, inputs), inputs + 1
-        elif node.op == "output":
-            base = _join(prefix, node.name)
+def _positional(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+    if not kwargs:
+        return tuple(args)
+    try:
+        params = [p for p in inspect.signature(module.forward).parameters.values() if p.kind not in _VAR_KINDS]
+    except (TypeError, ValueError):
+        return tuple(args)
+    values = list(args)
+    last_given = len(values)
+    for p in params[len(args):]:
+        if p.name in kwargs:
+            values.append(kwargs[p.name])
+            last_given = len(values)
+        elif p.default is not inspect.Parameter.empty:
+            values.append(p.default)
         else:
-            base = _join(_join(prefix, node_scope(node)), _op_name(node))
-        k = counts[base]
-        counts[base] += 1
-        names[node] = base if k == 0 else f"{base}_{k}"
-    return names
+            break
+    return tuple(values[:last_given])
 
+
+# --------------------------------------------------------------------------------------------
+# Names and scopes live in ``names.py`` (one implementation for the planner and the rewriter).
 
 # --------------------------------------------------------------------------------------------
 # Values

@@ -15,7 +15,7 @@ from typing import Any
 from .block import SEConfig
 from .errors import CheckpointError
 
-__all__ = ["SiteKind", "SkipReason", "REASON_TEXT", "Site", "Skipped", "Plan", "PLAN_ATTR"]
+__all__ = ["SiteKind", "SkipReason", "REASON_TEXT", "Site", "Skipped", "Unanalysed", "Plan", "PLAN_ATTR"]
 
 #: Attribute of an injected model holding the plan it was built from (a plain attribute, not a
 #: module or a state_dict entry), so ``save`` can record it.
@@ -97,6 +97,8 @@ class Site:
         spatial: the non-channel, non-batch sizes of ``source`` at the analysis input.
         owner_args: positional tensors the owner is called with, optional ones included (DLA's
             ``block(x, shortcut)``); 0 means its required ones.
+        config: how this site's SE block is built (a model injected twice with different
+            options holds sites with different configs; each rebuilds as it was made).
     """
 
     name: str
@@ -113,12 +115,15 @@ class Site:
     prefix_tokens: int = 0
     spatial: tuple[int, ...] = ()
     owner_args: int = 0
+    config: SEConfig = field(default_factory=SEConfig)
 
     @property
     def attr(self) -> str:
         return self.name.rsplit(".", 1)[-1]
 
-    def added_params(self, bias: bool) -> int:
+    def added_params(self, bias: bool | None = None) -> int:
+        """Parameters of this site's SE block (``bias`` overrides the site's own setting)."""
+        bias = self.config.bias if bias is None else bias
         return 2 * self.channels * self.hidden + (self.hidden + self.channels if bias else 0)
 
 
@@ -136,12 +141,31 @@ class Skipped:
 
 
 @dataclass(frozen=True)
+class Unanalysed:
+    """A module that could not be analysed (DESIGN rule 13: nothing is silently missed).
+
+    ``path`` is the module path ("" for the root), ``reason`` the first line of the error.
+    """
+
+    path: str
+    reason: str = ""
+
+    def __str__(self) -> str:
+        where = self.path or "(root)"
+        return f"{where}: {self.reason}" if self.reason else where
+
+
+@dataclass(frozen=True)
 class Plan:
-    """Sites, skipped sites and unanalysed modules, plus the SE configuration to build with."""
+    """Sites, skipped sites and unanalysed modules, plus the SE configuration asked for.
+
+    Each site carries its own block config; ``config`` is the one of the latest injection
+    (what ``find_sites`` was called with).
+    """
 
     sites: tuple[Site, ...]
     skipped: tuple[Skipped, ...]
-    unanalysed: tuple[str, ...] = ()
+    unanalysed: tuple[Unanalysed, ...] = ()
     config: SEConfig = field(default_factory=SEConfig)
 
     def __len__(self) -> int:
@@ -149,7 +173,7 @@ class Plan:
 
     @property
     def added_params(self) -> int:
-        return sum(site.added_params(self.config.bias) for site in self.sites)
+        return sum(site.added_params() for site in self.sites)
 
     def skipped_by_reason(self) -> dict[SkipReason, list[Skipped]]:
         grouped: dict[SkipReason, list[Skipped]] = {}
@@ -159,7 +183,7 @@ class Plan:
 
     def merged(self, later: Plan) -> Plan:
         """This plan followed by ``later`` (a second injection into the same model)."""
-        return Plan(self.sites + later.sites, later.skipped, later.unanalysed, self.config)
+        return Plan(self.sites + later.sites, later.skipped, later.unanalysed, later.config)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -170,17 +194,19 @@ class Plan:
                     "targets": list(s.targets),
                     "inline": list(s.inline),
                     "spatial": list(s.spatial),
+                    "config": s.config.to_dict(),
                 }
                 for s in self.sites
             ],
             "skipped": [{**asdict(s), "reason": str(s.reason)} for s in self.skipped],
-            "unanalysed": list(self.unanalysed),
+            "unanalysed": [asdict(u) for u in self.unanalysed],
             "config": self.config.to_dict(),
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Plan:
         try:
+            config = SEConfig.from_dict(data.get("config", {}))
             sites = tuple(
                 Site(**{
                     **_known(Site, raw),
@@ -188,6 +214,8 @@ class Plan:
                     "targets": tuple(raw["targets"]),
                     "inline": tuple(raw.get("inline", ())),
                     "spatial": tuple(raw.get("spatial", ())),
+                    # Checkpoints before per-site configs hold one config for the whole plan.
+                    "config": SEConfig.from_dict(raw["config"]) if "config" in raw else config,
                 })
                 for raw in data["sites"]
             )
@@ -195,10 +223,17 @@ class Plan:
                 Skipped(**{**_known(Skipped, raw), "reason": SkipReason(raw["reason"])})
                 for raw in data.get("skipped", ())
             )
-            config = SEConfig.from_dict(data.get("config", {}))
+            unanalysed = tuple(_unanalysed(raw) for raw in data.get("unanalysed", ()))
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"malformed plan: {e}") from e
-        return cls(sites, skipped, tuple(data.get("unanalysed", ())), config)
+        return cls(sites, skipped, unanalysed, config)
+
+
+def _unanalysed(raw: Any) -> Unanalysed:
+    # Plans saved before reasons were recorded list bare module paths.
+    if isinstance(raw, str):
+        return Unanalysed(raw)
+    return Unanalysed(**_known(Unanalysed, raw))
 
 
 def _known(cls: type, raw: Mapping[str, Any]) -> dict[str, Any]:

@@ -154,9 +154,8 @@ def _skipped(console: Console, report: Report) -> None:
         nodes = [s.node for s in items]
         shown = ", ".join(nodes[:3]) + (f", ... (+{len(nodes) - 3})" if len(nodes) > 3 else "")
         shown_rows.append((items[0].text, str(len(items)), shown))
-    if plan.unanalysed:
-        names = [repr(m) for m in plan.unanalysed[:3]]
-        shown_rows.append(("could not be analysed", str(len(plan.unanalysed)), ", ".join(names)))
+    for module in plan.unanalysed:  # each with the first line of its error (nothing silently missed)
+        shown_rows.append(("could not be analysed", "1", str(module)))
     # "where" lists node names: it may wrap between names, and folds a name only if one is wider than the screen.
     table.add_column("where", ratio=2, overflow="fold")
     for row in shown_rows:

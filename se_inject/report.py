@@ -143,7 +143,7 @@ class Report:
                 {"node": s.node, "reason": str(s.reason), "text": s.text, "detail": s.detail}
                 for s in self.plan.skipped
             ],
-            "unanalysed": list(self.plan.unanalysed),
+            "unanalysed": [{"path": u.path, "reason": u.reason} for u in self.plan.unanalysed],
             **self.complexity.to_dict(),
             "dry_run": self.dry_run,
             "output": self.output,

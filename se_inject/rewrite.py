@@ -22,9 +22,10 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .block import SEBlock, SEConfig, check_se_weights
+from .block import SEBlock, check_se_weights
 from .errors import PlanMismatchError
-from .graph import qualified_names, required_positional, standalone_concrete_args, trace
+from .node_names import locate
+from .owners import OwnerTraces, inline_paths, owner_args
 from .plan import PLAN_ATTR, Plan, Site
 
 __all__ = ["apply_plan", "remove_se", "RebuiltBlock"]
@@ -125,12 +126,12 @@ class RebuiltBlock(fx.GraphModule):
         swapped layers, a deploy flag), keeping this block's SE modules; or, when the sites no
         longer fit the changed block, refuse to run from now on and raise."""
         original = self.original
-        owner_path, sites, config = self.__dict__.get("_se_sites", ("", (), None))
+        owner_path, sites = self.__dict__.get("_se_sites", ("", ()))
         where = f"{owner_path or 'the model'} ({type(original).__name__})"
         try:
-            if config is None:
+            if not sites:
                 raise PlanMismatchError("no record of its sites")
-            fresh = _rebuild(original, owner_path, list(sites), config, _TraceCache())
+            fresh = _rebuild(original, owner_path, list(sites), OwnerTraces())
         except Exception as e:
             cause = str(e).splitlines()[0] if str(e) else type(e).__name__
             message = (
@@ -156,10 +157,10 @@ class RebuiltBlock(fx.GraphModule):
         stale = self.__dict__.get("_se_stale")
         if stale:
             raise PlanMismatchError(stale)
-        owner_path, sites, config = self.__dict__["_se_sites"]
+        owner_path, sites = self.__dict__["_se_sites"]
         se_blocks = {site.attr: self._modules[site.attr] for site in sites}
         extras = {k: v for k, v in self.__dict__.items() if k == PLAN_ATTR}
-        return (_unpickle, (self.original, owner_path, sites, config, se_blocks, self.training, extras))
+        return (_unpickle, (self.original, owner_path, sites, se_blocks, self.training, extras))
 
     def _deepcopy_init(self):  # noqa: ANN202 - signature fixed by fx.GraphModule.__deepcopy__
         return _init_copy
@@ -216,13 +217,12 @@ def _unpickle(
     original: nn.Module,
     owner_path: str,
     sites: tuple[Site, ...],
-    config: SEConfig,
     se_blocks: dict[str, SEBlock],
     training: bool,
     extras: dict[str, Any],
 ) -> RebuiltBlock:
     """A pickled rebuilt block, rebuilt from its original with its own SE modules put back."""
-    block = _rebuild(original, owner_path, list(sites), config, _TraceCache())
+    block = _rebuild(original, owner_path, list(sites), OwnerTraces())
     block._modules.update(se_blocks)
     block.training = training
     eval_graph, train_graph = block.__dict__["_se_graphs"]
@@ -310,20 +310,8 @@ def _module_placement(module: nn.Module) -> tuple[torch.device, torch.dtype]:
 
 
 def _insert_sites(graph: fx.Graph, owner_path: str, sites: Iterable[Site]) -> None:
-    by_name = {name: node for node, name in qualified_names(graph, owner_path).items()}
     for site in sites:
-        source = by_name.get(site.source)
-        if source is None:
-            raise PlanMismatchError(f"site {site.name}: node {site.source!r} not found in {owner_path or 'the model'}")
-        if site.targets:
-            targets = []
-            for t in site.targets:
-                node = by_name.get(t)
-                if node is None or source not in node.all_input_nodes:
-                    raise PlanMismatchError(f"site {site.name}: {t!r} does not consume {site.source!r}")
-                targets.append(node)
-        else:
-            targets = list(source.users)
+        source, targets = locate(graph, owner_path, site.source, site.targets, f"site {site.name}")
         with graph.inserting_after(source):
             se_node = graph.call_module(site.attr, (source,))
         for node in targets:
@@ -334,99 +322,31 @@ def _insert_sites(graph: fx.Graph, owner_path: str, sites: Iterable[Site]) -> No
 _PRIMITIVES = (bool, int, float, str, type(None))
 
 
-def _plain_attributes(module: nn.Module) -> tuple[Any, ...] | None:
-    items = []
-    for key, value in sorted(vars(module).items()):
-        if key.startswith("_") or key == "training":
-            continue
-        if isinstance(value, _PRIMITIVES) or (
-            isinstance(value, tuple) and all(isinstance(v, _PRIMITIVES) for v in value)
-        ):
-            items.append((key, value))
-        elif not callable(value):
-            return None
-    return tuple(items)
-
-
-def _signature(module: nn.Module) -> tuple[Any, ...] | None:
-    """What a trace of ``module`` can depend on: for the block and every module inside it, the
-    class, the plain attributes (``stride``, ``use_res_connect``, ``downsample is None``) and the
-    names, shapes and dtypes of parameters and buffers. ``None`` (never shared) when an
-    attribute is data of some other kind."""
-    items: list[Any] = []
-    for path, sub in module.named_modules(remove_duplicate=False):
-        attrs = _plain_attributes(sub)
-        if attrs is None:
-            return None
-        tensors = tuple(
-            (name, tuple(t.shape), t.dtype) if t is not None else (name, None)
-            for name, t in [*sub._parameters.items(), *sub._buffers.items()]
-        )
-        items.append((path, type(sub), attrs, tensors))
-    return tuple(items)
-
-
-class _TraceCache:
-    """Traces of owners, shared between blocks with the same signature.
-
-    Tracing patches ``nn.Module`` itself, which costs milliseconds per trace once timm and
-    torchvision are loaded; ResNet-152's 50 blocks have only a handful of signatures. The
-    signature covers the whole block (a forward may loop over a ModuleList or read a child's
-    stride), so two blocks share a trace only when nothing a trace could see differs.
-    """
-
-    def __init__(self) -> None:
-        self._graphs: dict[tuple[Any, ...], dict[bool, fx.Graph]] = {}
-
-    def graphs(
-        self, owner: nn.Module, inline: tuple[str, ...], args: int = 0
-    ) -> tuple[dict[bool, fx.Graph], dict[str, Any]]:
-        """The owner's eval graph under ``False``, and under ``True`` a train graph only when
-        the code differs; plus the tensor constants the traces made."""
-        key = _signature(owner)
-        key = None if key is None else (key, inline, args)
-        if key is not None and key in self._graphs:
-            return {mode: copy.deepcopy(g) for mode, g in self._graphs[key].items()}, {}
-        graphs: dict[bool, fx.Graph] = {}
-        constants: dict[str, Any] = {}
-        concrete = standalone_concrete_args(owner, args or required_positional(owner) or 0)
-        # Both modes, always: any code the trace inlines may read self.training, and a missed
-        # one would silently train with the eval graph.
-        for training in (False, True):
-            traced = trace(owner, training=training, inline=inline, concrete_args=concrete)
-            graphs[training] = traced.graph
-            constants.update(traced.constants)
-        if graphs[False].python_code("self").src == graphs[True].python_code("self").src:
-            del graphs[True]
-        if key is not None and not constants:  # constants are per instance: never share them
-            self._graphs[key] = {mode: copy.deepcopy(g) for mode, g in graphs.items()}
-        return graphs, constants
-
-
-def _rebuild(owner: nn.Module, owner_path: str, sites: list[Site], config: SEConfig, cache: _TraceCache) -> RebuiltBlock:
-    inline = tuple(sorted({p for s in sites for p in s.inline}))
-    graphs, constants = cache.graphs(owner, inline, max(s.owner_args for s in sites))
+def _rebuild(owner: nn.Module, owner_path: str, sites: list[Site], traces: OwnerTraces) -> RebuiltBlock:
+    graphs, constants = traces.graphs(owner, inline_paths(sites), owner_args(sites))
     for graph in graphs.values():
         _insert_sites(graph, owner_path, sites)
     device, dtype = _module_placement(owner)
     se_blocks = {
         s.attr: SEBlock.from_config(
-            s.channels, s.hidden, s.channel_axis, config, prefix_tokens=s.prefix_tokens, device=device, dtype=dtype
+            s.channels, s.hidden, s.channel_axis, s.config, prefix_tokens=s.prefix_tokens, device=device, dtype=dtype
         )
         for s in sites
     }
     for block in se_blocks.values():
         block.train(owner.training)
     block = RebuiltBlock(owner, graphs[False], graphs.get(True), se_blocks, constants)
-    block.__dict__["_se_sites"] = (owner_path, tuple(sites), config)  # to follow a change of the original
+    block.__dict__["_se_sites"] = (owner_path, tuple(sites))  # to follow a change of the original
     return block
 
 
-def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
+def apply_plan(model: nn.Module, plan: Plan, *, traces: OwnerTraces | None = None) -> nn.Module:
     """Insert the plan's SE blocks into ``model``, in place; nothing is decided here.
 
     Every owning block is rebuilt before any is swapped in, so a plan that does not fit leaves
     the model untouched. Returns ``model``, or the rebuilt root when the root owns a site.
+    ``traces`` are the owner traces made while planning (``inject_se`` passes them on, so
+    nothing is traced twice); each site's block is built with the site's own config.
 
     Raises:
         PlanMismatchError: an owner, node or name in the plan does not exist in ``model``.
@@ -435,7 +355,7 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
     for site in plan.sites:
         by_owner.setdefault(site.owner, []).append(site)
     rebuilt: dict[str, RebuiltBlock] = {}
-    cache = _TraceCache()
+    traces = OwnerTraces() if traces is None else traces
     for owner_path, sites in by_owner.items():
         try:
             owner = model.get_submodule(owner_path) if owner_path else model
@@ -445,7 +365,7 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
             if getattr(owner, site.attr, None) is not None:
                 raise PlanMismatchError(f"{owner_path or 'the model'} already has an attribute {site.attr!r}")
         try:
-            rebuilt[owner_path] = _rebuild(owner, owner_path, sites, plan.config, cache)
+            rebuilt[owner_path] = _rebuild(owner, owner_path, sites, traces)
         except Exception as e:
             detail = str(e) if isinstance(e, PlanMismatchError) else f"{type(e).__name__}: {e}"
             raise PlanMismatchError(f"could not rebuild {owner_path or 'the model'}: {detail}", owner=owner_path) from e

@@ -9,6 +9,7 @@ mark nested ones, then name, size and select the sites.
 from __future__ import annotations
 
 import fnmatch
+import itertools
 import logging
 import math
 from collections.abc import Sequence, Set
@@ -20,10 +21,12 @@ import torch.fx as fx
 from torch import nn
 
 from .block import SEConfig, hidden_width
-from .errors import ConfigError
+from .errors import ConfigError, SelectionError
 from .graph import (
     CallRecord,
     DataFlow,
+    RecordedInputs,
+    call_concrete_args,
     call_stack,
     cat_dim,
     channel_axis,
@@ -41,17 +44,21 @@ from .graph import (
     is_spatial_conv,
     is_unary_elementwise,
     is_upsample,
+    leading_tensors,
     node_scope,
+    passes_var_positional,
     propagate_shapes,
     qualified_names,
     record_module_inputs,
     standalone_call,
-    standalone_concrete_args,
     tensor_shape,
     trace,
     trailing_scaling_input,
 )
-from .plan import Plan, Site, SiteKind, Skipped, SkipReason
+from .input_size import example_input as _default_example_input
+from .node_names import owner_local_name
+from .owners import OwnerTraces, block_signature
+from .plan import Plan, Site, SiteKind, Skipped, SkipReason, Unanalysed
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +82,9 @@ class _Unit:
     flow: DataFlow
     names: dict[fx.Node, str]
     calls: dict[str, list[CallRecord]]
+    #: Why the unit's root cannot be rebuilt on its own ("" when it can): it was called with
+    #: values other than tensors and defaults, which its own trace would not reproduce.
+    root_call_issue: str = ""
     _owned: dict[str, list[fx.Node]] = field(default_factory=dict)
     _gated: dict[str, list[fx.Node]] = field(default_factory=dict)
 
@@ -92,7 +102,7 @@ class _Unit:
             if (
                 calls
                 and all(standalone_call(module, args, kwargs) for args, kwargs in calls)
-                and len({len(args) for args, _ in calls}) == 1  # one graph serves every call
+                and len({leading_tensors(args) for args, _ in calls}) == 1  # one graph serves every call
             ):
                 return scope
             scope = scope.rpartition(".")[0]
@@ -101,7 +111,7 @@ class _Unit:
     def owner_args(self, owner_rel: str) -> int:
         """Positional tensors each call of the owner passes (0 for the unit's root: its own)."""
         calls = self.calls.get(owner_rel) if owner_rel else None
-        return len(calls[0][0]) if calls else 0
+        return leading_tensors(calls[0][0]) if calls else 0
 
     def prefix_tokens(self) -> int:
         """Class and distillation tokens in front of a token sequence: timm's
@@ -182,8 +192,13 @@ def build_plan(
     plain: bool = False,
     tokens: bool = False,
     example_input: Any = None,
+    traces: OwnerTraces | None = None,
 ) -> Plan:
     """Analyse ``model`` (unchanged) and return where SE blocks go under ``config``.
+
+    Every owner is traced as the rewriter will trace it and every site is found in that trace
+    before it is listed (owners that fail are skipped as ``not-rewritable``); pass ``traces``
+    to keep those traces for ``apply_plan``.
 
     ``plain`` adds the paper's SE-VGG placement (after the non-linearity that follows each
     convolution) to models that have no residual or concatenation site; ``tokens`` turns
@@ -192,6 +207,8 @@ def build_plan(
 
     Raises:
         ConfigError: a selection option has a bad value.
+        SelectionError: ``stages`` or ``resolutions`` name none of the model's (the message
+            lists them).
     """
     selection = Selection(
         _check_globs("include", include),
@@ -204,14 +221,14 @@ def build_plan(
         raise ConfigError(f"min_channels must be >= 0, got {min_channels}")
     args = example_args(model, example_input)
     units: list[_Unit] = []
-    unanalysed: list[str] = []
-    _analyse(model, "", args, units, unanalysed)
+    unanalysed: list[Unanalysed] = []
+    _analyse(model, "", args, units, unanalysed, {})
     policy = _Policy(config.placement, tokens)
     candidates = [c for unit in units for c in _unit_candidates(unit, policy)]
     _mark_nested(candidates)
     if plain and not any(c.skip is None for c in candidates):
         candidates += [c for unit in units for c in _plain_candidates(unit)]
-    sites, skipped = _finalise(model, candidates, config, selection)
+    sites, skipped = _finalise(model, candidates, config, selection, OwnerTraces() if traces is None else traces)
     return Plan(tuple(sites), tuple(skipped), tuple(unanalysed), config)
 
 
@@ -242,66 +259,51 @@ def _check_globs(what: str, globs: Sequence[str] | None) -> tuple[str, ...] | No
 
 
 def example_args(model: nn.Module, example_input: Any = None) -> tuple[Any, ...]:
-    """The inputs to analyse with: the user's, else one built from the model's config.
+    """The inputs to analyse with: the user's, else an empty tensor of the model's declared
+    input size (``input_size.model_input_size``), batch 2; only shapes matter.
 
-    Only shapes matter (analysis runs on fake tensors): timm's ``pretrained_cfg['input_size']``
-    when known, else the first layer's input channels at the model's ``image_size`` or 224 px,
-    batch 2.
+    Raises:
+        ConfigError: no input was given and the model does not say what it reads.
     """
     if example_input is not None:
         return tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
-    ref = next(iter(model.parameters()), None)
-    dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.get_default_dtype()
-    device = ref.device if ref is not None else torch.device("cpu")
-    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
-    shape: tuple[int, ...] | None = None
-    image_size = getattr(model, "image_size", None)  # torchvision's ViT checks its input size
-    if isinstance(cfg, dict) and cfg.get("input_size"):
-        shape = (2, *cfg["input_size"])
-    else:
-        for m in model.modules():
-            if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-                side = image_size if isinstance(image_size, int) else 224
-                spatial = {nn.Conv1d: (side,), nn.Conv2d: (side, side), nn.Conv3d: (16, 112, 112)}[type(m)]
-                shape = (2, m.in_channels, *spatial)
-                break
-            if isinstance(m, nn.Linear):
-                shape = (2, m.in_features)
-                break
-    if shape is None:
+    built = _default_example_input(model)
+    if built is None:
         raise ConfigError(
             f"cannot guess an input for {type(model).__name__}; pass example_input=torch.randn(...)"
         )
-    return (torch.empty(shape, dtype=dtype, device=device),)
+    return (built,)
 
 
 # --------------------------------------------------------------------------------------------
 # Tracing into units
 
 
-def _graph_module(module: nn.Module, graph: fx.Graph, constants: dict[str, Any]) -> fx.GraphModule:
-    attrs: dict[str, Any] = {}
-    for node in graph.nodes:
-        if node.op in ("get_attr", "call_module"):
-            target = str(node.target)
-            attrs[target] = constants[target] if target in constants else _resolve(module, target)
-    return fx.GraphModule(attrs, graph)
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 
-def _resolve(module: nn.Module, target: str) -> Any:
-    obj: Any = module
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
+def _may_hold_sites(module: nn.Module) -> bool:
+    """Builtin layers are leaves (nothing inside to analyse), and so are modules without
+    weights; torch's containers are not leaves: what they hold is analysed (rule 13)."""
+    if not any(True for _ in module.parameters()):
+        return False
+    return isinstance(module, _CONTAINERS) or not type(module).__module__.startswith("torch.")
 
 
-def _analysable_children(module: nn.Module) -> list[tuple[str, nn.Module]]:
-    # Builtin layers are leaves (nothing inside to analyse), and so are modules without weights.
-    return [
-        (name, child)
-        for name, child in module.named_children()
-        if not type(child).__module__.startswith("torch.") and any(True for _ in child.parameters())
-    ]
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+def _join_path(path: str, name: str) -> str:
+    return f"{path}.{name}" if path and name else path or name
+
+
+def _args_key(args: Sequence[Any]) -> tuple[Any, ...]:
+    return tuple(
+        (tuple(a.shape), a.dtype) if isinstance(a, torch.Tensor) else a if isinstance(a, (bool, int, str)) else type(a).__name__
+        for a in args
+    )
 
 
 def _analyse(
@@ -309,48 +311,279 @@ def _analyse(
     path: str,
     args: Sequence[Any],
     units: list[_Unit],
-    unanalysed: list[str],
-    untraceable: set[tuple[type, tuple[str, ...]]] | None = None,
-) -> None:
-    """Trace ``module`` into a unit; if it does not trace, analyse its children on their own.
+    unanalysed: list[Unanalysed],
+    memo: dict[Any, Any],
+    extra_keywords: tuple[str, ...] = (),
+    recorded: RecordedInputs | None = None,
+) -> frozenset[str] | None:
+    """Trace ``module`` into a unit; if it does not trace, analyse its parts on their own.
 
-    ``untraceable`` remembers (class, argument types) that failed, so the 58 dense layers of
-    timm's DenseNet-121 (no-trace leaves taking a list) fail once, not 58 times.
+    When parts of it fail to trace, it is traced again with those parts kept as calls, so
+    a block whose attention does not trace still shows its residual sums (rule 13). Returns
+    the paths of the parts left opaque in its unit, or None when it could not be analysed as
+    one unit.
+
+    ``memo`` remembers per (class, argument kinds) why a module failed to trace, so the 58
+    dense layers of timm's DenseNet-121 (no-trace leaves taking a list) fail once, not 58
+    times; and per (block signature, argument shapes) blocks whose trace has nothing to
+    analyse (timm's ``BatchNormAct2d``), so such blocks are traced once per kind.
     """
-    untraceable = set() if untraceable is None else untraceable
     key = (type(module), tuple(type(a).__name__ for a in args))
-    children = _analysable_children(module)
+    leaf_key = _leaf_key(module, args)
+    if leaf_key is not None and memo.get(leaf_key) == _NOTHING:
+        return frozenset()
     try:
-        if key in untraceable:
-            raise TypeError("a module of this class failed to trace with these argument types")
-        graph, constants, calls = trace(module, concrete_args=standalone_concrete_args(module, len(args)))
-        propagate_shapes(_graph_module(module, graph, constants), args)
+        if key in memo:
+            raise _KnownFailure(memo[key])
+        unit = _trace_unit(module, path, args, frozenset(), extra_keywords)
     except Exception as e:  # noqa: BLE001 - any failure means "analyse the parts"
-        log.debug("%s does not trace (%s: %s); analysing its children", path or "model", type(e).__name__, e)
-        untraceable.add(key)
-        unanalysed.append(path)
-        inputs = record_module_inputs(module, args) if children else {}
-        for name, child in children:
-            child_path = f"{path}.{name}" if path else name
-            if name in inputs:
-                _analyse(child, child_path, inputs[name], units, unanalysed, untraceable)
-            else:
-                unanalysed.append(child_path)
+        reason = str(e) if isinstance(e, _KnownFailure) else _first_line(e)
+        log.debug("%s does not trace (%s); analysing its parts", path or "model", reason)
+        memo.setdefault(key, reason)
+        part_units: list[_Unit] = []
+        part_unanalysed: list[Unanalysed] = []
+        opaque = _analyse_parts(module, path, args, part_units, part_unanalysed, memo, recorded)
+        unit = None
+        if opaque:
+            try:
+                unit = _trace_unit(module, path, args, opaque, extra_keywords)
+            except Exception as e2:  # noqa: BLE001 - its own code does not trace either
+                log.debug("%s does not trace with its parts opaque either (%s)", path or "model", _first_line(e2))
+        if unit is None:
+            unanalysed.append(Unanalysed(path, reason))
+            units += part_units
+            unanalysed += part_unanalysed
+            return None
+        # Its unit covers the parts that traced; keep what was found inside the opaque ones.
+        units += [u for u in part_units if any(_within(u.path, p) for p in opaque)]
+        unanalysed += part_unanalysed
+        _keep_unit(unit, units, unanalysed, memo, leaf_key, opaque)
+        return opaque
+    _keep_unit(unit, units, unanalysed, memo, leaf_key, frozenset())
+    return frozenset()
+
+
+def _within(path: str, ancestor: str) -> bool:
+    return path == ancestor or path.startswith(ancestor + ".") or not ancestor
+
+
+def _trace_unit(
+    module: nn.Module, path: str, args: Sequence[Any], opaque: frozenset[str], extra_keywords: tuple[str, ...] = ()
+) -> _Unit:
+    prefix = len(path) + 1 if path else 0
+    traced = trace(
+        module,
+        concrete_args=call_concrete_args(module, args),
+        var_positional=passes_var_positional(module, len(args)),
+        opaque={p[prefix:] for p in opaque},
+    )
+    graph, constants, calls = traced.graph, traced.constants, traced.calls
+    propagate_shapes(module, args, graph=graph, constants=constants)
+    record = tuple(("tensor" if isinstance(a, torch.Tensor) else type(a).__name__, a) for a in args)
+    if extra_keywords:
+        issue = f"called with keyword arguments its rebuilt forward would not take ({', '.join(extra_keywords)})"
+    elif not standalone_call(module, record, ()):
+        issue = "called with values other than tensors and defaults"
+    else:
+        issue = ""
+    return _Unit(path, module, graph, DataFlow(graph, module), qualified_names(graph, path), calls, issue)
+
+
+def _keep_unit(
+    unit: _Unit,
+    units: list[_Unit],
+    unanalysed: list[Unanalysed],
+    memo: dict[Any, Any],
+    leaf_key: tuple[Any, ...] | None,
+    opaque: frozenset[str],
+) -> None:
+    """Keep ``unit`` unless it holds nothing to analyse, then open the leaves inside it
+    that may hold sites (timm's no-trace blocks), each on its own."""
+    if not opaque and _nothing_inside(unit):
+        if leaf_key is not None:
+            memo[leaf_key] = _NOTHING
         return
-    flow = DataFlow(graph, module)
-    units.append(_Unit(path, module, graph, flow, qualified_names(graph, path), calls))
-    # Leaves we cannot see into (timm's no-trace blocks): analyse them on their own.
+    units.append(unit)
+    for node in unit.graph.nodes:
+        if node.op != "call_module" or not _is_first_call(node):
+            continue
+        child_path = _join_path(unit.path, str(node.target))
+        if child_path in opaque:
+            continue  # analysed already, as parts
+        child = unit.module.get_submodule(str(node.target))
+        if not _may_hold_sites(child) or isinstance(child, _CONTAINERS):
+            continue
+        device = next(child.parameters()).device
+        vals = tuple(_on_device(a.meta.get("val"), device) if isinstance(a, fx.Node) else a for a in node.args)
+        _analyse(child, child_path, vals, units, unanalysed, memo)
+
+
+class _KnownFailure(Exception):
+    """A module of a class that already failed to trace with these argument kinds."""
+
+
+_NOTHING = "nothing to analyse"
+
+
+#: Blocks with more submodules than this are not memoised as "nothing inside" (the ones
+#: that repeat by the hundred, like timm's BatchNormAct2d, are small; big ones rarely repeat).
+_MEMO_MAX_MODULES = 16
+
+
+def _leaf_key(module: nn.Module, args: Sequence[Any]) -> tuple[Any, ...] | None:
+    if sum(1 for _ in itertools.islice(module.modules(), _MEMO_MAX_MODULES + 1)) > _MEMO_MAX_MODULES:
+        return None
+    signature = block_signature(module)
+    return None if signature is None else ("leaf", signature, _args_key(args))
+
+
+def _nothing_inside(unit: _Unit) -> bool:
+    return _graph_holds_nothing(unit.module, unit.graph)
+
+
+def _graph_holds_nothing(module: nn.Module, graph: fx.Graph, opaque: frozenset[str] = frozenset()) -> bool:
+    """A traced block with no addition or concatenation and no module left to open holds no
+    site of any rule (residual, inception, dense), nor SE-VGG's plain sites when it has no
+    convolution (timm's ``BatchNormAct2d``: a norm and an activation)."""
     for node in graph.nodes:
-        if node.op != "call_module":
+        if is_add(node) or is_cat(node) or is_conv(module, node):
+            return False
+        if (
+            node.op == "call_module"
+            and str(node.target) not in opaque
+            and _may_hold_sites(module.get_submodule(str(node.target)))
+        ):
+            return False
+    return True
+
+
+def _analyse_parts(
+    module: nn.Module,
+    path: str,
+    args: Sequence[Any],
+    units: list[_Unit],
+    unanalysed: list[Unanalysed],
+    memo: dict[Any, Any],
+    recorded: RecordedInputs | None = None,
+) -> frozenset[str]:
+    """Analyse the children of a module that did not trace, with the inputs a forward pass
+    gave them; containers (``nn.ModuleList``, ``nn.Sequential``, ``nn.ModuleDict``) and
+    modules that were not called themselves are looked through, at any depth. Returns the
+    paths of the parts that stay opaque (did not trace, or hold parts that did not).
+
+    ``recorded``: inputs of this module's submodules from a forward pass of an ancestor,
+    reused when they cover every part that needs inputs (no second forward pass).
+    """
+    if not any(_may_hold_sites(c) for c in module.children()):
+        return frozenset()
+
+    def enough(rec: RecordedInputs) -> bool:
+        return not _missing_inputs(module, "", rec, memo)
+
+    inputs = recorded if recorded is not None and enough(recorded) else record_module_inputs(module, args, enough)
+    opaque: set[str] = set()
+
+    def visit(parent: nn.Module, rel: str) -> None:
+        for name, child in parent.named_children():
+            child_rel = _join_path(rel, name)
+            if not _may_hold_sites(child):
+                continue
+            child_path = _join_path(path, child_rel)
+            if child_rel in inputs:
+                extra = inputs.extra_keywords.get(child_rel, ())
+                inner = _analyse(
+                    child, child_path, inputs[child_rel], units, unanalysed, memo, extra, _sub_record(inputs, child_rel)
+                )
+                opaque.update({child_path} if inner is None else inner)
+                continue
+            if not isinstance(child, _CONTAINERS):
+                probe = _probe(child, memo)
+                if probe.reason is None and not probe.needs_inputs:
+                    continue  # traced without inputs: nothing in it can be a site
+                if probe.reason is None or not any(_may_hold_sites(c) for c in child.children()):
+                    unanalysed.append(Unanalysed(child_path, "not reached by the forward pass on the example input"))
+                    continue
+                unanalysed.append(Unanalysed(child_path, probe.reason))
+                opaque.add(child_path)
+            visit(child, child_rel)  # an iterated container, or a module not reached as a whole
+
+    visit(module, "")
+    return frozenset(opaque)
+
+
+def _sub_record(recorded: RecordedInputs, rel: str) -> RecordedInputs:
+    """The entries of ``recorded`` under ``rel``, relative to it."""
+    sub = RecordedInputs()
+    prefix = rel + "."
+    for key, value in recorded.items():
+        if key.startswith(prefix):
+            sub[key[len(prefix):]] = value
+    for key, value in recorded.extra_keywords.items():
+        if key.startswith(prefix):
+            sub.extra_keywords[key[len(prefix):]] = value
+    return sub
+
+
+@dataclass(frozen=True)
+class _Probe:
+    """A module traced without inputs: why it does not trace (None: it does), and whether
+    analysing it (or its parts) needs real inputs, i.e. it may hold a site."""
+
+    reason: str | None
+    needs_inputs: bool
+
+
+def _probe(module: nn.Module, memo: dict[Any, Any]) -> _Probe:
+    """Trace ``module`` without inputs as ``_analyse`` would: whole, else with the parts that
+    do not trace kept as calls; it needs inputs when its graph or one of those parts may hold
+    a site."""
+    key = ("probe", id(module))
+    if key in memo:
+        return memo[key]
+    concrete = call_concrete_args(module, ())
+    try:
+        result = _Probe(None, not _graph_holds_nothing(module, trace(module, concrete_args=concrete).graph))
+    except Exception as e:  # noqa: BLE001 - does not trace whole: try with its failing parts as calls
+        reason = _first_line(e)
+        opaque = _failing_parts(module, "", memo)
+        needs = any(_probe(module.get_submodule(p), memo).needs_inputs for p in opaque)
+        if opaque:
+            try:
+                graph = trace(module, concrete_args=concrete, opaque=opaque).graph
+                needs = needs or not _graph_holds_nothing(module, graph, opaque)
+            except Exception:  # noqa: BLE001 - its own code does not trace: only its parts count
+                pass
+        result = _Probe(reason, needs)
+    memo[key] = result
+    return result
+
+
+def _failing_parts(module: nn.Module, rel: str, memo: dict[Any, Any]) -> frozenset[str]:
+    """Paths (relative to the probed module) of the parts that do not trace, through containers."""
+    found: set[str] = set()
+    for name, child in module.named_children():
+        child_rel = _join_path(rel, name)
+        if not _may_hold_sites(child):
             continue
-        child = module.get_submodule(str(node.target))
-        if type(child).__module__.startswith("torch.") or not any(True for _ in child.parameters()):
+        if isinstance(child, _CONTAINERS):
+            found |= _failing_parts(child, child_rel, memo)
+        elif _probe(child, memo).reason is not None:
+            found.add(child_rel)
+    return frozenset(found)
+
+
+def _missing_inputs(module: nn.Module, rel: str, recorded: RecordedInputs, memo: dict[Any, Any]) -> bool:
+    """Whether a part of ``module`` that may hold a site has no recorded inputs."""
+    for name, child in module.named_children():
+        child_rel = _join_path(rel, name)
+        if child_rel in recorded or not _may_hold_sites(child):
             continue
-        if _is_first_call(node):
-            device = next(child.parameters()).device
-            vals = tuple(_on_device(a.meta.get("val"), device) if isinstance(a, fx.Node) else a for a in node.args)
-            child_path = f"{path}.{node.target}" if path else str(node.target)
-            _analyse(child, child_path, vals, units, unanalysed, untraceable)
+        if isinstance(child, _CONTAINERS):
+            if _missing_inputs(child, child_rel, recorded, memo):
+                return True
+        elif _probe(child, memo).needs_inputs:
+            return True
+    return False
 
 
 def _on_device(value: Any, device: torch.device) -> Any:
@@ -854,27 +1087,8 @@ def _scope_of(node: fx.Node) -> str:
 # Owner-level names of the nodes a site touches
 
 
-def _owner_entries(node: fx.Node, owner_rel: str) -> list[tuple[str, str]]:
-    return [(k, p) for k, p in call_stack(node) if not owner_rel or p.startswith(owner_rel + ".")]
-
-
-def _call_name(unit: _Unit, key: str, path: str) -> str:
-    k = int(key.rsplit("@", 1)[1]) if "@" in key else 0
-    full = unit.full(path)
-    return full if k == 0 else f"{full}_{k}"
-
-
 def _rep(unit: _Unit, node: fx.Node, owner_rel: str, depth: int) -> tuple[str, list[str], str | None]:
-    """Name of ``node`` in the owner's graph when the first ``depth`` nested calls are traced
-    through; also the paths traced through and the call key that stands for the node."""
-    entries = _owner_entries(node, owner_rel)
-    if node.op == "call_module":
-        entries = entries[:-1] + [("", entries[-1][1])] if entries else entries
-    if depth < len(entries) and entries[depth][0]:
-        key, path = entries[depth]
-        return _call_name(unit, key, path), [p for _, p in entries[:depth]], key
-    inline = [p for k, p in entries if k]
-    return unit.names[node], inline, None
+    return owner_local_name(node, unit.names, unit.path, owner_rel, depth)
 
 
 def _represent(cand: _Candidate) -> _Candidate:
@@ -935,25 +1149,77 @@ def _spatial(cand: _Candidate) -> tuple[int, ...]:
     return tuple(size for d, size in enumerate(cand.shape) if d not in (0, axis))
 
 
+def _stage_spatial(cand: _Candidate) -> tuple[int, ...]:
+    """Feature-map size of the site's block (its sum or concatenation), whatever the placement
+    moves the SE to (``pre`` scales the fork, which may be at the previous resolution)."""
+    shape = tensor_shape(cand.anchor)
+    if shape is None or len(shape) != len(cand.shape):
+        return _spatial(cand)
+    axis = cand.axis % len(shape)
+    return tuple(size for d, size in enumerate(shape) if d not in (0, axis))
+
+
+def _number_stages(candidates: list[_Candidate]) -> dict[int, tuple[int, tuple[int, ...]]]:
+    """Stage (index, feature-map size) of every usable candidate: runs of blocks at one
+    resolution in graph order, counted over all sites before selection, so indices do not
+    depend on it."""
+    order: dict[int, int] = {}
+    for c in candidates:
+        order.setdefault(id(c.unit), len(order))
+    usable = [c for c in candidates if c.skip is None]
+    usable.sort(key=lambda c: (order[id(c.unit)], c.unit.flow.index[c.anchor], c.unit.flow.index[c.source or c.anchor]))
+    stages: dict[int, tuple[int, tuple[int, ...]]] = {}
+    stage, last = -1, None
+    for cand in usable:
+        spatial = _stage_spatial(cand)
+        if spatial != last:
+            stage, last = stage + 1, spatial
+        stages[id(cand)] = (stage, spatial)
+    return stages
+
+
+def _check_selection(model: nn.Module, selection: Selection, stages: dict[int, tuple[int, tuple[int, ...]]]) -> None:
+    """Refuse stages and resolutions the model does not have, listing the ones it has."""
+    if not stages:
+        return  # no site at all: the caller says so
+    known: dict[int, tuple[int, ...]] = {}
+    for stage, spatial in stages.values():
+        known.setdefault(stage, spatial)
+    name = type(model).__name__
+    unknown = sorted(set(selection.stages or ()) - set(known))
+    if unknown:
+        listed = ", ".join(f"{k} ({_size(v)})" for k, v in sorted(known.items()))
+        raise SelectionError(
+            f"stage {', '.join(map(str, unknown))}: {name} has {len(known)} stages "
+            f"(runs of SE sites at one feature-map size, at the analysed input): {listed}"
+        )
+    sides = sorted({max(v, default=0) for v in known.values()}, reverse=True)
+    unknown = sorted(set(selection.resolutions or ()) - set(sides))
+    if unknown:
+        raise SelectionError(
+            f"resolution {', '.join(map(str, unknown))}: {name} has SE sites at resolutions "
+            f"{', '.join(map(str, sides))} (the largest side of each feature map at the analysed input)"
+        )
+
+
+def _size(spatial: Sequence[int]) -> str:
+    return "x".join(str(n) for n in spatial) if spatial else "-"
+
+
 def _finalise(
-    model: nn.Module, candidates: list[_Candidate], config: SEConfig, selection: Selection
+    model: nn.Module, candidates: list[_Candidate], config: SEConfig, selection: Selection, traces: OwnerTraces
 ) -> tuple[list[Site], list[Skipped]]:
     order: dict[int, int] = {}
     for c in candidates:
         order.setdefault(id(c.unit), len(order))
     candidates = sorted(candidates, key=lambda c: (order[id(c.unit)], c.unit.flow.index[c.source or c.anchor]))
-    # Stages are counted over every usable site before selection, so indices do not depend on it.
-    stages: dict[int, int] = {}
-    stage, last = -1, None
-    for cand in candidates:
-        if cand.skip is None:
-            if _spatial(cand) != last:
-                stage, last = stage + 1, _spatial(cand)
-            stages[id(cand)] = stage
+    stages = _number_stages(candidates)
+    _check_selection(model, selection, stages)
     sites: list[Site] = []
     skipped: list[Skipped] = []
     taken: dict[str, set[str]] = {}
     seen_sources: dict[tuple[int, fx.Node], int] = {}
+    root_issues: dict[str, str] = {}
     for cand in candidates:
         if cand.skip is not None:
             skipped.append(cand.skip)
@@ -966,9 +1232,12 @@ def _finalise(
             sites[seen_sources[key]] = replace(site, targets=merged)
             continue
         owner = cand.unit.full(cand.owner_rel)
+        if not cand.owner_rel and cand.unit.root_call_issue:
+            root_issues[owner] = cand.unit.root_call_issue
         name = _free_name(model, owner, taken)
         node_name = cand.unit.names[cand.anchor]
-        reason = _deselected(selection, name, owner, cand.channels, stages[id(cand)], _spatial(cand))
+        stage, spatial = stages[id(cand)]
+        reason = _deselected(selection, name, owner, cand.channels, stage, spatial)
         if reason is not None:
             skipped.append(Skipped(node_name, *reason))
             continue
@@ -985,14 +1254,46 @@ def _finalise(
                 channels=cand.channels,
                 hidden=hidden_width(cand.channels, config.reduction, config.min_hidden, config.hidden),
                 channel_axis=cand.axis,
-                stage=stages[id(cand)],
+                stage=stage,
                 inline=cand.inline,
                 prefix_tokens=cand.prefix_tokens,
-                spatial=_spatial(cand),
+                spatial=spatial,
                 owner_args=cand.unit.owner_args(cand.owner_rel),
+                config=config,
             )
         )
-    return _drop_conflicting_owners(sites, skipped)
+    sites, skipped = _drop_conflicting_owners(sites, skipped)
+    return _rebuildable(model, sites, skipped, traces, root_issues)
+
+
+def _rebuildable(
+    model: nn.Module, sites: list[Site], skipped: list[Skipped], traces: OwnerTraces, root_issues: dict[str, str]
+) -> tuple[list[Site], list[Skipped]]:
+    """Rule 14: trace every owner as the rewriter will and keep only the sites found in it;
+    the others are skipped as ``not-rewritable`` with the reason."""
+    by_owner: dict[str, list[Site]] = {}
+    for site in sites:
+        by_owner.setdefault(site.owner, []).append(site)
+    dropped: dict[str, str] = {}
+    for owner, group in by_owner.items():
+        if owner in root_issues:
+            dropped.update({s.name: f"{owner or 'the model'} is {root_issues[owner]}" for s in group})
+            continue
+        module = model.get_submodule(owner) if owner else model
+        pending = list(group)
+        while pending:
+            reason = traces.check(module, owner, pending)
+            if reason is None:
+                break
+            # Keep the sites that work on their own; drop the others with the reason.
+            alone = {s.name: traces.check(module, owner, [s]) for s in pending}
+            bad = [s for s in pending if alone[s.name] is not None] or pending
+            for s in bad:
+                dropped[s.name] = alone.get(s.name) or reason
+            pending = [s for s in pending if s not in bad]
+    kept = [s for s in sites if s.name not in dropped]
+    skipped += [Skipped(s.node, SkipReason.NOT_REWRITABLE, dropped[s.name]) for s in sites if s.name in dropped]
+    return kept, skipped
 
 
 def _deselected(

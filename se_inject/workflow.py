@@ -102,7 +102,7 @@ def no_sites_reason(plan: Plan) -> str:
             f"{len(items)} {items[0].text}" for items in plan.skipped_by_reason().values()
         )
     if plan.unanalysed:
-        why += f"; could not analyse {', '.join(repr(m) for m in plan.unanalysed[:3])}"
+        why += f"; could not analyse {', '.join(str(m) for m in plan.unanalysed[:3])}"
     return why
 
 

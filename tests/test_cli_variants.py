@@ -249,9 +249,10 @@ def test_json_is_byte_identical_sorted_and_names_the_options() -> None:
         "include": None, "exclude": None, "min_channels": 0, "stages": None, "resolutions": [8],
         "plain": False, "tokens": False,
     }
-    # pre scales each block's input: layer2.1 reads 8x8, and so does layer3.0 (it downsamples to 4x4)
+    # pre scales each block's input, but stages and resolutions are those of the blocks themselves
+    # (as under the standard placement): layer2's two blocks work at 8x8
     assert [(s["name"], s["stage"], s["spatial"]) for s in data["sites"]] == [
-        ("layer2.1.se", 1, [8, 8]), ("layer3.0.se", 1, [8, 8])
+        ("layer2.0.se", 1, [8, 8]), ("layer2.1.se", 1, [8, 8])
     ]
     assert not re.search(r'"\w*(time|elapsed|seconds|date)\w*"', first.stdout)
 

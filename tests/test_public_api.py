@@ -13,8 +13,8 @@ import se_inject
 from se_inject import errors
 
 PACKAGE = Path(se_inject.__file__).parent
-MODULES = ("api", "atomic", "block", "checkpoint", "complexity", "errors", "files", "finetune", "graph", "names",
-           "plan", "render", "report", "rewrite", "sites", "weights", "workflow", "zoo")
+MODULES = ("api", "atomic", "block", "checkpoint", "complexity", "errors", "files", "finetune", "graph", "input_size",
+           "names", "node_names", "owners", "plan", "render", "report", "rewrite", "sites", "weights", "workflow", "zoo")
 
 
 def test_all_matches_the_exported_names() -> None:

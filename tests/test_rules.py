@@ -124,7 +124,7 @@ def test_untraceable_top_level_gets_sites_in_its_blocks() -> None:
     model = Untraceable()
     plan = find_sites(model)
     assert [s.name for s in plan.sites] == ["block1.se", "block2.se"]
-    assert plan.unanalysed == ("",)
+    assert [u.path for u in plan.unanalysed] == [""]
     injected = _identity(model, torch.randn(2, 3, 16, 16))
     assert injected is model and type(model.block1).__name__ == "Residual"
 
@@ -173,21 +173,28 @@ def test_optional_arguments_keep_their_defaults_when_rebuilt() -> None:
     _identity(model, torch.randn(2, 4, 8, 8))
 
 
-def test_a_block_that_cannot_be_rebuilt_is_skipped_with_a_warning(monkeypatch) -> None:
-    import se_inject.rewrite as rewrite
+def test_a_block_that_cannot_be_rebuilt_is_skipped_in_the_plan(monkeypatch) -> None:
+    """Rule 14: owners are traced as the rewriter will while planning; one that fails is a
+    skipped site of the plan itself, and inject_se builds exactly the listed sites."""
+    import warnings
+
+    import se_inject.owners as owners
 
     model = nn.Sequential(Residual(4), Residual(4))
-    real = rewrite._rebuild
+    real = owners.trace
 
-    def failing(owner, owner_path, *args, **kwargs):
-        if owner_path == "0":
+    def failing(module, **kwargs):
+        if module is model[0]:
             raise RuntimeError("cannot trace on its own")
-        return real(owner, owner_path, *args, **kwargs)
+        return real(module, **kwargs)
 
-    monkeypatch.setattr(rewrite, "_rebuild", failing)
-    with pytest.warns(UserWarning, match="skipping 0: could not rebuild 0: RuntimeError: cannot trace"):
-        injected = _identity(model, torch.randn(2, 4, 8, 8))
-    assert type(injected[0]) is Residual and isinstance(injected[1].se, SEBlock)
-    plan = injected.se_inject_plan
+    monkeypatch.setattr(owners, "trace", failing)
+    plan = find_sites(model)
     assert [s.name for s in plan.sites] == ["1.se"]
     assert [(s.node, s.reason) for s in plan.skipped] == [("0.add", SkipReason.NOT_REWRITABLE)]
+    assert "cannot trace on its own" in plan.skipped[0].detail
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no retry, no warning: the plan already says it
+        injected = _identity(model, torch.randn(2, 4, 8, 8))
+    assert type(injected[0]) is Residual and isinstance(injected[1].se, SEBlock)
+    assert injected.se_inject_plan.sites == plan.sites

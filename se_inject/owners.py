@@ -1,0 +1,149 @@
+"""How a block that owns sites is traced for rebuilding, shared by the planner and the rewriter.
+
+The planner traces each owner exactly as the rewriter will (children kept as calls except the
+ones a site lies in, both train and eval mode) and checks that every site's nodes are found
+(``names.locate``); owners that fail are skipped in the plan, so a plan is a promise (DESIGN
+rule 14). ``inject_se`` hands the same :class:`OwnerTraces` to the rewriter, which reuses the
+traces instead of tracing again.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+import torch.fx as fx
+from torch import nn
+
+from .graph import required_positional, standalone_concrete_args, trace
+from .node_names import locate, qualified_names
+from .plan import Site
+
+__all__ = ["OwnerTraces", "inline_paths", "owner_args", "block_signature"]
+
+
+def inline_paths(sites: Sequence[Site]) -> tuple[str, ...]:
+    """Children of the owner traced through: those any of its sites lies in."""
+    return tuple(sorted({p for s in sites for p in s.inline}))
+
+
+def owner_args(sites: Sequence[Site]) -> int:
+    """Positional tensors the owner is traced with: as many as its sites' calls pass (DLA's
+    ``block(x, shortcut)``), or 0 for its required ones."""
+    return max((s.owner_args for s in sites), default=0)
+
+
+_PRIMITIVES = (bool, int, float, str, type(None))
+
+
+def _plain_attributes(module: nn.Module) -> tuple[Any, ...] | None:
+    items = []
+    for key, value in sorted(vars(module).items()):
+        if key.startswith("_") or key == "training":
+            continue
+        if isinstance(value, _PRIMITIVES) or (
+            isinstance(value, tuple) and all(isinstance(v, _PRIMITIVES) for v in value)
+        ):
+            items.append((key, value))
+        elif not callable(value):
+            return None
+    return tuple(items)
+
+
+def block_signature(module: nn.Module) -> tuple[Any, ...] | None:
+    """What a trace of ``module`` can depend on: for the block and every module inside it, the
+    class, the plain attributes (``stride``, ``use_res_connect``, ``downsample is None``) and the
+    names, shapes and dtypes of parameters and buffers. ``None`` (never shared) when an
+    attribute is data of some other kind."""
+    items: list[Any] = []
+    for path, sub in module.named_modules(remove_duplicate=False):
+        attrs = _plain_attributes(sub)
+        if attrs is None:
+            return None
+        tensors = tuple(
+            (name, tuple(t.shape), t.dtype) if t is not None else (name, None)
+            for name, t in [*sub._parameters.items(), *sub._buffers.items()]
+        )
+        items.append((path, type(sub), attrs, tensors))
+    return tuple(items)
+
+
+class OwnerTraces:
+    """Traces of owners, shared between blocks with the same signature.
+
+    Tracing patches ``nn.Module`` itself, which costs milliseconds per trace once timm and
+    torchvision are loaded; ResNet-152's 50 blocks have only a handful of signatures. The
+    signature covers the whole block (a forward may loop over a ModuleList or read a child's
+    stride), so two blocks share a trace only when nothing a trace could see differs.
+    """
+
+    def __init__(self) -> None:
+        self._graphs: dict[tuple[Any, ...], dict[bool, fx.Graph]] = {}
+        # Per owner instance: traces with per-instance constants, which are never shared.
+        self._own: dict[tuple[int, tuple[str, ...], int], tuple[dict[bool, fx.Graph], dict[str, Any]]] = {}
+        # Per owner instance: its signature (planning and rewriting ask for the same owners).
+        self._signatures: dict[int, tuple[nn.Module, tuple[Any, ...] | None]] = {}
+        # Per graph: node names relative to the owner (the owner's path is a prefix).
+        self._names: dict[int, dict[str, fx.Node]] = {}
+
+    def _signature(self, owner: nn.Module) -> tuple[Any, ...] | None:
+        held = self._signatures.get(id(owner))
+        if held is None or held[0] is not owner:
+            held = (owner, block_signature(owner))
+            self._signatures[id(owner)] = held
+        return held[1]
+
+    def graphs(
+        self, owner: nn.Module, inline: tuple[str, ...], args: int = 0
+    ) -> tuple[dict[bool, fx.Graph], dict[str, Any]]:
+        """Copies of the owner's eval graph under ``False`` and, under ``True``, of a train
+        graph only when the code differs; plus the tensor constants the traces made. The
+        copies are the caller's to edit. ``args``: positional tensors (0: the required ones)."""
+        graphs, constants = self._traced(owner, inline, args)
+        return {mode: copy.deepcopy(g) for mode, g in graphs.items()}, constants
+
+    def _traced(
+        self, owner: nn.Module, inline: tuple[str, ...], args: int = 0
+    ) -> tuple[dict[bool, fx.Graph], dict[str, Any]]:
+        own = self._own.get((id(owner), inline, args))
+        if own is not None:
+            return own
+        key = self._signature(owner)
+        key = None if key is None else (key, inline, args)
+        if key is not None and key in self._graphs:
+            return self._graphs[key], {}
+        graphs: dict[bool, fx.Graph] = {}
+        constants: dict[str, Any] = {}
+        concrete = standalone_concrete_args(owner, args or required_positional(owner) or 0)
+        # Both modes unless the eval trace read no ``training`` flag: code that reads one may
+        # differ in train mode, and a missed difference would silently train with the eval graph.
+        traced = trace(owner, training=False, inline=inline, concrete_args=concrete)
+        graphs[False] = traced.graph
+        constants.update(traced.constants)
+        if traced.read_mode:
+            traced = trace(owner, training=True, inline=inline, concrete_args=concrete)
+            constants.update(traced.constants)
+            if graphs[False].python_code("self").src != traced.graph.python_code("self").src:
+                graphs[True] = traced.graph
+        if key is not None and not constants:  # constants are per instance: never share them
+            self._graphs[key] = graphs
+        else:
+            self._own[(id(owner), inline, args)] = (graphs, constants)
+        return graphs, constants
+
+    def check(self, owner: nn.Module, owner_path: str, sites: Sequence[Site]) -> str | None:
+        """Why ``owner`` cannot be rebuilt with ``sites`` (the first line of the error), or
+        None when the rewriter will find every site's nodes in both modes' graphs."""
+        try:
+            graphs, _ = self._traced(owner, inline_paths(sites), owner_args(sites))
+            for graph in graphs.values():
+                names = self._names.get(id(graph))
+                if names is None:
+                    names = self._names[id(graph)] = {name: node for node, name in qualified_names(graph).items()}
+                for site in sites:
+                    locate(graph, owner_path, site.source, site.targets, f"site {site.name}", names)
+        except Exception as e:  # noqa: BLE001 - any failure means "not rewritable", with its reason
+            text = str(e).strip().splitlines()
+            return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+        return None
