@@ -48,14 +48,14 @@ class Selection:
             "tokens": self.tokens,
         }
 
-    def options(self, *, staged: bool = True) -> dict[str, Any]:
-        """Keyword arguments for ``find_sites``; without stage and resolution selection if not ``staged``."""
+    def options(self) -> dict[str, Any]:
+        """Keyword arguments for ``find_sites``."""
         return {
             "include": self.include,
             "exclude": self.exclude,
             "min_channels": self.min_channels,
-            "stages": self.stages if staged else None,
-            "resolutions": self.resolutions if staged else None,
+            "stages": self.stages,
+            "resolutions": self.resolutions,
             "plain": self.plain,
             "tokens": self.tokens,
         }

@@ -18,7 +18,7 @@ import math
 import os
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,9 +28,9 @@ from .api import apply_plan, find_sites
 from .block import SEConfig
 from .checkpoint import check_output_path, save
 from .complexity import compare, count
-from .errors import ConfigError, NoSitesError, PlanMismatchError
+from .errors import ConfigError, NoSitesError, SelectionError
 from .names import ModelSpec
-from .plan import Plan, SiteKind, Skipped, SkipReason
+from .plan import Plan, SiteKind
 from .report import Report, Selection, build_report, size_text
 from .weights import Network
 from .zoo import default_input_size, load_model
@@ -106,25 +106,6 @@ def no_sites_reason(plan: Plan) -> str:
     return why
 
 
-def _check_selection(spec: ModelSpec, selection: Selection, everything: Plan, size: Sequence[int]) -> None:
-    """Refuse stages / resolutions that match no site of the unselected plan, listing the ones there are."""
-    stages: dict[int, tuple[int, ...]] = {}
-    for site in everything.sites:
-        stages.setdefault(site.stage, site.spatial)
-    at = f"at input {size_text(size)}"
-    unknown = sorted(set(selection.stages or ()) - set(stages))
-    if unknown:
-        known = ", ".join(f"{k} ({size_text(v)})" for k, v in sorted(stages.items()))
-        raise ConfigError(f"--stage {', '.join(map(str, unknown))}: {spec} has {len(stages)} stages {at}: {known}")
-    sides = sorted({max(site.spatial, default=0) for site in everything.sites}, reverse=True)
-    unknown = sorted(set(selection.resolutions or ()) - set(sides))
-    if unknown:
-        raise ConfigError(
-            f"--resolution {', '.join(map(str, unknown))}: {spec} has SE sites at resolutions "
-            f"{', '.join(map(str, sides))} {at} (the largest side of each feature map; it follows --input-size)"
-        )
-
-
 def _warn_minimum_width(plan: Plan) -> None:
     cfg = plan.config
     if cfg.hidden is not None or not plan.sites:
@@ -139,31 +120,11 @@ def _warn_minimum_width(plan: Plan) -> None:
         )
 
 
-def _apply(net: nn.Module, plan: Plan) -> tuple[nn.Module, Plan]:
-    """``apply_plan``; a block that cannot be rebuilt is left as it is and listed as skipped.
-
-    This is ``inject_se``'s behaviour, so the CLI and the API agree; once ``find_sites`` lists
-    such blocks as skipped itself (a plan is a promise), the loop never runs twice.
-    """
-    while plan.sites:
-        try:
-            return apply_plan(net, plan), plan
-        except PlanMismatchError as e:
-            if e.owner is None:
-                raise
-            warnings.warn(f"skipping {e.owner or 'the root'}: {e}", UserWarning, stacklevel=3)
-            dropped = tuple(Skipped(s.node, SkipReason.NOT_REWRITABLE, str(e)) for s in plan.sites if s.owner == e.owner)
-            plan = replace(
-                plan, sites=tuple(s for s in plan.sites if s.owner != e.owner), skipped=plan.skipped + dropped
-            )
-    return net, plan
-
-
 def _plan(net: nn.Module, spec: ModelSpec, config: SEConfig, selection: Selection, size: tuple[int, ...]) -> Plan:
-    """``find_sites`` with the request's options, on a meta input of ``size``; stages checked first."""
+    """``find_sites`` with the request's options, on a meta input of ``size``."""
 
-    def analyse(staged: bool) -> Plan:
-        return find_sites(
+    try:
+        plan = find_sites(
             net,
             config.reduction,
             identity_init=config.identity_init,
@@ -173,16 +134,11 @@ def _plan(net: nn.Module, spec: ModelSpec, config: SEConfig, selection: Selectio
             gate=config.gate,
             pool=config.pool,
             placement=config.placement,
-            **selection.options(staged=staged),
+            **selection.options(),
             example_input=torch.empty(1, *size, device="meta"),  # shapes only: no real memory
         )
-
-    if selection.stages is not None or selection.resolutions is not None:
-        # Stages are numbered over every site, so check the asked ones against the unselected plan.
-        everything = analyse(staged=False)
-        if everything.sites:
-            _check_selection(spec, selection, everything, size)
-    plan = analyse(staged=True)
+    except SelectionError as e:  # the library lists the model's stages; say which flag and input
+        raise SelectionError(f"--{e}; analysed at input {size_text(size)}") from e
     if selection.plain and plan.sites and not any(site.kind is SiteKind.PLAIN for site in plan.sites):
         warnings.warn(
             f"--plain has no effect on {spec}: it has residual or concatenation sites, and the plain "
@@ -239,7 +195,8 @@ def inject_named(
     say("analysing the graph...")
     plan = _plan(net, spec, config, selection, size)
     _warn_minimum_width(plan)
-    net, plan = _apply(net, plan)
+    if plan.sites:
+        net = apply_plan(net, plan)  # a plan is a promise: every listed site is built
     if not plan.sites and not dry_run:
         raise NoSitesError(f"no SE site in {spec}: {no_sites_reason(plan)}. Nothing was written.", plan=plan)
     after = count(net, size) if plan.sites else before

@@ -26,7 +26,8 @@ from torch import nn
 
 from .errors import WeightsError
 from .files import load_state_dict_file, load_strict
-from .names import ModelSpec, Source, resolve_name
+from .input_size import DEFAULT_SIDE, model_input_size
+from .names import ModelSpec, resolve_name
 from .weights import Network, WeightsInfo, WeightsKind, create_model, create_pretrained
 
 __all__ = [
@@ -49,31 +50,18 @@ class LoadedModel:
 def default_input_size(spec: ModelSpec, model: nn.Module | None = None) -> tuple[int, ...]:
     """Input size (without batch) used for analysis and to count multiply-adds.
 
-    timm: the model's ``pretrained_cfg['input_size']``; torchvision: 299x299 for
-    ``inception_v3``, 3x16x112x112 clips for the video models, 224x224 otherwise.
+    The library's one rule (:func:`se_inject.input_size.model_input_size`: timm's
+    ``pretrained_cfg``, a transformers config, the crop of torchvision's default weights, else
+    224 px) applied to ``model``, or to the named model built on the meta device.
 
     Example:
         >>> default_input_size(resolve_name("torchvision:inception_v3"))
         (3, 299, 299)
     """
-    if spec.source is Source.TIMM:
-        import timm
-
-        cfg = getattr(model, "pretrained_cfg", None) if model is not None else None
-        if not isinstance(cfg, Mapping):
-            found = timm.models.get_pretrained_cfg(spec.name)
-            cfg = found.to_dict() if found is not None else {}
-        size = cfg.get("input_size")
-        if size:
-            return tuple(int(s) for s in size)
-        return (3, 224, 224)
-    import torchvision
-
-    if spec.name in torchvision.models.list_models(module=torchvision.models.video):
-        return (3, 16, 112, 112)
-    if spec.name in ("inception_v3", "quantized_inception_v3"):
-        return (3, 299, 299)
-    return (3, 224, 224)
+    if model is None:
+        with torch.device("meta"):  # only the architecture matters: nothing is allocated
+            model = create_model(spec)
+    return model_input_size(model) or (3, DEFAULT_SIDE, DEFAULT_SIDE)
 
 
 def _classifier_width(model: nn.Module, state: Mapping[str, torch.Tensor]) -> int | None:

@@ -61,6 +61,8 @@ def test_unknown_in_the_named_registry() -> None:
         ("torchvision:inception_v3", (3, 299, 299)),
         ("torchvision:r3d_18", (3, 16, 112, 112)),
         ("torchvision:resnet18", (3, 224, 224)),
+        ("torchvision:efficientnet_b7", (3, 600, 600)),  # the crop of its default weights
+        ("torchvision:swin_v2_t", (3, 256, 256)),
     ],
 )
 def test_default_input_size(name: str, size: tuple[int, ...]) -> None:
