@@ -57,6 +57,7 @@ _HELP: dict[str, str] = {
     "already-attended": "it already has channel attention; use a variant of the model without it",
     "token-sequence": "add --tokens (SE over the token axis, class tokens left out of the squeeze)",
     "no-spatial-conv": "use --placement standard or pre (--placement inner needs a spatial convolution)",
+    "linear-block": "add --plain (SE after each re-parameterisable block, outside it, so deploy-time fusion still works)",
 }
 
 

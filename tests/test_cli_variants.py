@@ -170,6 +170,8 @@ def test_no_site_messages_point_at_the_opt_in_flags() -> None:
     assert "even --plain found no" in _no_sites_message("torchvision:vgg11", Plan((), ()), plain=True)
     tokens = Plan((), (Skipped("encoder.layers.encoder_layer_0.add", SkipReason.TOKEN_SEQUENCE),))
     assert "add --tokens" in _no_sites_message("torchvision:vit_b_16", tokens)
+    linear = Plan((), (Skipped("stages.0.0.add", SkipReason.LINEAR_BLOCK),))
+    assert "add --plain (SE after each re-parameterisable block" in _no_sites_message("timm:repvgg_a0", linear)
 
 
 # --- plain networks and token sequences --------------------------------------------------
