@@ -16,6 +16,8 @@ from .finetune import param_groups as param_groups
 from .finetune import se_modules as se_modules
 from .finetune import se_parameters as se_parameters
 from .finetune import se_state_dict_keys as se_state_dict_keys
+from .gates import GateStats as GateStats
+from .gates import gate_statistics as gate_statistics
 from .plan import Plan as Plan
 from .plan import Site as Site
 from .plan import SiteKind as SiteKind
@@ -29,6 +31,7 @@ __all__ = [
     "SEConfig",
     "SEInjectError",
     "HeadNotFoundError",
+    "GateStats",
     "Plan",
     "Site",
     "SiteKind",
@@ -38,6 +41,7 @@ __all__ = [
     "find_sites",
     "find_head",
     "freeze_except_se",
+    "gate_statistics",
     "inject_se",
     "load",
     "remove_se",
