@@ -1,0 +1,237 @@
+"""Tables and plots for benchmarks/efficacy.py: efficacy.md, efficacy.png, efficacy_gates.png."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from se_inject.atomic import atomic_write
+
+__all__ = ["render_markdown", "write_plots", "ARM_TEXT"]
+
+ARM_TEXT = {
+    "plain": "whole backbone + new head, no SE",
+    "se": "`inject_se` defaults (identity start), `param_groups` SE group",
+    "se_naive": "paper's sigmoid, ordinary init (`identity_init=False`)",
+    "se_adapter": "`freeze_except_se`: SE blocks + head, BatchNorm frozen",
+    "head_only": "linear probe on the frozen backbone (floor)",
+}
+
+
+def _pm(mean: float, std: float, digits: int = 4) -> str:
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def _p(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _arm_table(setting: dict[str, Any]) -> list[str]:
+    lines = [
+        "| arm | lr (SE lr) | step-0 acc | test acc, mean ± std | diff to plain, mean ± std | wins / losses / ties | sign test p | paired t p |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for arm, e in setting["arms"].items():
+        lr = f"{e['lr']:g}" + (f" ({e['se_lr']:g})" if e.get("se_lr") is not None else "")
+        step0 = f"{np.mean(e['step0_acc']):.4f}"
+        if "step0_logits_equal_plain" in e:
+            step0 += " (= plain: " + ("yes" if all(e["step0_logits_equal_plain"]) else "NO") + ")"
+        paired = e.get("paired_vs_plain")
+        if paired is None:
+            diff = wlt = sign = t = "-"
+        else:
+            diff = _pm(paired["mean"], paired["std"])
+            wlt = f"{paired['wins']} / {paired['losses']} / {paired['ties']}"
+            sign, t = _p(paired["sign_p"]), _p(paired["t_p"])
+        lines.append(f"| `{arm}` | {lr} | {step0} | {_pm(e['mean'], e['std'])} | {diff} | {wlt} | {sign} | {t} |")
+    return lines
+
+
+def _stage_table(stages: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "| stage | blocks | gate mean | spread (std) | range | across images | across classes | within 0.02 of 1 | saturated | SE params | SE MACs | at 1? |",
+        "|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for s in stages:
+        cls = "-" if s["class_std"] is None else f"{s['class_std']:.4f}"
+        lines.append(
+            f"| {s['stage']} | {len(s['blocks'])} | {s['mean']:.3f} | {s['std']:.3f} | {s['min']:.2f} to {s['max']:.2f} | "
+            f"{s['image_std']:.4f} | {cls} | {100 * s['near_one']:.0f}% | {100 * s['saturated']:.0f}% | "
+            f"{s['se_params']:,} | {s['se_fc_macs']:,} | {'yes' if s['at_one'] else 'no'} |"
+        )
+    return lines
+
+
+def _gate_arm_table(setting: dict[str, Any]) -> list[str]:
+    lines = [
+        "| arm | gate mean | spread (std) | across images | saturated | within 0.02 of 1 |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for arm, per_seed in setting.get("gates", {}).items():
+        blocks = [b for seed in per_seed for b in seed]
+        lines.append(
+            f"| `{arm}` | {np.mean([b['mean'] for b in blocks]):.3f} | {np.mean([b['std'] for b in blocks]):.3f} | "
+            f"{np.mean([b['image_std'] for b in blocks]):.4f} | {100 * np.mean([b['saturated'] for b in blocks]):.0f}% | "
+            f"{100 * np.mean([b['near_one'] for b in blocks]):.0f}% |"
+        )
+    return lines
+
+
+def _study_table(study: dict[str, Any]) -> list[str]:
+    lines = [
+        "| recipe | arm | optimizer | lr (SE lr) | frozen-backbone warm-up | test acc, mean ± std | paired with | diff, mean ± std | w / l / t | sign p | t p | gates: mean, saturated, at 1 (last stage) |",
+        "|---|---|---|---|---:|---:|---|---:|---:|---:|---:|---|",
+    ]
+    for name, e in study.items():
+        lr = f"{e['lr']:g}" + (f" ({e['se_lr']:g})" if e.get("se_lr") is not None else "")
+        d = e["paired"]
+        gates = "-"
+        if e.get("stages"):
+            last = e["stages"][-1]
+            gates = f"{last['mean']:.2f}, {100 * last['saturated']:.0f}%, {100 * last['near_one']:.0f}%"
+        lines.append(
+            f"| {name} | `{e['arm']}` | {e['optimizer']} | {lr} | {e['warmup_steps']} steps | {_pm(e['mean'], e['std'])} | "
+            f"{e['versus']} | {_pm(d['mean'], d['std'])} | {d['wins']} / {d['losses']} / {d['ties']} | "
+            f"{_p(d['sign_p'])} | {_p(d['t_p'])} | {gates} |"
+        )
+    return lines
+
+
+def render_markdown(result: dict[str, Any], plots: list[str], quick: bool) -> str:
+    """The report: protocol, one table per setting, gate statistics per stage, plots."""
+    p = result["protocol"]
+    lines = [
+        "# Does retrofitting SE help? Transfer experiment" + (" (--quick: CI smoke run, not a result)" if quick else ""),
+        "",
+        "Written by `benchmarks/efficacy.py`" + (" --quick" if quick else "") + "; raw numbers in `efficacy.json`.",
+        "",
+        f"- Backbone: {p['backbone']}, pretrained here on {p['source']} "
+        f"(source test accuracy {p['pretrain_source_test_acc']:.4f}).",
+        f"- Fine-tuning: {p['steps']} steps of {p['batch']} images, {p['optimizer']} (weight decay {p['weight_decay']}), "
+        f"{p['schedule']}. Learning rate per arm from the grid {p['lr_grid']} by {p['lr_selection']}; "
+        f"SE learning rate = {p['se_lr_multiplier']:g} x the base learning rate.",
+        f"- Seeds {p['seeds']}, paired across arms (labelled subset, head init, data order, augmentation). "
+        f"A fifth of each class's labelled images is the validation split; test images are never used to choose.",
+        f"- {p['threads']} torch thread(s), {p['machine']}, torch {p['torch']}, timm {p['timm']}; "
+        f"whole run {p['wall_seconds'] / 60:.1f} min.",
+        "",
+        "Arms: " + "; ".join(f"`{a}`: {t}" for a, t in ARM_TEXT.items()) + ".",
+        "",
+        "The sign test is exact and two-sided; with 5 seeds its smallest possible p is 0.0625, so the paired "
+        "t-test (two-sided) is the sharper of the two.",
+        "",
+    ]
+    for i, setting in enumerate(result["settings"]):
+        sp = setting["protocol"]
+        lines += [
+            f"## {'Primary: ' if i == 0 else ''}{sp['target']}, {sp['budget_per_class']} labelled per class",
+            "",
+            f"{sp['val_per_class']} of them per class for validation; test: {sp['test_images']} images.",
+            "",
+            *_arm_table(setting),
+            "",
+            "Gates after fine-tuning (all blocks and seeds, on the test images):",
+            "",
+            *_gate_arm_table(setting),
+            "",
+        ]
+        if setting.get("stages"):
+            lines += ["Per stage, arm `se`, mean over seeds:", "", *_stage_table(setting["stages"]), ""]
+    if result.get("study"):
+        lines += [
+            "## SE learning rate, optimizer and warm-up (primary setting, every seed)",
+            "",
+            "Each recipe changes one thing against the arm it is paired with; a learning rate not in the grid was "
+            "chosen for that optimizer beforehand. Last column: the last stage's gate mean, the share of "
+            "saturated gates (within 0.02 of 0 or 2) and of gates within 0.02 of 1, over all seeds.",
+            "",
+            *_study_table(result["study"]),
+            "",
+        ]
+    lines += [f"![{name}]({name})" for name in plots]
+    return "\n".join(lines) + "\n"
+
+
+def _png(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
+    plt.close(fig)
+    return atomic_write(path, lambda f: f.write(buffer.getvalue()))
+
+
+def write_plots(result: dict[str, Any], out: Path) -> list[Path]:
+    """efficacy.png (each seed a point, per arm and setting, and its difference to plain) and efficacy_gates.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    return [_accuracy_plot(result, out / "efficacy.png"), _gate_plot(result, out / "efficacy_gates.png")]
+
+
+def _accuracy_plot(result: dict[str, Any], path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    settings = result["settings"]
+    fig, axes = plt.subplots(2, len(settings), figsize=(3.6 * len(settings), 6.2), squeeze=False)
+    for col, setting in enumerate(settings):
+        arms = list(setting["arms"])
+        top, bottom = axes[0][col], axes[1][col]
+        for x, arm in enumerate(arms):
+            e = setting["arms"][arm]
+            jitter = np.linspace(-0.15, 0.15, len(e["final_acc"]))
+            top.scatter(x + jitter, e["final_acc"], s=14, alpha=0.8)
+            top.hlines(e["mean"], x - 0.3, x + 0.3, color="black", lw=1)
+            if "paired_vs_plain" in e:
+                d = e["paired_vs_plain"]["diffs"]
+                bottom.scatter(x + jitter, d, s=14, alpha=0.8)
+                bottom.hlines(np.mean(d), x - 0.3, x + 0.3, color="black", lw=1)
+        sp = setting["protocol"]
+        top.set_title(f"{sp['target'].replace('_', '-')}, {sp['budget_per_class']}/class", fontsize=9)
+        for ax in (top, bottom):
+            ax.set_xticks(range(len(arms)), arms, rotation=35, fontsize=7)
+            ax.grid(alpha=0.3)
+        bottom.axhline(0, color="grey", lw=0.8)
+        if col == 0:
+            top.set_ylabel("test accuracy (each seed a point)")
+            bottom.set_ylabel("accuracy − plain (same seed)")
+    fig.suptitle("Fine-tuning a pretrained ResNet with and without retrofitted SE", fontsize=10)
+    fig.tight_layout()
+    return _png(fig, path)
+
+
+def _gate_plot(result: dict[str, Any], path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    gates = result.get("gates", {})
+    first = gates.get("se", [[]])[0]
+    late = [b for b in first if b.get("class_means")]
+    picks = [late[0], late[len(late) // 2], late[-1]] if len(late) >= 3 else late
+    fig, axes = plt.subplots(1, 1 + len(picks), figsize=(3.6 * (1 + len(picks)), 3.4), squeeze=False)
+    ax = axes[0][0]
+    for k, (arm, per_seed) in enumerate(gates.items()):
+        names = [b["name"] for b in per_seed[0]]
+        means = np.array([[b["mean"] for b in seed] for seed in per_seed]).mean(0)
+        lows = np.array([[b["min"] for b in seed] for seed in per_seed]).min(0)
+        highs = np.array([[b["max"] for b in seed] for seed in per_seed]).max(0)
+        x = np.arange(len(names)) + (k - 1) * 0.2
+        ax.errorbar(x, means, yerr=[means - lows, highs - means], fmt="o", ms=4, capsize=2, label=arm)
+    if gates:
+        ax.set_xticks(range(len(names)), [n.removesuffix(".se") for n in names], rotation=45, fontsize=7)
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set(ylabel="gate: mean, min to max", title="gates per block (all seeds)")
+    ax.legend(fontsize=7)
+    for ax, block in zip(axes[0][1:], picks, strict=True):
+        order = None
+        for cls, values in sorted(block["class_means"].items(), key=lambda kv: int(kv[0])):
+            values = np.asarray(values)
+            order = np.argsort(values) if order is None else order
+            ax.plot(values[order], lw=0.9, label=f"class {cls}")
+        ax.set(title=f"{block['name']}: mean gate per class", xlabel="channel (sorted by the first class)")
+        ax.legend(fontsize=6)
+    fig.suptitle("arm se, primary setting, seed 0 (the SE paper's Fig. 6 analysis on this model)", fontsize=9)
+    fig.tight_layout()
+    return _png(fig, path)
