@@ -110,14 +110,16 @@ class Setting:
 class Variant:
     """Another recipe for one arm, run at every seed of the primary setting (the SE learning-rate study).
 
-    Unset fields keep the protocol's value; ``lr=None`` keeps the arm's learning rate chosen on
-    validation. ``versus`` is the arm of the main table, or an earlier variant, it is paired with.
+    Unset fields keep the protocol's value; ``lr=None`` keeps the learning rate chosen on
+    validation for ``arm`` (or for ``lr_of``: the same learning rate for two arms separates the
+    arm from the choice of learning rate). ``versus`` is the arm of the main table, or an earlier variant, it is paired with.
     """
 
     name: str
     arm: str
     versus: str = "plain"
     lr: float | None = None
+    lr_of: str | None = None  # use the learning rate chosen for this arm of the main table instead
     optimizer: str | None = None
     weight_decay: float | None = None
     se_lr_multiplier: float | None = None
@@ -156,6 +158,9 @@ FULL = Protocol(
         Variant("se, SE lr x10", "se", se_lr_multiplier=10),
         Variant("se, 50 warm-up steps", "se", versus="se", warmup_steps=50),
         Variant("se, fc1 init x10", "se", versus="se", fc1_scale=10),
+        Variant("plain at se_naive's lr", "plain", lr_of="se_naive"),
+        Variant("se at se_naive's lr", "se", versus="plain at se_naive's lr", lr_of="se_naive"),
+        Variant("se_naive at plain's lr", "se_naive", lr_of="plain"),
         Variant("plain, SGD", "plain", lr=0.01, optimizer="sgd", weight_decay=1e-4),
         Variant("se, SGD, SE lr x10", "se", versus="plain, SGD", lr=0.01, optimizer="sgd", weight_decay=1e-4,
                 se_lr_multiplier=10),
@@ -649,7 +654,7 @@ def run_study(protocol: Protocol, primary: dict[str, Any], task: Task, pretraine
     setting = protocol.settings[0]
     out: dict[str, Any] = {}
     for v in protocol.study:
-        chosen = primary["arms"][v.arm]["lr"]
+        chosen = primary["arms"][v.lr_of or v.arm]["lr"]
         p = replace(
             protocol,
             optimizer=v.optimizer or protocol.optimizer,
