@@ -10,7 +10,10 @@ import numpy as np
 
 from se_inject.atomic import atomic_write
 
-__all__ = ["render_markdown", "write_plots", "ARM_TEXT"]
+__all__ = ["render_markdown", "write_plots", "ARM_TEXT", "STATIC"]
+
+#: Below this mean standard deviation across images, a block's gates are a fixed per-channel scale.
+STATIC = 0.005
 
 ARM_TEXT = {
     "plain": "whole backbone + new head, no SE",
@@ -52,7 +55,7 @@ def _arm_table(setting: dict[str, Any]) -> list[str]:
 
 def _stage_table(stages: list[dict[str, Any]]) -> list[str]:
     lines = [
-        "| stage | blocks | gate mean | spread (std) | range | across images | across classes | within 0.02 of 1 | saturated | SE params | SE MACs | at 1? |",
+        "| stage | blocks | gate mean | spread (std) | range | std across images | std across class means | within 0.02 of 1 | saturated | SE params | SE MACs | at 1? |",
         "|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for s in stages:
@@ -67,7 +70,7 @@ def _stage_table(stages: list[dict[str, Any]]) -> list[str]:
 
 def _gate_arm_table(setting: dict[str, Any]) -> list[str]:
     lines = [
-        "| arm | gate mean | spread (std) | across images | saturated | within 0.02 of 1 |",
+        "| arm | gate mean | spread (std) | std across images | saturated | within 0.02 of 1 |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for arm, per_seed in setting.get("gates", {}).items():
@@ -98,6 +101,37 @@ def _study_table(study: dict[str, Any]) -> list[str]:
             f"{_p(d['sign_p'])} | {_p(d['t_p'])} | {gates} |"
         )
     return lines
+
+
+def _dead_stages(stages: list[dict[str, Any]]) -> str:
+    """One sentence: which stages keep their gates at 1, and what leaving their SE blocks out saves."""
+    dead = [s for s in stages if s["at_one"]]
+    total = sum(s["se_params"] for s in stages)
+    static = [s for s in stages if not s["at_one"] and s["image_std"] < STATIC]
+    note = ""
+    if static:
+        note = (
+            f" Stage(s) {', '.join(str(s['stage']) for s in static)}: gates moved but hardly differ between images "
+            f"(mean std across images < {STATIC}), so there the block is a fixed per-channel scale of the branch, not "
+            f"attention; a scale the branch's last BatchNorm could hold. Their SE blocks cost "
+            f"{sum(s['se_params'] for s in static):,} parameters and {sum(s['se_fc_macs'] for s in static):,} MACs "
+            f"+ {sum(s['se_elementwise_ops'] for s in static):,} element-wise operations per image."
+        )
+    if not dead:
+        closest = max(stages, key=lambda s: s["near_one"])
+        return (
+            f"No stage keeps every gate within 0.02 of 1 in every seed (the closest: stage {closest['stage']}, "
+            f"{100 * closest['near_one']:.0f}% of its gates)." + note
+        )
+    live = [s["stage"] for s in stages if not s["at_one"]]
+    saved = sum(s["se_params"] for s in dead)
+    return (
+        f"Stages {', '.join(str(s['stage']) for s in dead)} keep every gate within 0.02 of 1 in every seed: their SE "
+        f"blocks are dead weight here. `inject_se(model, stages={live})` leaves them out (or `remove_se` and "
+        f"re-inject), which saves {saved:,} of the {total:,} SE parameters, "
+        f"{sum(s['se_fc_macs'] for s in dead):,} MACs and {sum(s['se_elementwise_ops'] for s in dead):,} "
+        f"element-wise operations per image." + note
+    )
 
 
 def render_markdown(result: dict[str, Any], plots: list[str], quick: bool) -> str:
@@ -139,7 +173,8 @@ def render_markdown(result: dict[str, Any], plots: list[str], quick: bool) -> st
             "",
         ]
         if setting.get("stages"):
-            lines += ["Per stage, arm `se`, mean over seeds:", "", *_stage_table(setting["stages"]), ""]
+            lines += ["Per stage, arm `se`, mean over seeds:", "", *_stage_table(setting["stages"]), "",
+                      _dead_stages(setting["stages"]), ""]
     if result.get("study"):
         lines += [
             "## SE learning rate, optimizer and warm-up (primary setting, every seed)",
