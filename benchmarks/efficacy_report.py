@@ -29,7 +29,13 @@ def _pm(mean: float, std: float, digits: int = 4) -> str:
 
 
 def _p(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
+    if value is None:
+        return "n/a"
+    return "<0.001" if value < 0.001 else f"{value:.3f}"
+
+
+def _diff(paired: dict[str, Any]) -> str:
+    return f"{paired['mean']:+.4f} ± {paired['std']:.4f}"
 
 
 def _arm_table(setting: dict[str, Any]) -> list[str]:
@@ -46,7 +52,7 @@ def _arm_table(setting: dict[str, Any]) -> list[str]:
         if paired is None:
             diff = wlt = sign = t = "-"
         else:
-            diff = _pm(paired["mean"], paired["std"])
+            diff = _diff(paired)
             wlt = f"{paired['wins']} / {paired['losses']} / {paired['ties']}"
             sign, t = _p(paired["sign_p"]), _p(paired["t_p"])
         lines.append(f"| `{arm}` | {lr} | {step0} | {_pm(e['mean'], e['std'])} | {diff} | {wlt} | {sign} | {t} |")
@@ -97,7 +103,7 @@ def _study_table(study: dict[str, Any]) -> list[str]:
             gates = f"{last['mean']:.2f}, {100 * last['saturated']:.0f}%, {100 * last['near_one']:.0f}%"
         lines.append(
             f"| {name} | `{e['arm']}` | {e['optimizer']} | {lr} | {e['warmup_steps']} steps | {_pm(e['mean'], e['std'])} | "
-            f"{e['versus']} | {_pm(d['mean'], d['std'])} | {d['wins']} / {d['losses']} / {d['ties']} | "
+            f"{e['versus']} | {_diff(d)} | {d['wins']} / {d['losses']} / {d['ties']} | "
             f"{_p(d['sign_p'])} | {_p(d['t_p'])} | {gates} |"
         )
     return lines
@@ -134,6 +140,27 @@ def _dead_stages(stages: list[dict[str, Any]]) -> str:
     )
 
 
+def _summary(result: dict[str, Any]) -> list[str]:
+    """`se` against `plain` in every setting, in one line each, with the learning rates when they differ."""
+    lines = ["Summary, `se` (identity start) against `plain`, paired over the seeds:", ""]
+    for setting in result["settings"]:
+        arms, sp = setting["arms"], setting["protocol"]
+        if "se" not in arms or "plain" not in arms:
+            continue
+        d = arms["se"]["paired_vs_plain"]
+        line = (
+            f"- {sp['target']}, {sp['budget_per_class']} per class: {_diff(d)} "
+            f"({d['wins']} better / {d['losses']} worse / {d['ties']} tied, paired t p = {_p(d['t_p'])})"
+        )
+        if arms["se"]["lr"] != arms["plain"]["lr"]:
+            line += (
+                f"; the two arms chose different learning rates on validation (plain {arms['plain']['lr']:g}, "
+                f"se {arms['se']['lr']:g}), so this difference mixes SE with the learning rate"
+            )
+        lines.append(line + ".")
+    return lines + [""]
+
+
 def render_markdown(result: dict[str, Any], plots: list[str], quick: bool) -> str:
     """The report: protocol, one table per setting, gate statistics per stage, plots."""
     p = result["protocol"]
@@ -154,6 +181,7 @@ def render_markdown(result: dict[str, Any], plots: list[str], quick: bool) -> st
         "",
         "Arms: " + "; ".join(f"`{a}`: {t}" for a, t in ARM_TEXT.items()) + ".",
         "",
+        *_summary(result),
         "The sign test is exact and two-sided; with 5 seeds its smallest possible p is 0.0625, so the paired "
         "t-test (two-sided) is the sharper of the two.",
         "",
@@ -207,33 +235,42 @@ def write_plots(result: dict[str, Any], out: Path) -> list[Path]:
     return [_accuracy_plot(result, out / "efficacy.png"), _gate_plot(result, out / "efficacy_gates.png")]
 
 
+#: One colour per arm in every panel.
+_COLOURS = {"plain": "C0", "se": "C1", "se_naive": "C2", "se_adapter": "C3", "head_only": "C4"}
+#: Arms whose paired differences get the zoomed lower panels (the adapters are ~10 points lower).
+_CLOSE = ("se", "se_naive")
+
+
 def _accuracy_plot(result: dict[str, Any], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     settings = result["settings"]
-    fig, axes = plt.subplots(2, len(settings), figsize=(3.6 * len(settings), 6.2), squeeze=False)
+    fig, axes = plt.subplots(2, len(settings), figsize=(3.6 * len(settings), 6.4), squeeze=False)
     for col, setting in enumerate(settings):
         arms = list(setting["arms"])
         top, bottom = axes[0][col], axes[1][col]
         for x, arm in enumerate(arms):
             e = setting["arms"][arm]
             jitter = np.linspace(-0.15, 0.15, len(e["final_acc"]))
-            top.scatter(x + jitter, e["final_acc"], s=14, alpha=0.8)
+            top.scatter(x + jitter, e["final_acc"], s=14, alpha=0.8, color=_COLOURS.get(arm))
             top.hlines(e["mean"], x - 0.3, x + 0.3, color="black", lw=1)
-            if "paired_vs_plain" in e:
-                d = e["paired_vs_plain"]["diffs"]
-                bottom.scatter(x + jitter, d, s=14, alpha=0.8)
-                bottom.hlines(np.mean(d), x - 0.3, x + 0.3, color="black", lw=1)
+        close = [a for a in _CLOSE if "paired_vs_plain" in setting["arms"].get(a, {})]
+        for x, arm in enumerate(close):
+            d = setting["arms"][arm]["paired_vs_plain"]["diffs"]
+            bottom.scatter(x + np.linspace(-0.15, 0.15, len(d)), np.array(d) * 100, s=16, alpha=0.8, color=_COLOURS[arm])
+            bottom.hlines(np.mean(d) * 100, x - 0.3, x + 0.3, color="black", lw=1)
         sp = setting["protocol"]
         top.set_title(f"{sp['target'].replace('_', '-')}, {sp['budget_per_class']}/class", fontsize=9)
-        for ax in (top, bottom):
-            ax.set_xticks(range(len(arms)), arms, rotation=35, fontsize=7)
-            ax.grid(alpha=0.3)
+        top.set_xticks(range(len(arms)), arms, rotation=35, fontsize=7)
+        bottom.set_xticks(range(len(close)), [f"{a} − plain" for a in close], fontsize=7)
+        bottom.set_xlim(-0.6, len(close) - 0.4)
         bottom.axhline(0, color="grey", lw=0.8)
+        for ax in (top, bottom):
+            ax.grid(alpha=0.3)
         if col == 0:
             top.set_ylabel("test accuracy (each seed a point)")
-            bottom.set_ylabel("accuracy − plain (same seed)")
-    fig.suptitle("Fine-tuning a pretrained ResNet with and without retrofitted SE", fontsize=10)
+            bottom.set_ylabel("paired difference, points of accuracy")
+    fig.suptitle("Fine-tuning a pretrained ResNet with and without retrofitted SE (black: means)", fontsize=10)
     fig.tight_layout()
     return _png(fig, path)
 
