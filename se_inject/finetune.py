@@ -166,10 +166,10 @@ def param_groups(
 
     The default puts the SE blocks at the same learning rate as the rest, which is what the
     transfer experiment in ``benchmarks/results/efficacy.md`` supports: with AdamW, an SE
-    learning rate 10x the backbone's drives the gates of the last stages to their bounds (0 or 2:
-    channels switched off or doubled, where the gradient vanishes) with no gain in accuracy;
-    with SGD and momentum, 10x leaves every gate within 0.02 of 1. Groups without parameters are
-    left out, so the result can go straight to an optimizer.
+    learning rate 10x the backbone's left 37% of the last stage's gates at their bounds (0 or 2:
+    channels switched off or doubled, where the gradient vanishes) for no change in accuracy;
+    with SGD and momentum, 10x left every gate of the last stage within 0.02 of 1. Groups without
+    parameters are left out, so the result can go straight to an optimizer.
 
     Args:
         model: a model with SE blocks inserted.
