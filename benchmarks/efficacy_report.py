@@ -43,8 +43,12 @@ def _arm_table(setting: dict[str, Any]) -> list[str]:
         "| arm | lr (SE lr) | step-0 acc | test acc, mean ± std | diff to plain, mean ± std | wins / losses / ties | sign test p | paired t p |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
+    grid = setting["protocol"]["lr_grid"]
+    edge = False
     for arm, e in setting["arms"].items():
         lr = f"{e['lr']:g}" + (f" ({e['se_lr']:g})" if e.get("se_lr") is not None else "")
+        if e["lr"] in (min(grid), max(grid)):
+            lr, edge = lr + " †", True
         step0 = f"{np.mean(e['step0_acc']):.4f}"
         if "step0_logits_equal_plain" in e:
             step0 += " (= plain: " + ("yes" if all(e["step0_logits_equal_plain"]) else "NO") + ")"
@@ -56,6 +60,8 @@ def _arm_table(setting: dict[str, Any]) -> list[str]:
             wlt = f"{paired['wins']} / {paired['losses']} / {paired['ties']}"
             sign, t = _p(paired["sign_p"]), _p(paired["t_p"])
         lines.append(f"| `{arm}` | {lr} | {step0} | {_pm(e['mean'], e['std'])} | {diff} | {wlt} | {sign} | {t} |")
+    if edge:
+        lines += ["", "† at the edge of the grid: a rate beyond it might have done better for that arm."]
     return lines
 
 
