@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from .finetune import se_modules as se_modules
     from .finetune import se_parameters as se_parameters
     from .finetune import se_state_dict_keys as se_state_dict_keys
+    from .gates import gate_statistics as gate_statistics
     from .plan import Plan as Plan
     from .plan import Site as Site
     from .plan import SiteKind as SiteKind
@@ -70,6 +71,7 @@ _EXPORTS: dict[str, str] = {
     "UnsafeCheckpointError": "errors",
     "OutputPathError": "errors",
     "HeadNotFoundError": "finetune",
+    "gate_statistics": "gates",
     "find_head": "finetune",
     "freeze_except_se": "finetune",
     "param_groups": "finetune",

@@ -137,8 +137,8 @@ def _plan(net: nn.Module, spec: ModelSpec, config: SEConfig, selection: Selectio
             **selection.options(),
             example_input=torch.empty(1, *size, device="meta"),  # shapes only: no real memory
         )
-    except SelectionError as e:  # the library lists the model's stages; say which flag and input
-        raise SelectionError(f"--{e}; analysed at input {size_text(size)}") from e
+    except SelectionError as e:  # the library lists the model's stages; name the flag
+        raise SelectionError(f"--{e}") from e
     if selection.plain and plan.sites and not any(site.kind is SiteKind.PLAIN for site in plan.sites):
         warnings.warn(
             f"--plain has no effect on {spec}: it has residual or concatenation sites, and the plain "

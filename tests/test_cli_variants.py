@@ -154,9 +154,9 @@ def test_bad_variant_options_before_building(tmp_path, options: list[str], messa
 def test_stage_and_resolution_that_match_no_site(tmp_path) -> None:
     fails(run(*SMALL, "--stage", "1", "--stage", "7", "-o", "model.pt"),
           r"--stage 7: ResNet has 4 stages .*: 0 \(16x16\), 1 \(8x8\), 2 \(4x4\), "
-          r"3 \(2x2\); analysed at input 3x64x64$", tmp_path)
+          r"3 \(2x2\)$", tmp_path)
     fails(run(*SMALL, "--resolution", "32", "-o", "model.pt"),
-          r"--resolution 32: .* at resolutions 16, 8, 4, 2 .*; analysed at input 3x64x64", tmp_path)
+          r"--resolution 32: .* at resolutions 16, 8, 4, 2 ", tmp_path)
 
 
 def test_plot_without_matplotlib_is_refused(tmp_path, monkeypatch) -> None:

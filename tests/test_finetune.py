@@ -67,6 +67,16 @@ def test_param_groups_give_se_its_own_learning_rate():
     assert [g["name"] for g in param_groups(model, se_lr=1e-2)] == ["se"]
 
 
+def test_param_groups_default_se_lr_is_the_base_lr():
+    # benchmarks/results/efficacy.md: a 10x SE learning rate saturates late gates under AdamW
+    model, _ = _inject(_timm("resnet10t"))
+    se_group, base = param_groups(model, lr=3e-4)
+    assert se_group["lr"] == base["lr"] == 3e-4
+    optimizer = torch.optim.AdamW(param_groups(model), lr=2e-3)  # neither given: the optimizer's default
+    assert [g["lr"] for g in optimizer.param_groups] == [2e-3, 2e-3]
+    assert [g["name"] for g in optimizer.param_groups] == ["se", "base"]
+
+
 @pytest.mark.parametrize(
     "make, head_attr",
     [

@@ -13,7 +13,7 @@ import se_inject
 from se_inject import errors
 
 PACKAGE = Path(se_inject.__file__).parent
-MODULES = ("api", "atomic", "block", "checkpoint", "complexity", "errors", "files", "finetune", "graph", "input_size",
+MODULES = ("api", "atomic", "block", "checkpoint", "complexity", "errors", "files", "finetune", "gates", "graph", "input_size",
            "names", "node_names", "owners", "plan", "render", "report", "rewrite", "sites", "weights", "workflow", "zoo")
 
 
