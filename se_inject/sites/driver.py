@@ -34,7 +34,7 @@ from .units import analyse
 
 log = logging.getLogger(__name__)
 
-__all__ = ['build_plan', 'example_args', 'RULES', 'PLAIN_RULES']
+__all__ = ["build_plan", "example_args", "RULES", "PLAIN_RULES"]
 
 
 def build_plan(

@@ -5,13 +5,11 @@ from __future__ import annotations
 import torch.fx as fx
 
 from ..analysis.axes import channel_axis
-from ..analysis.ops import (
-    tensor_shape,
-)
+from ..analysis.ops import tensor_shape
 from ..plan import SkipReason
 from .records import Candidate, Policy, skip
 
-__all__ = ['check_tensor']
+__all__ = ["check_tensor"]
 
 
 def check_tensor(cand: Candidate, node: fx.Node, policy: Policy | None = None) -> bool:

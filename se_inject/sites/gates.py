@@ -7,13 +7,10 @@ from torch import nn
 
 from ..analysis.dataflow import DataFlow
 from ..analysis.names import node_scope
-from ..analysis.ops import (
-    is_add,
-    tensor_shape,
-)
+from ..analysis.ops import is_add, tensor_shape
 from .records import Unit
 
-__all__ = ['block_gates', 'enclosing_gates']
+__all__ = ["block_gates", "enclosing_gates"]
 
 
 def block_gates(unit: Unit, owner_rel: str, anchor: fx.Node) -> list[fx.Node]:

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from ..analysis.ops import (
-    is_linear,
-    is_scaling,
-)
+from ..analysis.ops import is_linear, is_scaling
 from .records import Unit
 
-__all__ = ['linear_block']
+__all__ = ["linear_block"]
 
 
 def linear_block(unit: Unit, region: set[fx.Node], cost: dict[fx.Node, int]) -> str | None:

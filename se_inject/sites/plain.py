@@ -6,21 +6,14 @@ from __future__ import annotations
 import torch.fx as fx
 
 from ..analysis.names import node_scope
-from ..analysis.ops import (
-    is_activation,
-    is_add,
-    is_cat,
-    is_conv,
-    is_norm,
-    trailing_scaling_input,
-)
+from ..analysis.ops import is_activation, is_add, is_cat, is_conv, is_norm, trailing_scaling_input
 from ..plan import SiteKind, SkipReason
 from .fit import check_tensor
 from .linear import linear_block
 from .rebuild import represent
 from .records import Candidate, Context, Unit, skip
 
-__all__ = ['plain']
+__all__ = ["plain"]
 
 
 def plain(unit: Unit, node: fx.Node, ctx: Context) -> list[Candidate] | None:

@@ -13,7 +13,7 @@ from ..analysis.owners import OwnerTraces
 from ..plan import Site, Skipped, SkipReason
 from .records import Candidate, Unit, inside, skip
 
-__all__ = ['common_owner', 'represent', 'rebuildable', 'drop_conflicting_owners']
+__all__ = ["common_owner", "represent", "rebuildable", "drop_conflicting_owners"]
 
 
 #: How deep into an owner's children a source may sit before the owner is not rebuilt.

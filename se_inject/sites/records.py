@@ -9,21 +9,13 @@ import torch.fx as fx
 from torch import nn
 
 from ..analysis.attention import gating_products
-from ..analysis.calls import (
-    CallRecord,
-    leading_tensors,
-    standalone_call,
-)
+from ..analysis.calls import CallRecord, leading_tensors, standalone_call
 from ..analysis.dataflow import DataFlow
 from ..analysis.names import node_scope
-from ..analysis.ops import (
-    cat_dim,
-    is_cat,
-    tensor_shape,
-)
+from ..analysis.ops import cat_dim, is_cat, tensor_shape
 from ..plan import SiteKind, Skipped, SkipReason
 
-__all__ = ['TRUNK_MAX_PARAMETRIC', 'Unit', 'Candidate', 'Policy', 'Context', 'Rule', 'inside', 'skip']
+__all__ = ["TRUNK_MAX_PARAMETRIC", "Unit", "Candidate", "Policy", "Context", "Rule", "inside", "skip"]
 
 
 #: A shortcut has at most this many parametric layers (projection: pool + conv + norm, or a

@@ -24,7 +24,7 @@ from .linear import linear_block
 from .rebuild import represent
 from .records import TRUNK_MAX_PARAMETRIC, Candidate, Context, Policy, Unit, skip
 
-__all__ = ['residual']
+__all__ = ["residual"]
 
 
 def residual(unit: Unit, node: fx.Node, ctx: Context) -> list[Candidate] | None:

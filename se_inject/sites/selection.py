@@ -8,14 +8,12 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..analysis.ops import (
-    tensor_shape,
-)
+from ..analysis.ops import tensor_shape
 from ..errors import ConfigError, SelectionError
 from ..plan import SkipReason
 from .records import Candidate
 
-__all__ = ['Selection', 'check_globs', 'check_ints', 'check_selection', 'deselected', 'free_name', 'number_stages']
+__all__ = ["Selection", "check_globs", "check_ints", "check_selection", "deselected", "free_name", "number_stages"]
 
 
 @dataclass(frozen=True)

@@ -12,18 +12,10 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..analysis.calls import (
-    call_concrete_args,
-    passes_var_positional,
-    standalone_call,
-)
+from ..analysis.calls import call_concrete_args, passes_var_positional, standalone_call
 from ..analysis.dataflow import DataFlow
 from ..analysis.names import call_stack, qualified_names
-from ..analysis.ops import (
-    is_add,
-    is_cat,
-    is_conv,
-)
+from ..analysis.ops import is_add, is_cat, is_conv
 from ..analysis.owners import block_signature
 from ..analysis.shapes import RecordedInputs, propagate_shapes, record_module_inputs
 from ..analysis.tracing import trace
@@ -32,7 +24,7 @@ from .records import Unit
 
 log = logging.getLogger(__name__)
 
-__all__ = ['analyse']
+__all__ = ["analyse"]
 
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
