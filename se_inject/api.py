@@ -10,8 +10,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from .analysis.owners import OwnerTraces
 from .block import SEConfig
-from .owners import OwnerTraces
 from .plan import Plan
 from .rewrite import apply_plan, remove_se
 from .sites import build_plan

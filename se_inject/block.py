@@ -62,7 +62,7 @@ POOLS: dict[str, Callable[[torch.Tensor, list[int]], torch.Tensor]] = {
 }
 
 
-#: Where on a residual branch the block goes (SE-PAPER.md, integration study).
+#: Where on a residual branch the block goes (docs/se-paper.md, "Where the block goes").
 PLACEMENTS: dict[str, str] = {
     "standard": "end of the residual branch, before the sum",
     "pre": "start of the residual branch, after the fork, before its first layer",

@@ -142,7 +142,7 @@ class Skipped:
 
 @dataclass(frozen=True)
 class Unanalysed:
-    """A module that could not be analysed (DESIGN rule 13: nothing is silently missed).
+    """A module that could not be analysed (placement rule 13: nothing is silently missed).
 
     ``path`` is the module path ("" for the root), ``reason`` the first line of the error.
     """

@@ -22,10 +22,10 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .analysis.names import locate
+from .analysis.owners import OwnerTraces, inline_paths, owner_args
 from .block import SEBlock, check_se_weights
 from .errors import PlanMismatchError
-from .node_names import locate
-from .owners import OwnerTraces, inline_paths, owner_args
 from .plan import PLAN_ATTR, Plan, Site
 
 __all__ = ["apply_plan", "remove_se", "RebuiltBlock"]

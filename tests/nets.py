@@ -12,7 +12,7 @@ def conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1) -> nn.Sequential:
 
 
 class Residual(nn.Module):
-    """``x + branch(x)`` in the spellings DESIGN.md lists, optionally with a projection,
+    """``x + branch(x)`` in the spellings placement rule 1 lists, optionally with a projection,
     layer scale, a scalar scale, dropout in the branch or an in-place add."""
 
     def __init__(
@@ -238,7 +238,7 @@ class OptionalArg(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
-# Nets for the general placement rules (DESIGN.md rules 1, 3, 4, 7, 9-12)
+# Nets for the general placement rules (placement rules 1, 3, 4, 7, 9-12; README, "How sites are found")
 
 
 def conv_bn_relu(cin: int, cout: int, k: int = 3, stride: int = 1) -> nn.Sequential:

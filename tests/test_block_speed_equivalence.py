@@ -1,6 +1,6 @@
 """SEBlock.forward, however it is written for speed, computes the reference SE formula.
 
-The reference below is the block as the paper and DESIGN.md state it, written out with plain
+The reference below is the block as the paper states it (docs/se-paper.md, "The block"), written out with plain
 tensor algebra: pool over every axis but batch and channel, ``fc2(relu(fc1(s)))``, the gate,
 and a channel-wise product. Any faster formulation of ``SEBlock.forward`` must match it (values
 and gradients) on random inputs and weights, for every channel axis, rank, memory format, gate

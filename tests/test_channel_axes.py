@@ -1,5 +1,5 @@
 """Graph facts on ten-line graphs: the channel axis through slices, chunks, indexing and
-permutes (DESIGN.md rule 4), which ops are channel slices, and which are linear (rule 10)."""
+permutes (placement rule 4), which ops are channel slices, and which are linear (rule 10)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,11 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from se_inject.graph import DataFlow, channel_axis, channel_slice_of, is_linear, propagate_shapes, trace
+from se_inject.analysis.axes import channel_axis, channel_slice_of
+from se_inject.analysis.dataflow import DataFlow
+from se_inject.analysis.ops import is_linear
+from se_inject.analysis.shapes import propagate_shapes
+from se_inject.analysis.tracing import trace
 
 
 class Slicing(nn.Module):

@@ -10,9 +10,10 @@ import pytest
 import torch
 from torch import nn
 
+from se_inject.analysis.dataflow import DataFlow
+from se_inject.analysis.names import locate, qualified_names
+from se_inject.analysis.tracing import trace
 from se_inject.errors import PlanMismatchError
-from se_inject.graph import DataFlow, trace
-from se_inject.node_names import locate, qualified_names
 
 
 class Fork(nn.Module):

@@ -372,16 +372,16 @@ def test_declared_sizes_of_timm_transformers_and_torchvision_models() -> None:
 def test_no_trace_leaves_without_sites_are_traced_once_per_kind(monkeypatch) -> None:
     from timm.layers import BatchNormAct2d
 
-    import se_inject.sites as sites
+    import se_inject.sites.units as units
 
     traced: list[type] = []
-    real = sites.trace
+    real = units.trace
 
     def counting(module, **kwargs):
         traced.append(type(module))
         return real(module, **kwargs)
 
-    monkeypatch.setattr(sites, "trace", counting)
+    monkeypatch.setattr(units, "trace", counting)
 
     class Net(nn.Module):
         def __init__(self) -> None:
@@ -402,7 +402,7 @@ def test_no_trace_leaves_without_sites_are_traced_once_per_kind(monkeypatch) -> 
 def test_a_call_with_data_other_than_defaults_is_not_standalone() -> None:
     """DLA calls its trees with ``children=[...]`` where the default is None: such a block is
     not rebuilt on its own (its trace would assert children is None)."""
-    from se_inject.graph import leading_tensors, standalone_call
+    from se_inject.analysis.calls import leading_tensors, standalone_call
 
     class Tree(nn.Module):
         def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None, children: list | None = None) -> torch.Tensor:

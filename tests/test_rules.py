@@ -1,4 +1,4 @@
-"""Golden plans on tiny hand-made modules, one per placement rule of DESIGN.md."""
+"""Golden plans on tiny hand-made modules, one per placement rule (README, "How sites are found")."""
 
 from __future__ import annotations
 
@@ -178,7 +178,7 @@ def test_a_block_that_cannot_be_rebuilt_is_skipped_in_the_plan(monkeypatch) -> N
     skipped site of the plan itself, and inject_se builds exactly the listed sites."""
     import warnings
 
-    import se_inject.owners as owners
+    import se_inject.analysis.owners as owners
 
     model = nn.Sequential(Residual(4), Residual(4))
     real = owners.trace

@@ -1,4 +1,4 @@
-"""Placement rules that hold beyond the zoo (DESIGN.md rules 1, 3, 4, 7, 9-12): one small
+"""Placement rules that hold beyond the zoo (placement rules 1, 3, 4, 7, 9-12): one small
 hand-made net per class of graph, asserting sites, kinds, skip reasons, bit-exact outputs and
 that the SE block squeezes the branch, never the trunk."""
 

@@ -1,4 +1,5 @@
-"""DESIGN.md's "Expected plans, torchvision" table, row by row, with bit-exact identity."""
+"""Expected plans for torchvision's classifiers (the placement rules applied by hand), row by row, with
+bit-exact identity."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torchvision
 
 from se_inject import SEBlock, find_sites, inject_se
 
-# model: (sites, {kind: count}, {skip reason: count}) -- from DESIGN.md (vit: 12 blocks x 2 adds).
+# model: (sites, {kind: count}, {skip reason: count}), each worked out from the placement rules (vit: 12 blocks x 2 adds).
 EXPECTED = {
     "resnet18": (8, {"residual": 8}, {}),
     "resnet34": (16, {"residual": 16}, {}),

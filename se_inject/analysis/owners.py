@@ -2,8 +2,8 @@
 
 The planner traces each owner exactly as the rewriter will (children kept as calls except the
 ones a site lies in, both train and eval mode) and checks that every site's nodes are found
-(``names.locate``); owners that fail are skipped in the plan, so a plan is a promise (DESIGN
-rule 14). ``inject_se`` hands the same :class:`OwnerTraces` to the rewriter, which reuses the
+(``names.locate``); owners that fail are skipped in the plan, so a plan is a promise
+(placement rule 14). ``inject_se`` hands the same :class:`OwnerTraces` to the rewriter, which reuses the
 traces instead of tracing again.
 """
 
@@ -16,9 +16,10 @@ from typing import Any
 import torch.fx as fx
 from torch import nn
 
-from .graph import required_positional, standalone_concrete_args, trace
-from .node_names import locate, qualified_names
-from .plan import Site
+from ..plan import Site
+from .calls import required_positional, standalone_concrete_args
+from .names import locate, qualified_names
+from .tracing import trace
 
 __all__ = ["OwnerTraces", "inline_paths", "owner_args", "block_signature"]
 

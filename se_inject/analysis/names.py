@@ -7,7 +7,7 @@ model, or a block of it) than the one the rewriter rebuilds (the site's owner, w
 does not need kept as calls): :func:`owner_local_name` says what a node of the bigger graph is
 called in the owner's graph, and :func:`locate` finds a site's nodes in that graph by those
 names. The planner checks every site with :func:`locate` on the owner's real trace
-(``owners.py``), so the rewriter, which calls the same function on the same trace, finds them.
+(``analysis.owners``), so the rewriter, which calls the same function on the same trace, finds them.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import torch.fx as fx
 
-from .errors import PlanMismatchError
+from ..errors import PlanMismatchError
 
 __all__ = ["qualified_names", "input_name", "node_scope", "call_stack", "owner_local_name", "locate"]
 

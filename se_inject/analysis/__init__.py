@@ -1,0 +1,10 @@
+"""Graph facts, one small module each; nothing here decides placement (``se_inject.sites``) or
+changes a model (``se_inject.rewrite``).
+
+- ``tracing``: the fx tracer and ``trace``; ``calls``: recorded calls and standalone-call checks;
+- ``shapes``: meta/fake shape propagation, inputs recorded in a forward pass;
+- ``names``: owner-local qualified node names (the planner's and the rewriter's one implementation);
+- ``dataflow``: data edges, dominators, regions, parametric path costs;
+- ``ops``: op tables and predicates; ``axes``: channel axes and channel slices;
+- ``attention``: existing channel attention; ``owners``: owner traces shared by planner and rewriter.
+"""

@@ -1,0 +1,162 @@
+"""What a forward's signature says about a call: recorded calls, concrete arguments, and
+whether a block called this way is what its own trace computes (standalone calls)."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from typing import Any
+
+import torch.fx as fx
+from torch import nn
+
+__all__ = [
+    "CallRecord", "PLAIN", "PLAIN_KINDS", "VAR_KINDS", "arg_kind", "standalone_concrete_args", "passes_var_positional",
+    "call_concrete_args", "leading_tensors", "standalone_call", "required_positional", "extra_keywords",
+    "positional_args",
+]
+
+VAR_KINDS = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+
+PLAIN = (bool, int, float, str, type(None))
+PLAIN_KINDS = frozenset(t.__name__ for t in PLAIN)
+
+#: One recorded call: (kind, value if plain data) of each positional argument (kind "tensor"
+#: for traced values), and (name, kind, value if plain data) for each keyword argument.
+CallRecord = tuple[tuple[tuple[str, Any], ...], tuple[tuple[str, str, Any], ...]]
+
+
+def arg_kind(value: Any) -> str:
+    """How a call argument is recorded: ``tensor`` for traced values, else its type's name."""
+    return "tensor" if isinstance(value, fx.Proxy) else type(value).__name__
+
+
+def standalone_concrete_args(module: nn.Module, passed: int = 0) -> dict[str, Any]:
+    """Defaults of the parameters of ``module.forward`` that a call with ``passed`` positional
+    arguments leaves out: traced as placeholders they would be taken as given (``attn_mask is
+    not None`` would hold), so they are traced as the constants they are."""
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    return {
+        p.name: p.default
+        for i, p in enumerate(params)
+        if i >= passed
+        and p.default is not inspect.Parameter.empty
+        and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    }
+
+
+def passes_var_positional(module: nn.Module, passed: int) -> bool:
+    """Whether ``passed`` positional arguments reach ``module.forward``'s ``*args``."""
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    named = sum(p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD) for p in params)
+    return passed > named and any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params)
+
+
+def call_concrete_args(module: nn.Module, args: Sequence[Any]) -> dict[str, Any]:
+    """Concrete values for tracing ``module`` as it was called with positional ``args``:
+    plain-data arguments (``None`` masks, ``(H, W)`` sizes, flags) are traced as the constants
+    they were, parameters not passed as their defaults; tensors stay placeholders."""
+    concrete = standalone_concrete_args(module, len(args))
+    try:
+        params = [p for p in inspect.signature(module.forward).parameters.values() if p.kind not in VAR_KINDS]
+    except (TypeError, ValueError):
+        return concrete
+    for param, value in zip(params, args, strict=False):
+        if _is_plain(value):
+            concrete[param.name] = value
+    return concrete
+
+
+def _is_plain(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain(v) for v in value)
+    return isinstance(value, PLAIN)
+
+
+def leading_tensors(args: Sequence[tuple[str, Any]]) -> int:
+    """How many of a recorded call's positional arguments, from the first, are tensors: the
+    placeholders a block rebuilt on its own is traced with."""
+    count = 0
+    for kind, _ in args:
+        if kind != "tensor":
+            break
+        count += 1
+    return count
+
+
+def standalone_call(
+    module: nn.Module, args: tuple[tuple[str, Any], ...], kwargs: tuple[tuple[str, str, Any], ...]
+) -> bool:
+    """Whether a call with these arguments is what ``module`` computes when traced on its own
+    with its leading tensor arguments as placeholders: the required positional arguments plus
+    optional tensors (DLA's ``shortcut``), then (positionally or by keyword) only plain values
+    that repeat their parameter's default."""
+    try:
+        params = [p for p in inspect.signature(module.forward).parameters.values() if p.kind not in VAR_KINDS]
+    except (TypeError, ValueError):
+        return False
+    required = required_positional(module)
+    tensors = leading_tensors(args)
+    if required is None or tensors < required or len(args) > len(params):
+        return False
+    given = [(p.name, kind, value) for p, (kind, value) in zip(params[tensors:], args[tensors:], strict=False)]
+    by_name = {p.name: p for p in params}
+    for name, kind, value in [*given, *kwargs]:
+        param = by_name.get(name)
+        if kind not in PLAIN_KINDS or param is None or param.default is inspect.Parameter.empty:
+            return False  # a tensor, or data recorded without its value (a list of tensors)
+        if not (value is param.default or (isinstance(value, PLAIN) and value == param.default)):
+            return False
+    return True
+
+
+def required_positional(module: nn.Module) -> int | None:
+    """How many named positional parameters ``module.forward`` requires (``*args`` is traced
+    empty, see ``SETracer``); None when the signature cannot be read."""
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    return sum(
+        1
+        for p in params
+        if p.default is inspect.Parameter.empty
+        and p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    )
+
+
+def extra_keywords(module: nn.Module, kwargs: dict[str, Any]) -> tuple[str, ...]:
+    """Keyword arguments of a call that ``module.forward`` takes only through ``**kwargs``."""
+    try:
+        named = {p.name for p in inspect.signature(module.forward).parameters.values() if p.kind not in VAR_KINDS}
+    except (TypeError, ValueError):
+        return ()
+    return tuple(sorted(k for k in kwargs if k not in named))
+
+
+def positional_args(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+    """A call's arguments in positional order: keyword arguments in their places, skipped
+    parameters as their defaults, up to the last one given."""
+    if not kwargs:
+        return tuple(args)
+    try:
+        params = [p for p in inspect.signature(module.forward).parameters.values() if p.kind not in VAR_KINDS]
+    except (TypeError, ValueError):
+        return tuple(args)
+    values = list(args)
+    last_given = len(values)
+    for p in params[len(args):]:
+        if p.name in kwargs:
+            values.append(kwargs[p.name])
+            last_given = len(values)
+        elif p.default is not inspect.Parameter.empty:
+            values.append(p.default)
+        else:
+            break
+    return tuple(values[:last_given])

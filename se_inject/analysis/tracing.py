@@ -1,0 +1,324 @@
+"""Tracing: the fx tracer (timm's no-trace modules and functions, mode-dependent leaves),
+``trace`` that leaves the user's model as it was, and whether a trace read a ``training`` flag."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import contextmanager
+from typing import Any, NamedTuple
+
+import torch.fx as fx
+from torch import nn
+
+from ..block import SEBlock
+from .calls import PLAIN, VAR_KINDS, CallRecord, arg_kind
+
+__all__ = ["SETracer", "Traced", "trace", "mode_dependent_leaves", "training_mode"]
+
+
+def mode_dependent_leaves() -> tuple[type[nn.Module], ...]:
+    """Module classes whose traced form depends on train/eval mode, kept as leaves.
+
+    Traced, timm's ``DropPath`` disappears in eval mode and becomes a fixed random mask in train
+    mode; torchvision's ``StochasticDepth`` bakes in ``training``. As leaves they stay calls.
+    """
+    leaves: list[type[nn.Module]] = []
+    try:
+        from torchvision.ops import StochasticDepth
+
+        leaves.append(StochasticDepth)
+    except ImportError:  # pragma: no cover - torchvision is a dependency
+        pass
+    try:
+        from timm.layers import DropBlock2d, DropPath
+
+        leaves += [DropPath, DropBlock2d]
+    except ImportError:  # pragma: no cover - timm is a dependency
+        pass
+    return tuple(leaves)
+
+
+def _timm_notrace() -> tuple[tuple[type[nn.Module], ...], tuple[Callable[..., Any], ...]]:
+    """timm's registries of modules and functions that do not trace (its public helpers)."""
+    try:
+        from timm.layers import get_notrace_functions, get_notrace_modules
+    except ImportError:  # pragma: no cover
+        return (), ()
+    modules = tuple(m for m in get_notrace_modules() if isinstance(m, type))
+    functions = tuple(f for f in get_notrace_functions() if callable(f))
+    return modules, functions
+
+
+class SETracer(fx.Tracer):
+    """fx tracer with timm's no-trace modules and functions, plus mode-dependent leaves.
+
+    ``inline``, when given, turns the tracer around: every submodule is a leaf except the
+    module paths listed (used to rebuild one block while leaving its children as calls).
+    """
+
+    def __init__(
+        self,
+        *,
+        leaf_modules: Sequence[type[nn.Module]] = (),
+        autowrap_functions: Sequence[Callable[..., Any]] = (),
+        inline: Iterable[str] | None = None,
+        var_positional: bool = False,
+        opaque: Iterable[str] = (),
+    ) -> None:
+        timm_modules, timm_functions = _timm_notrace()
+        super().__init__(autowrap_functions=tuple(autowrap_functions) + timm_functions)
+        # SEBlock is a leaf so our own blocks read as one call (and as attention) in the graph.
+        self.leaf_modules = tuple(leaf_modules) + timm_modules + mode_dependent_leaves() + (SEBlock,)
+        self.inline = None if inline is None else frozenset(inline)
+        self.var_positional = var_positional
+        self.opaque = frozenset(opaque)
+        self.module_calls: dict[str, list[CallRecord]] = {}
+        self._aliases: dict[int, list[str]] | None = None
+
+    def path_of_module(self, mod: nn.Module) -> str:
+        # A module registered under several names (ultralytics' Conv blocks share one SiLU) is
+        # named where it is called from: the alias inside the module being traced. fx names it
+        # by its first registration, which puts the call in another block.
+        if self._aliases is None:
+            found: dict[int, list[str]] = {}
+            for name, sub in self.root.named_modules(remove_duplicate=False):
+                found.setdefault(id(sub), []).append(name)
+            self._aliases = {k: v for k, v in found.items() if len(v) > 1}
+        paths = self._aliases.get(id(mod))
+        if paths:
+            scope = self.scope.module_path
+            for path in paths:
+                if path.rpartition(".")[0] == scope:
+                    return path
+        return super().path_of_module(mod)
+
+    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if not self.is_leaf_module(m, self.path_of_module(m)):
+            calls = self.module_calls.setdefault(self.path_of_module(m), [])
+            calls.append(
+                (
+                    tuple((arg_kind(a), a if isinstance(a, PLAIN) else None) for a in args),
+                    tuple((k, arg_kind(v), v if isinstance(v, PLAIN) else None) for k, v in sorted(kwargs.items())),
+                )
+            )
+        return super().call_module(m, forward, args, kwargs)
+
+    def create_args_for_root(self, root_fn: Any, is_module: bool, concrete_args: Any = None) -> Any:
+        # ``*args`` / ``**kwargs`` (every transformers layer takes ``**kwargs``) would become
+        # proxies, and ``kwargs.get(...)`` control flow fails: trace them empty, as a call
+        # that passes nothing extra would have them.
+        return super().create_args_for_root(_without_var_args(root_fn, self.var_positional), is_module, concrete_args)
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        count = _static_length(node)
+        return _PartsProxy(node, self, count) if count is not None else super().proxy(node)
+
+    def iter(self, obj: fx.Proxy) -> Any:
+        # ``list(x.chunk(2, 1))`` and ``a, b = x.split([c1, c2], 1)`` have a length fixed by
+        # their arguments (YOLO's C2f blocks, GhostNet, CSP stages): iterate the parts.
+        count = _static_length(obj.node)
+        if count is not None:
+            return iter([obj[i] for i in range(count)])
+        return super().iter(obj)
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if self.inline is not None and module_qualified_name not in self.inline:
+            return True
+        if isinstance(m, self.leaf_modules) or module_qualified_name in self.opaque:
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+class _PartsProxy(fx.Proxy):
+    """The parts of a ``chunk``/``split``: ``list(...)`` asks their number first."""
+
+    def __init__(self, node: fx.Node, tracer: fx.Tracer, count: int) -> None:
+        super().__init__(node, tracer)
+        self._count = count
+
+    def __len__(self) -> int:
+        return self._count
+
+
+def _static_length(node: fx.Node) -> int | None:
+    """Number of parts of a ``chunk(n)`` or ``split([sizes])`` node, known without values."""
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", None)
+    if node.op not in ("call_method", "call_function") or len(node.args) < 2:
+        return None
+    arg = node.args[1] if "chunks" not in node.kwargs and "split_size_or_sections" not in node.kwargs else None
+    arg = node.kwargs.get("chunks", node.kwargs.get("split_size_or_sections", arg))
+    if name == "chunk" and isinstance(arg, int):
+        return arg
+    if name == "split" and isinstance(arg, (list, tuple)) and all(isinstance(a, int) for a in arg):
+        return len(arg)
+    return None
+
+
+def _without_var_args(fn: Callable[..., Any], keep_var_positional: bool = False) -> Callable[..., Any]:
+    """``fn`` behind a function with the same named parameters and no ``*args``/``**kwargs``
+    (``*args`` kept when the call passes arguments into it: fx then traces it as one input).
+
+    fx reads the parameters from the code object, so the wrapper is real code, compiled once
+    per signature shape; it does not set ``__wrapped__`` (fx would unwrap it again).
+    """
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return fn
+    dropped = (inspect.Parameter.VAR_KEYWORD,) if keep_var_positional else VAR_KINDS
+    if not any(p.kind in dropped for p in params):
+        return fn
+    kept = [p for p in params if p.kind not in dropped]
+    if not all(p.name.isidentifier() for p in kept):
+        return fn
+    namespace: dict[str, Any] = {"_fn": fn}
+    parts: list[str] = []
+    call: list[str] = []
+    star = False
+    for p in kept:
+        if p.kind is inspect.Parameter.VAR_POSITIONAL:
+            parts.append(f"*{p.name}")
+            call.append(f"*{p.name}")
+            star = True
+            continue
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and not star:
+            parts.append("*")
+            star = True
+        if p.default is inspect.Parameter.empty:
+            parts.append(p.name)
+        else:
+            namespace[f"_default_{p.name}"] = p.default
+            parts.append(f"{p.name}=_default_{p.name}")
+        call.append(f"{p.name}={p.name}" if p.kind is inspect.Parameter.KEYWORD_ONLY else p.name)
+    source = f"def forward({', '.join(parts)}):\n    return _fn({', '.join(call)})\n"
+    exec(compile(source, f"<se_inject: {getattr(fn, '__qualname__', 'forward')} without *args/**kwargs>", "exec"), namespace)
+    return namespace["forward"]
+
+
+@contextmanager
+def training_mode(module: nn.Module, mode: bool):
+    """Set every submodule's mode, restoring each one's own flag afterwards."""
+    saved = [(m, m.training) for m in module.modules()]
+    try:
+        module.train(mode)
+        yield
+    finally:
+        for m, flag in saved:
+            m.training = flag
+
+
+class Traced(NamedTuple):
+    """A trace: the graph, the tensor constants the tracer made, and how each submodule that
+    was traced through got called (``CallKind`` per argument, one tuple per call)."""
+
+    graph: fx.Graph
+    constants: dict[str, Any]
+    calls: dict[str, list[CallRecord]]
+    #: Whether the traced code read a ``training`` flag (else the other mode traces the same).
+    read_mode: bool = True
+
+
+_MISSING = object()
+
+
+def trace(
+    module: nn.Module,
+    *,
+    training: bool = False,
+    inline: Iterable[str] | None = None,
+    concrete_args: dict[str, Any] | None = None,
+    var_positional: bool = False,
+    opaque: Iterable[str] = (),
+) -> Traced:
+    """Trace ``module`` in the given mode; ``var_positional``: the call passes arguments into
+    the forward's ``*args`` (else it is traced empty, as ``**kwargs`` always is); ``opaque``:
+    paths of submodules kept as calls (parts that do not trace themselves).
+
+    The tracer stores tensor constants as attributes of the traced root; they are removed from
+    ``module`` again and returned, so tracing never changes the user's model.
+    """
+    # Forwards that set attributes lazily (torchvision's MultiScaleRoIAlign caches its scales)
+    # would keep proxies: every module's attributes are put back as they were.
+    saved = [(m, dict(m.__dict__)) for m in module.modules()]
+    before = set(module.__dict__)
+    tracer = SETracer(inline=inline, var_positional=var_positional, opaque=opaque)
+    reads: list[str] = []
+    try:
+        with training_mode(module, training), _watch_mode_reads(module, reads):
+            graph = tracer.trace(module, concrete_args=concrete_args)
+    finally:
+        added = {k: module.__dict__[k] for k in set(module.__dict__) - before}
+        for m, attrs in saved:
+            now = m.__dict__
+            if len(now) != len(attrs) or any(now.get(k, _MISSING) is not v for k, v in attrs.items()):
+                now.clear()
+                now.update(attrs)
+    _restore_parameter_names(graph, concrete_args or {})
+    return Traced(graph, added, tracer.module_calls, bool(reads))
+
+
+# While tracing, every module's class is swapped for a subclass whose ``training`` is a
+# property that notes reads: a trace that read no ``training`` flag is the same in both
+# modes, so the other mode's trace can be skipped.
+_WATCHED_CLASSES: dict[type, type] = {}
+_reads_sink: list[list[str]] = []
+
+
+def _training_get(self: nn.Module) -> bool:
+    if _reads_sink:
+        _reads_sink[-1].append(type(self).__name__)
+    return self.__dict__["training"]
+
+
+def _training_set(self: nn.Module, value: bool) -> None:
+    self.__dict__["training"] = value
+
+
+def _watching(cls: type) -> type:
+    sub = _WATCHED_CLASSES.get(cls)
+    if sub is None:
+        body = {"training": property(_training_get, _training_set), "__module__": cls.__module__,
+                "__qualname__": cls.__qualname__}
+        sub = _WATCHED_CLASSES[cls] = type(cls.__name__, (cls,), body)
+    return sub
+
+
+@contextmanager
+def _watch_mode_reads(module: nn.Module, reads: list[str]):
+    """Record in ``reads`` each read of a ``training`` flag of ``module`` or its submodules;
+    a module whose class cannot be swapped counts as read (both modes are then traced)."""
+    swapped: list[tuple[nn.Module, type]] = []
+    try:
+        for m in module.modules():
+            cls = type(m)
+            if "training" not in m.__dict__:
+                reads.append(cls.__name__)
+                continue
+            try:
+                m.__class__ = _watching(cls)
+            except TypeError:
+                reads.append(cls.__name__)
+                continue
+            swapped.append((m, cls))
+        _reads_sink.append(reads)
+        yield
+    finally:
+        if _reads_sink and _reads_sink[-1] is reads:
+            _reads_sink.pop()
+        for m, cls in swapped:
+            m.__class__ = cls
+
+
+def _restore_parameter_names(graph: fx.Graph, concrete_args: dict[str, Any]) -> None:
+    """fx names the input of a constant parameter ``mask_1``; a rebuilt block's forward must
+    take ``mask=`` as the original does."""
+    taken = {str(n.target) for n in graph.nodes if n.op == "placeholder"}
+    for node in graph.nodes:
+        if node.op != "placeholder":
+            continue
+        name, _, count = str(node.target).rpartition("_")
+        leaf = name in concrete_args and not isinstance(concrete_args[name], (list, tuple, dict))
+        if count == "1" and leaf and name not in taken:  # (a tuple is flattened: leave it to fx)
+            node.target = name
+            taken.add(name)

@@ -1,0 +1,210 @@
+"""The placement driver: model -> plan. Traces the model into units, runs the rules over each
+unit's graph in order, marks nested places, then selects, names, numbers and checks the sites."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+import torch.fx as fx
+from torch import nn
+
+from ..analysis.owners import OwnerTraces
+from ..block import SEConfig, hidden_width
+from ..errors import ConfigError
+from ..input_size import example_input as _default_example_input
+from ..plan import Plan, Site, SiteKind, Skipped, SkipReason, Unanalysed
+from .concatenation import concatenation
+from .plain import plain
+from .rebuild import drop_conflicting_owners, rebuildable
+from .records import Candidate, Context, Policy, Rule, Unit, skip
+from .residual import residual
+from .selection import (
+    Selection,
+    check_globs,
+    check_ints,
+    check_selection,
+    deselected,
+    free_name,
+    number_stages,
+)
+from .units import analyse
+
+log = logging.getLogger(__name__)
+
+__all__ = ["build_plan", "example_args", "RULES", "PLAIN_RULES"]
+
+
+def build_plan(
+    model: nn.Module,
+    config: SEConfig,
+    *,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    min_channels: int = 0,
+    stages: Sequence[int] | None = None,
+    resolutions: Sequence[int] | None = None,
+    plain: bool = False,
+    tokens: bool = False,
+    example_input: Any = None,
+    traces: OwnerTraces | None = None,
+) -> Plan:
+    """Analyse ``model`` (unchanged) and return where SE blocks go under ``config``.
+
+    Every owner is traced as the rewriter will trace it and every site is found in that trace
+    before it is listed (owners that fail are skipped as ``not-rewritable``); pass ``traces``
+    to keep those traces for ``apply_plan``.
+
+    ``plain`` adds the paper's SE-VGG placement (after the non-linearity that follows each
+    convolution) to models that have no residual or concatenation site; ``tokens`` turns
+    residual branches on token sequences into sites (squeezing over the tokens, class and
+    distillation tokens left out).
+
+    Raises:
+        ConfigError: a selection option has a bad value.
+        SelectionError: ``stages`` or ``resolutions`` name none of the model's (the message
+            lists them).
+    """
+    selection = Selection(
+        check_globs("include", include),
+        check_globs("exclude", exclude),
+        min_channels,
+        check_ints("stages", stages),
+        check_ints("resolutions", resolutions),
+    )
+    if min_channels < 0:
+        raise ConfigError(f"min_channels must be >= 0, got {min_channels}")
+    args = example_args(model, example_input)
+    units: list[Unit] = []
+    unanalysed: list[Unanalysed] = []
+    analyse(model, "", args, units, unanalysed, {})
+    policy = Policy(config.placement, tokens)
+    candidates = _candidates(units, RULES, policy)
+    _mark_nested(candidates)
+    if plain and not any(c.skip is None for c in candidates):
+        candidates += _candidates(units, PLAIN_RULES, policy)
+    sites, skipped = _finalise(model, candidates, config, selection, OwnerTraces() if traces is None else traces)
+    return Plan(tuple(sites), tuple(skipped), tuple(unanalysed), config)
+
+
+def example_args(model: nn.Module, example_input: Any = None) -> tuple[Any, ...]:
+    """The inputs to analyse with: the user's, else an empty tensor of the model's declared
+    input size (``input_size.model_input_size``), batch 2; only shapes matter.
+
+    Raises:
+        ConfigError: no input was given and the model does not say what it reads.
+    """
+    if example_input is not None:
+        return tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
+    built = _default_example_input(model)
+    if built is None:
+        raise ConfigError(
+            f"cannot guess an input for {type(model).__name__}; pass example_input=torch.randn(...)"
+        )
+    return (built,)
+
+
+#: The placement rules, asked in this order for every live node of every unit; the first
+#: that answers (not None) wins. A new graph pattern is a new rule and a new test net.
+RULES: tuple[Rule, ...] = (residual, concatenation)
+
+#: SE-VGG's rule, asked only when ``plain=True`` and the rules above found no usable site.
+PLAIN_RULES: tuple[Rule, ...] = (plain,)
+
+
+def _candidates(units: Sequence[Unit], rules: Sequence[Rule], policy: Policy) -> list[Candidate]:
+    """Run ``rules`` over each unit's live nodes in graph order, one shared context per unit."""
+    found: list[Candidate] = []
+    for unit in units:
+        ctx = Context(policy)
+        for node in unit.flow.order:
+            if not unit.flow.live.get(node):
+                continue
+            for rule in rules:
+                made = rule(unit, node, ctx)
+                if made is not None:
+                    found += made
+                    break
+    return found
+
+
+def _mark_nested(candidates: list[Candidate]) -> None:
+    """Rule 2 and 7: one SE per block. Places inside a bigger residual or inception block are
+    nested, whether that block got a site or was skipped for already having attention."""
+    outer: list[Candidate] = []
+    for cand in sorted(candidates, key=lambda c: -len(c.region)):
+        probe = cand.source if cand.kind is SiteKind.DENSE else cand.anchor
+        host = next((o for o in outer if o.unit is cand.unit and probe in o.region), None)
+        if host is not None:
+            if cand.skip is None or cand.skip.reason is not SkipReason.ALREADY_ATTENDED:
+                node = cand.source if cand.kind is SiteKind.DENSE and cand.source is not None else cand.anchor
+                skip(cand, SkipReason.NESTED, f"inside {cand.unit.names[host.anchor]}", node)
+            continue
+        # Hosts: blocks that got a site, or that already have attention (so that a second
+        # injection nests the same places as the first).
+        if cand.structural and (cand.skip is None or cand.skip.reason is SkipReason.ALREADY_ATTENDED):
+            outer.append(cand)
+
+
+def _finalise(
+    model: nn.Module, candidates: list[Candidate], config: SEConfig, selection: Selection, traces: OwnerTraces
+) -> tuple[list[Site], list[Skipped]]:
+    """Number stages, apply the selection, name the sites (one per dense producer) and keep
+    those whose owner the rewriter can rebuild; skipped places keep their reasons."""
+    order: dict[int, int] = {}
+    for c in candidates:
+        order.setdefault(id(c.unit), len(order))
+    candidates = sorted(candidates, key=lambda c: (order[id(c.unit)], c.unit.flow.index[c.source or c.anchor]))
+    stages = number_stages(candidates)
+    check_selection(model, selection, stages)
+    sites: list[Site] = []
+    skipped: list[Skipped] = []
+    taken: dict[str, set[str]] = {}
+    seen_sources: dict[tuple[int, fx.Node], int] = {}
+    root_issues: dict[str, str] = {}
+    for cand in candidates:
+        if cand.skip is not None:
+            skipped.append(cand.skip)
+            continue
+        assert cand.source is not None
+        key = (id(cand.unit), cand.source, cand.rep_source)
+        if key in seen_sources:  # dense: one SE per producer, whatever the number of consumers
+            site = sites[seen_sources[key]]
+            merged = tuple(dict.fromkeys(site.targets + cand.rep_targets))
+            sites[seen_sources[key]] = replace(site, targets=merged)
+            continue
+        owner = cand.unit.full(cand.owner_rel)
+        if not cand.owner_rel and cand.unit.root_call_issue:
+            root_issues[owner] = cand.unit.root_call_issue
+        name = free_name(model, owner, taken)
+        node_name = cand.unit.names[cand.anchor]
+        stage, spatial = stages[id(cand)]
+        reason = deselected(selection, name, owner, cand.channels, stage, spatial)
+        if reason is not None:
+            skipped.append(Skipped(node_name, *reason))
+            continue
+        taken.setdefault(owner, set()).add(name.rsplit(".", 1)[-1])
+        seen_sources[key] = len(sites)
+        sites.append(
+            Site(
+                name=name,
+                kind=cand.kind,
+                owner=owner,
+                node=node_name,
+                source=cand.rep_source,
+                targets=cand.rep_targets,
+                channels=cand.channels,
+                hidden=hidden_width(cand.channels, config.reduction, config.min_hidden, config.hidden),
+                channel_axis=cand.axis,
+                stage=stage,
+                inline=cand.inline,
+                prefix_tokens=cand.prefix_tokens,
+                spatial=spatial,
+                owner_args=cand.unit.owner_args(cand.owner_rel),
+                config=config,
+            )
+        )
+    sites, skipped = drop_conflicting_owners(sites, skipped)
+    return rebuildable(model, sites, skipped, traces, root_issues)

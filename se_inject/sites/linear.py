@@ -1,0 +1,28 @@
+"""Placement rule 10: a merge whose region is linear is one layer in disguise (RepVGG, MixConv)."""
+
+from __future__ import annotations
+
+import torch.fx as fx
+
+from ..analysis.ops import is_linear, is_scaling
+from .records import Unit
+
+__all__ = ["linear_block"]
+
+
+def linear_block(unit: Unit, region: set[fx.Node], cost: dict[fx.Node, int]) -> str | None:
+    """Rule 10: a merge whose whole region from the fork is linear and holds several parallel
+    parametric paths (RepVGG, MobileOne, MixedConv) or none at all (a bare pooling mixer) is one
+    layer in disguise; a detail string, or ``None`` for a real block. A single linear path
+    beside an identity (``x + bn(conv(x))``) stays a residual."""
+    flow = unit.flow
+    nonlinear = next((n for n in region if not is_linear(flow, n)), None)
+    if nonlinear is not None:
+        return None
+    heads = [n for n in region if cost.get(n) == 1 and flow.is_parametric(n) and not is_scaling(flow, n)]
+    if len(heads) == 1:
+        return None
+    if not heads:
+        return "no parametric layer and no non-linearity between fork and merge"
+    names = sorted(unit.names[n] for n in heads)
+    return f"{len(heads)} parallel linear paths ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"

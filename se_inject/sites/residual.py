@@ -1,0 +1,150 @@
+"""Placement rule 1: residual sites, at the end of the branch's features, before the sum."""
+
+from __future__ import annotations
+
+import torch.fx as fx
+
+from ..analysis.attention import gating_products
+from ..analysis.axes import channel_slice_of
+from ..analysis.dataflow import DataFlow
+from ..analysis.names import node_scope
+from ..analysis.ops import (
+    is_add,
+    is_layout,
+    is_spatial_conv,
+    is_unary_elementwise,
+    is_upsample,
+    tensor_shape,
+    trailing_scaling_input,
+)
+from ..plan import SiteKind, SkipReason
+from .fit import check_tensor
+from .gates import enclosing_gates
+from .linear import linear_block
+from .rebuild import represent
+from .records import TRUNK_MAX_PARAMETRIC, Candidate, Context, Policy, Unit, skip
+
+__all__ = ["residual"]
+
+
+def residual(unit: Unit, node: fx.Node, ctx: Context) -> list[Candidate] | None:
+    """Rule 1 for a sum: one residual candidate, or a skipped one with its reason (fusion,
+    linear block, no trunk, already attended, ...); ``[]`` for a sum that is no residual at
+    all (a constant or differently shaped operand). A real residual block marks its sum as
+    the end of a finished block (rule 9)."""
+    if not is_add(node):
+        return None
+    cand = _residual(unit, node, ctx.policy)
+    if cand is None:
+        return []
+    if cand.structural:
+        ctx.finished.add(node)
+    return [cand]
+
+
+def _residual(unit: Unit, add: fx.Node, policy: Policy) -> Candidate | None:
+    flow = unit.flow
+    operands = [a for a in add.args[:2] if isinstance(a, fx.Node)]
+    if len(operands) != 2 or not all(flow.live.get(a) for a in operands):
+        return None  # rule 6: a constant, parameter or scalar operand is not a residual
+    shape_a, shape_b = tensor_shape(operands[0]), tensor_shape(operands[1])
+    if shape_a is None or shape_a != shape_b or shape_a != tensor_shape(add):
+        return None
+    cand = Candidate(unit, SiteKind.RESIDUAL, add, unit.rewritable_owner(node_scope(add)))
+    fork = flow.idom.get(add)
+    if fork is None:
+        return skip(cand, SkipReason.FUSION, "operands come from different inputs of the model")
+    # Rule 7: locality is the dataflow's (fork, path lengths, resolution), not module scope:
+    # a shortcut computed by the parent and passed in is still the trunk.
+    region = flow.region(fork, add)
+    cost, _ = flow.path_costs(fork, region)
+    if (linear := linear_block(unit, region, cost)) is not None:
+        return skip(cand, SkipReason.LINEAR_BLOCK, linear)
+    a, b = operands
+    if cost[a] == cost[b]:
+        return skip(cand, SkipReason.NO_TRUNK, f"both operands have {cost[a]} parametric layers")
+    branch, trunk = (a, b) if cost[a] > cost[b] else (b, a)
+    if cost[trunk] > TRUNK_MAX_PARAMETRIC:
+        return skip(cand, SkipReason.FUSION, f"the shorter operand still has {cost[trunk]} parametric layers")
+    upsampled = next((n for n in sorted(region, key=flow.index.__getitem__) if is_upsample(unit.module, n)), None)
+    if upsampled is not None:
+        return skip(cand, SkipReason.FUSION, f"the branch changes resolution at {unit.names[upsampled]}: a multi-scale merge")
+    cand.structural = True
+    cand.region = region
+    cand.source, cand.targets = _branch_output(flow, branch, add, region, fork)
+    if cost.get(cand.source, 0) == 0:
+        return skip(cand, SkipReason.NO_TRUNK, "the branch has no parametric layer before its scalings")
+    gates = gating_products(flow, region)
+    if gates:
+        return skip(cand, SkipReason.ALREADY_ATTENDED, f"branch gated at {unit.names[gates[0]]}")
+    gates = enclosing_gates(unit, cand.owner_rel, add) if cand.owner_rel else []
+    if gates:
+        return skip(cand, SkipReason.ALREADY_ATTENDED, f"enclosing block gated at {unit.names[gates[0]]}")
+    if policy.placement == "pre":
+        branch_side = flow.ancestors_within(branch, region) | {branch}
+        trunk_side = flow.ancestors_within(trunk, region) | {trunk}
+        heads = tuple(u for u in fork.users if fork in flow.preds.get(u, ()) and u in branch_side and u not in trunk_side)
+        if not heads:
+            return skip(cand, SkipReason.NOT_REWRITABLE, "no layer of the branch alone reads the fork")
+        cand.source, cand.targets = fork, heads
+    elif policy.placement == "inner":
+        placed = _after_last_spatial_conv(unit, flow.ancestors_within(branch, region) | {branch}, add)
+        if placed is None:
+            return skip(cand, SkipReason.NO_SPATIAL_CONV, "the branch has no spatial convolution")
+        cand.source, cand.targets = placed
+    if not check_tensor(cand, cand.source, policy):
+        return cand
+    return represent(cand)
+
+
+def _branch_output(
+    flow: DataFlow, branch: fx.Node, add: fx.Node, region: set[fx.Node], fork: fx.Node
+) -> tuple[fx.Node, tuple[fx.Node, ...]]:
+    """Where the branch's features end (rule 1): before its trailing scalings (drop-path, layer
+    scale, ``* scale``), also behind a permute or reshape that separates a scaling from the sum
+    (EdgeNeXt), and before a channel slice that feeds only part of the branch to the sum
+    (ReXNet's and dual-path networks' partial residuals: the SE squeezes the whole output).
+    Returns the tensor to scale and the nodes that read it instead."""
+    source, target, sliced = branch, add, False
+
+    def usable(n: fx.Node | None) -> bool:
+        return n is not None and n in region and n is not fork
+
+    while True:
+        inner = trailing_scaling_input(flow, source)
+        if inner is None and (whole := channel_slice_of(flow, source)) is not None and usable(whole):
+            inner, sliced = whole, True
+        if inner is None and is_layout(flow, source):
+            # Only permutes and reshapes that keep the rank: a token sequence viewed as a map
+            # (SAM's attention output) is squeezed as the map the sum sees.
+            probe, rank = source, len(tensor_shape(source) or ())
+            while is_layout(flow, probe) and usable(probe) and len(tensor_shape(probe) or ()) == rank:
+                probe = flow.live_inputs(probe)[0]
+            if usable(probe) and len(tensor_shape(probe) or ()) == rank and trailing_scaling_input(flow, probe) is not None:
+                inner = flow.live_inputs(source)[0]
+        if not usable(inner):
+            break
+        source, target = inner, source  # type: ignore[assignment]
+    if sliced:
+        readers = tuple(u for u in source.users if source in flow.preds.get(u, ()))
+        return source, readers
+    return source, (target,)
+
+
+def _after_last_spatial_conv(
+    unit: Unit, branch: set[fx.Node], add: fx.Node
+) -> tuple[fx.Node, tuple[fx.Node, ...]] | None:
+    """The branch's last spatial convolution, followed through its norm and activation; and
+    the branch nodes that read it (the paper's "SE 3x3" placement)."""
+    flow = unit.flow
+    convs = [n for n in sorted(branch, key=flow.index.__getitem__) if is_spatial_conv(unit.module, n)]
+    if not convs:
+        return None
+    source = convs[-1]
+    while True:
+        users = [u for u in source.users if source in flow.preds.get(u, ())]
+        if len(users) != 1 or users[0] is add or users[0] not in branch or not is_unary_elementwise(flow, users[0]):
+            break
+        source = users[0]
+    targets = tuple(u for u in source.users if source in flow.preds.get(u, ()) and (u in branch or u is add))
+    return (source, targets) if targets else None

@@ -1,0 +1,156 @@
+"""Selection (include/exclude globs, channels, stages, resolutions), stage numbering, free names."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..analysis.ops import tensor_shape
+from ..errors import ConfigError, SelectionError
+from ..plan import SkipReason
+from .records import Candidate
+
+__all__ = ["Selection", "check_globs", "check_ints", "check_selection", "deselected", "free_name", "number_stages"]
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which of the found sites to keep (placement rule 8: by module name, width, stage, resolution)."""
+
+    include: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] | None = None
+    min_channels: int = 0
+    stages: tuple[int, ...] | None = None
+    resolutions: tuple[int, ...] | None = None
+
+
+def check_ints(what: str, values: Sequence[int] | None) -> tuple[int, ...] | None:
+    """``values`` as a tuple of non-negative ints (one int allowed).
+
+    Raises:
+        ConfigError: a value is not a non-negative int.
+    """
+    if values is None:
+        return None
+    if isinstance(values, int):
+        values = (values,)
+    if not all(isinstance(v, int) and v >= 0 for v in values):
+        raise ConfigError(f"{what} must be non-negative integers, got {values!r}")
+    return tuple(values)
+
+
+def check_globs(what: str, globs: Sequence[str] | None) -> tuple[str, ...] | None:
+    """``globs`` as a tuple of non-empty strings (one string allowed).
+
+    Raises:
+        ConfigError: a glob is not a non-empty string.
+    """
+    if globs is None:
+        return None
+    if isinstance(globs, str):
+        globs = (globs,)
+    if not all(isinstance(g, str) and g for g in globs):
+        raise ConfigError(f"{what} must be module-name globs (non-empty strings), got {globs!r}")
+    return tuple(globs)
+
+
+def _spatial(cand: Candidate) -> tuple[int, ...]:
+    axis = cand.axis % len(cand.shape)
+    return tuple(size for d, size in enumerate(cand.shape) if d not in (0, axis))
+
+
+def _stage_spatial(cand: Candidate) -> tuple[int, ...]:
+    """Feature-map size of the site's block (its sum or concatenation), whatever the placement
+    moves the SE to (``pre`` scales the fork, which may be at the previous resolution)."""
+    shape = tensor_shape(cand.anchor)
+    if shape is None or len(shape) != len(cand.shape):
+        return _spatial(cand)
+    axis = cand.axis % len(shape)
+    return tuple(size for d, size in enumerate(shape) if d not in (0, axis))
+
+
+def number_stages(candidates: list[Candidate]) -> dict[int, tuple[int, tuple[int, ...]]]:
+    """Stage (index, feature-map size) of every usable candidate: runs of blocks at one
+    resolution in graph order, counted over all sites before selection, so indices do not
+    depend on it."""
+    order: dict[int, int] = {}
+    for c in candidates:
+        order.setdefault(id(c.unit), len(order))
+    usable = [c for c in candidates if c.skip is None]
+    usable.sort(key=lambda c: (order[id(c.unit)], c.unit.flow.index[c.anchor], c.unit.flow.index[c.source or c.anchor]))
+    stages: dict[int, tuple[int, tuple[int, ...]]] = {}
+    stage, last = -1, None
+    for cand in usable:
+        spatial = _stage_spatial(cand)
+        if spatial != last:
+            stage, last = stage + 1, spatial
+        stages[id(cand)] = (stage, spatial)
+    return stages
+
+
+def check_selection(model: nn.Module, selection: Selection, stages: dict[int, tuple[int, tuple[int, ...]]]) -> None:
+    """Refuse stages and resolutions the model does not have, listing the ones it has."""
+    if not stages:
+        return  # no site at all: the caller says so
+    known: dict[int, tuple[int, ...]] = {}
+    for stage, spatial in stages.values():
+        known.setdefault(stage, spatial)
+    name = type(model).__name__
+    unknown = sorted(set(selection.stages or ()) - set(known))
+    if unknown:
+        listed = ", ".join(f"{k} ({_size(v)})" for k, v in sorted(known.items()))
+        raise SelectionError(
+            f"stage {', '.join(map(str, unknown))}: {name} has {len(known)} stages "
+            f"(runs of SE sites at one feature-map size, at the analysed input): {listed}"
+        )
+    sides = sorted({max(v, default=0) for v in known.values()}, reverse=True)
+    unknown = sorted(set(selection.resolutions or ()) - set(sides))
+    if unknown:
+        raise SelectionError(
+            f"resolution {', '.join(map(str, unknown))}: {name} has SE sites at resolutions "
+            f"{', '.join(map(str, sides))} (the largest side of each feature map at the analysed input)"
+        )
+
+
+def _size(spatial: Sequence[int]) -> str:
+    return "x".join(str(n) for n in spatial) if spatial else "-"
+
+
+def deselected(
+    selection: Selection, name: str, owner: str, channels: int, stage: int, spatial: tuple[int, ...]
+) -> tuple[SkipReason, str] | None:
+    """Why a site is left out by the selection (reason, detail), or None when it is kept."""
+    if selection.include is not None and not _matches(selection.include, name, owner):
+        return SkipReason.EXCLUDED, "not matched by include"
+    if selection.exclude is not None and _matches(selection.exclude, name, owner):
+        return SkipReason.EXCLUDED, "matched by exclude"
+    if selection.stages is not None and stage not in selection.stages:
+        return SkipReason.EXCLUDED, f"stage {stage} not selected"
+    if selection.resolutions is not None and max(spatial, default=0) not in selection.resolutions:
+        return SkipReason.EXCLUDED, f"resolution {'x'.join(map(str, spatial))} not selected"
+    if channels < selection.min_channels:
+        return SkipReason.TOO_FEW_CHANNELS, f"{channels} < {selection.min_channels}"
+    return None
+
+
+def _matches(globs: tuple[str, ...], name: str, owner: str) -> bool:
+    return any(fnmatch.fnmatchcase(name, g) or fnmatch.fnmatchcase(owner, g) for g in globs)
+
+
+def free_name(model: nn.Module, owner: str, taken: dict[str, set[str]]) -> str:
+    """``owner.se``, ``owner.se_1``, ...: the first name the owner does not already use.
+
+    An attribute set to ``None`` counts as free, so timm blocks built without attention
+    (``self.se = None``) get ``se`` and their keys match timm's SE-ResNets.
+    """
+    module = model.get_submodule(owner) if owner else model
+    used = taken.get(owner, set())
+    k = 0
+    while True:
+        attr = "se" if k == 0 else f"se_{k}"
+        if attr not in used and getattr(module, attr, None) is None:
+            return f"{owner}.{attr}" if owner else attr
+        k += 1
