@@ -11,11 +11,13 @@ decides placement: ``apply_plan`` replays whatever plan it is given.
 from __future__ import annotations
 
 import copy
+import fnmatch
 import functools
 import inspect
 import typing
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -393,16 +395,40 @@ def _replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
     setattr(parent, attr, new)
 
 
-def remove_se(model: nn.Module) -> nn.Module:
-    """Put every rebuilt block's original back, dropping the SE blocks; changes ``model`` in place.
+def remove_se(model: nn.Module, *, include: Sequence[str] | None = None) -> nn.Module:
+    """Put rebuilt blocks' originals back, dropping their SE blocks; changes ``model`` in place.
 
-    Returns ``model`` (or the original root, if the root had been rebuilt). Original keys,
-    parameters (the same objects, with any training they received) and outputs come back.
+    ``include``: module-name globs choosing which blocks give their SE back, matched against
+    the owning block (``"layer1.*"``) or its SE modules (``"layer1.0.se"``); the others keep
+    theirs, and the plan recorded on the model lists only what is left. Default: every block.
+    Returns ``model`` (or the original root, if the root had been rebuilt and is chosen).
+    Original keys, parameters (the same objects, with any training they received) and outputs
+    come back.
+
+    Example:
+        >>> model = remove_se(model, include=["layer1.*", "layer2.*"])  # SE stays in layer3-4
     """
-    if isinstance(model, RebuiltBlock):
-        model = model.restore()
+    globs = None if include is None else tuple(include)
+
+    def chosen(path: str, block: RebuiltBlock) -> bool:
+        if globs is None:
+            return True
+        _, sites = block.__dict__.get("_se_sites", ("", ()))
+        names = [path, *(f"{path}.{site.attr}" if path else site.attr for site in sites)]
+        return any(fnmatch.fnmatchcase(name, glob) for name in names for glob in globs)
+
+    plan = getattr(model, PLAN_ATTR, None)
+    removed: set[str] = set()
     for path, module in sorted(model.named_modules(), key=lambda item: -item[0].count(".")):
-        if isinstance(module, RebuiltBlock) and path:
+        if isinstance(module, RebuiltBlock) and path and chosen(path, module):
             _replace_module(model, path, module.restore())
-    model.__dict__.pop(PLAN_ATTR, None)
+            removed.add(path)
+    if isinstance(model, RebuiltBlock) and chosen("", model):
+        model = model.restore()
+        removed.add("")
+    left = () if not isinstance(plan, Plan) else tuple(s for s in plan.sites if s.owner not in removed)
+    if left:
+        object.__setattr__(model, PLAN_ATTR, replace(plan, sites=left))
+    else:
+        model.__dict__.pop(PLAN_ATTR, None)
     return model

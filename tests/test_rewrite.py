@@ -141,3 +141,35 @@ def test_remove_se_restores_blocks_and_outputs() -> None:
         assert torch.equal(model(x), before)
     assert list(model.state_dict()) == keys
     assert type(model.layer1[0]) is torchvision.models.resnet.BasicBlock
+
+
+def test_remove_se_on_chosen_blocks_gives_their_cost_back(tmp_path) -> None:
+    import se_inject
+    from se_inject.plan import PLAN_ATTR
+
+    model = _resnet18()
+    x = torch.randn(2, 3, 32, 32)
+    base = sum(p.numel() for p in model.parameters())
+    inject_se(model)
+    with torch.no_grad():
+        for name, block in se_modules(model):
+            if not name.startswith("layer1."):  # layer1 keeps identity gates: removing them changes nothing
+                nn.init.normal_(block.fc2.weight)
+        before = model(x)
+    layer1 = sum(p.numel() for name, b in se_modules(model) if name.startswith("layer1.") for p in b.parameters())
+    total = sum(p.numel() for p in model.parameters())
+    remove_se(model, include=["layer1.*"])
+    assert type(model.layer1[0]) is torchvision.models.resnet.BasicBlock
+    assert type(model.layer2[0]).__name__ == "BasicBlock" and type(model.layer2[0]) is not torchvision.models.resnet.BasicBlock
+    assert layer1 > 0 and sum(p.numel() for p in model.parameters()) == total - layer1 > base
+    assert [s.owner for s in getattr(model, PLAN_ATTR).sites] == [f"layer{i}.{j}" for i in (2, 3, 4) for j in (0, 1)]
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
+    # What is left saves and loads as it is.
+    se_inject.save(model, tmp_path / "left.pt")
+    loaded = se_inject.load(tmp_path / "left.pt", base_model=_resnet18())
+    with torch.no_grad():
+        assert torch.equal(loaded(x), before)
+    remove_se(model, include=["layer4.1.se"])  # an SE module's own name chooses its block
+    assert type(model.layer4[1]) is torchvision.models.resnet.BasicBlock
+    assert len(getattr(model, PLAN_ATTR).sites) == 5
