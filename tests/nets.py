@@ -524,3 +524,72 @@ class TwoTowers(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(torch.cat([self.left(x), self.right(x)], 1))
+
+
+# --------------------------------------------------------------------------------------------
+# Parts that do not trace, kept as opaque calls (placement rules 4 and 13)
+
+
+class SamePaddedConv(nn.Module):
+    """TF-style "SAME" padding computed with ``int()`` on the input's shape (transformers'
+    MobileNetV2ConvLayer does this): symbolic tracing fails, so its parent keeps it as one call."""
+
+    def __init__(self, cin: int, cout: int, k: int = 3, stride: int = 1, act: bool = True) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, k, stride, bias=False)
+        self.bn = nn.BatchNorm2d(cout)
+        self.act = nn.ReLU6() if act else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k, s = self.conv.kernel_size[0], self.conv.stride[0]
+        size = int(x.shape[-1])  # TypeError on a Proxy
+        pad = max(k - s, 0) if size % s == 0 else max(k - size % s, 0)
+        x = self.bn(self.conv(F.pad(x, (pad // 2, pad - pad // 2, pad // 2, pad - pad // 2))))
+        return x if self.act is None else self.act(x)
+
+
+class OpaqueInvertedResidual(nn.Module):
+    """``x + reduce(depthwise(expand(x)))`` where every layer is an opaque call."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.expand = SamePaddedConv(c, 2 * c, 1)
+        self.depthwise = SamePaddedConv(2 * c, 2 * c, 3)
+        self.reduce = SamePaddedConv(2 * c, c, 1, act=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.reduce(self.depthwise(self.expand(x)))
+
+
+class OpaqueNet(nn.Module):
+    """A stem and two inverted residuals built only from parts that do not trace."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.stem = SamePaddedConv(3, c, 3, 2)
+        self.blocks = nn.Sequential(OpaqueInvertedResidual(c), OpaqueInvertedResidual(c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(self.stem(x))
+
+
+class ScrambledReduce(SamePaddedConv):
+    """An opaque part whose output keeps the conv's shape but not its layout (flattened,
+    transposed and reshaped back): with channels = height = width nothing but sizes would say
+    where the channels are."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        return y.flatten(2).transpose(1, 2).reshape(y.shape)
+
+
+class OpaqueAmbiguous(nn.Module):
+    """``x + scrambled(expand(x))``: the channel axis of the branch is not known."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.expand = SamePaddedConv(c, 2 * c, 1)
+        self.reduce = ScrambledReduce(2 * c, c, 1, act=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.reduce(self.expand(x))

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .dataflow import DataFlow
+from .opaque import opaque_output_axes
 from .ops import (
     SPATIAL_ONLY_FUNCTIONS,
     SPATIAL_ONLY_MODULES,
@@ -56,6 +57,11 @@ def _channel_axis(node: fx.Node, flow: DataFlow, memo: dict[fx.Node, int | None]
             return 1
         if isinstance(module, _CHANNEL_LAST_MODULES):
             return ndim - 1
+    if module is not None and (not is_builtin(module) or isinstance(module, nn.Sequential)):
+        # A part kept as one call (it did not trace, or is a leaf): its own layers say.
+        axis = opaque_output_axes(node, module)
+        if isinstance(axis, int):
+            return axis
     if node.op == "call_function" and node.target in _CHANNEL_FIRST_FUNCTIONS:
         return 1
     if node.op == "call_function" and node.target in _CHANNEL_LAST_FUNCTIONS:
@@ -92,6 +98,9 @@ def _channel_axis(node: fx.Node, flow: DataFlow, memo: dict[fx.Node, int | None]
         return _sliced_axis(node, first, axis_of(first))
     if target == "getitem" and first is not None and not isinstance(first.meta.get("val"), torch.Tensor):
         # An element of a tuple (chunk, split, a module returning several outputs).
+        axis = _opaque_item_axis(node, first, flow)
+        if axis is not None:
+            return axis
         for p in flow.live_inputs(first) or [p for p in first.all_input_nodes if flow.data.get(p)]:
             p_shape = tensor_shape(p)
             if p_shape is not None and len(p_shape) == ndim:
@@ -122,6 +131,20 @@ def _channel_axis(node: fx.Node, flow: DataFlow, memo: dict[fx.Node, int | None]
             if a is not None:
                 return a
     return None
+
+
+def _opaque_item_axis(node: fx.Node, first: fx.Node, flow: DataFlow) -> int | None:
+    """The channel axis of ``first[i]`` when ``first`` is an opaque module call returning
+    several tensors, from that module's own layers."""
+    module = module_of(flow.root, first)
+    if module is None or (is_builtin(module) and not isinstance(module, nn.Sequential)) or len(node.args) < 2:
+        return None
+    axes = opaque_output_axes(first, module)
+    try:
+        axis = axes[node.args[1]]  # type: ignore[index]
+    except (TypeError, KeyError, IndexError):
+        return None
+    return axis if isinstance(axis, int) else None
 
 
 def _sliced_axis(node: fx.Node, first: fx.Node, axis: int | None) -> int | None:
