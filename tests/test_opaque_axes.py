@@ -64,23 +64,20 @@ def test_opaque_channels_last_output_is_followed_through_the_permute() -> None:
             return super().forward(x).permute(0, 2, 3, 1)
 
     class Block(nn.Module):
+        """A channels-last residual whose branch is one opaque call."""
+
         def __init__(self) -> None:
             super().__init__()
             self.mix = ToChannelsLast(8, 8, 3)
-            self.fc = nn.Linear(8, 8)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return x + self.fc(self.mix(x)).permute(0, 3, 1, 2)
+            return (x.permute(0, 2, 3, 1) + self.mix(x)).permute(0, 3, 1, 2)
 
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), Block())
-    plan = find_sites(model, example_input=torch.randn(1, 3, 16, 16))  # 8 channels at 8x8
-    assert [(s.kind, s.channels) for s in plan.sites] == [("residual", 8)]
-    model.eval()
-    x = torch.randn(1, 3, 16, 16)
-    with torch.no_grad():
-        before = model(x)
-        inject_se(model, example_input=x)
-        assert torch.equal(before, model(x))
+    model, x = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), Block()), torch.randn(1, 3, 16, 16)
+    plan = find_sites(model, example_input=x)  # 8 channels at 8x8: the permute inside decides
+    assert [(s.kind, s.channels, s.channel_axis) for s in plan.sites] == [("residual", 8, -1)]
+    seen, ends = _inject_and_watch(model, x, ["1.mix"])
+    assert [torch.equal(got, ends["1.mix"]) for got in seen.values()] == [True]
 
 
 def test_transformers_mobilenet_v2_gets_its_residual_sites() -> None:
