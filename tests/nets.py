@@ -574,22 +574,21 @@ class OpaqueNet(nn.Module):
 
 
 class ScrambledReduce(SamePaddedConv):
-    """An opaque part whose output keeps the conv's shape but not its layout (flattened,
-    transposed and reshaped back): with channels = height = width nothing but sizes would say
-    where the channels are."""
+    """An opaque part whose output keeps the conv's shape but not its layout (an einsum moves
+    the channels): with channels = height = width nothing but sizes would say where they are."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = super().forward(x)
-        return y.flatten(2).transpose(1, 2).reshape(y.shape)
+        return torch.einsum("bchw->bhwc", super().forward(x))
 
 
 class OpaqueAmbiguous(nn.Module):
-    """``x + scrambled(expand(x))``: the channel axis of the branch is not known."""
+    """``x + scrambled(x)`` (``expand``: ``x + scrambled(expand(x))``): the channel axis of the
+    branch is not known, even where the branch has the shape of its input."""
 
-    def __init__(self, c: int) -> None:
+    def __init__(self, c: int, expand: bool = True) -> None:
         super().__init__()
-        self.expand = SamePaddedConv(c, 2 * c, 1)
-        self.reduce = ScrambledReduce(2 * c, c, 1, act=False)
+        self.expand = SamePaddedConv(c, 2 * c, 1) if expand else nn.Identity()
+        self.reduce = ScrambledReduce(2 * c if expand else c, c, 1, act=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.reduce(self.expand(x))

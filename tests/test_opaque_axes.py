@@ -50,9 +50,12 @@ def test_residuals_of_opaque_calls_get_se_on_the_branch() -> None:
         assert torch.equal(got, ends[f"{block}.reduce"])
 
 
-def test_opaque_layout_the_layers_do_not_tell_stays_unknown() -> None:
-    # channels = height = width = 8, and the opaque part scrambles its conv's layout.
-    model = nn.Sequential(SamePaddedConv(3, 8, 3, 2), OpaqueAmbiguous(8))
+@pytest.mark.parametrize("expand", [True, False])
+def test_opaque_layout_the_layers_do_not_tell_stays_unknown(expand: bool) -> None:
+    # channels = height = width = 8, and the opaque part moves its conv's channels with an
+    # einsum; without ``expand`` its output has its input's shape, which once passed for
+    # "same layout as the input".
+    model = nn.Sequential(SamePaddedConv(3, 8, 3, 2), OpaqueAmbiguous(8, expand))
     plan = find_sites(model, example_input=torch.randn(1, 3, 16, 16))
     assert plan.sites == ()
     assert [s.reason for s in plan.skipped] == [SkipReason.UNKNOWN_CHANNEL_AXIS]

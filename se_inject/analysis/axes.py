@@ -3,12 +3,15 @@ and the permutes, reshapes and slices since; channel slices and chunks of a tens
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
 from .dataflow import DataFlow
+from .indexing import indexed_axis
 from .opaque import opaque_output_axes
 from .ops import (
     SPATIAL_ONLY_FUNCTIONS,
@@ -58,10 +61,11 @@ def _channel_axis(node: fx.Node, flow: DataFlow, memo: dict[fx.Node, int | None]
         if isinstance(module, _CHANNEL_LAST_MODULES):
             return ndim - 1
     if module is not None and (not is_builtin(module) or isinstance(module, nn.Sequential)):
-        # A part kept as one call (it did not trace, or is a leaf): its own layers say.
-        axis = opaque_output_axes(node, module)
-        if isinstance(axis, int):
-            return axis
+        # A part kept as one call (it did not trace, or is a leaf): its own layers say. When
+        # it made channels and they do not say where they went, no size may decide.
+        said = opaque_output_axes(node, module, lambda p: channel_axis(p, flow, memo, depth + 1))
+        if said is not None and (isinstance(said.axes, int) or said.made_channels):
+            return said.axes if isinstance(said.axes, int) else None
     if node.op == "call_function" and node.target in _CHANNEL_FIRST_FUNCTIONS:
         return 1
     if node.op == "call_function" and node.target in _CHANNEL_LAST_FUNCTIONS:
@@ -139,10 +143,10 @@ def _opaque_item_axis(node: fx.Node, first: fx.Node, flow: DataFlow) -> int | No
     module = module_of(flow.root, first)
     if module is None or (is_builtin(module) and not isinstance(module, nn.Sequential)) or len(node.args) < 2:
         return None
-    axes = opaque_output_axes(first, module)
+    said = opaque_output_axes(first, module, lambda p: channel_axis(p, flow))
     try:
-        axis = axes[node.args[1]]  # type: ignore[index]
-    except (TypeError, KeyError, IndexError):
+        axis = said.axes[node.args[1]]  # type: ignore[union-attr,index]
+    except (AttributeError, TypeError, KeyError, IndexError):
         return None
     return axis if isinstance(axis, int) else None
 
@@ -156,28 +160,11 @@ def _sliced_axis(node: fx.Node, first: fx.Node, axis: int | None) -> int | None:
     if op_key(node) == "narrow":
         return axis
     index = node.args[1] if len(node.args) > 1 else None
-    items = list(index) if isinstance(index, tuple) else [index]
-    consumed = sum(1 for i in items if i is not None and i is not Ellipsis)
-    in_dim = out_dim = 0
-    for item in items:
-        if item is Ellipsis:
-            span = len(in_shape) - consumed
-            if in_dim <= axis < in_dim + span:
-                return out_dim + axis - in_dim
-            in_dim, out_dim = in_dim + span, out_dim + span
-        elif item is None:
-            out_dim += 1
-        elif isinstance(item, slice):
-            if in_dim == axis:
-                return out_dim
-            in_dim, out_dim = in_dim + 1, out_dim + 1
-        elif isinstance(item, int) or (isinstance(item, fx.Node) and not isinstance(item.meta.get("val"), torch.Tensor)):
-            if in_dim == axis:
-                return None  # the channel axis itself is indexed away
-            in_dim += 1
-        else:
-            return None  # advanced indexing with a tensor: the layout is not known
-    return out_dim + axis - in_dim if axis >= in_dim else None
+    return indexed_axis(len(in_shape), index, axis, _is_int_index)
+
+
+def _is_int_index(item: Any) -> bool:
+    return isinstance(item, int) or (isinstance(item, fx.Node) and not isinstance(item.meta.get("val"), torch.Tensor))
 
 
 def channel_slice_of(flow: DataFlow, node: fx.Node) -> fx.Node | None:

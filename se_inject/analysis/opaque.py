@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 import torch.fx as fx
@@ -16,11 +17,12 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
+from .indexing import indexed_axis
 from .ops import SPATIAL_ONLY_FUNCTIONS
 
 log = logging.getLogger(__name__)
 
-__all__ = ["opaque_output_axes"]
+__all__ = ["OpaqueAxes", "opaque_output_axes"]
 
 _CACHE_KEY = "se_inject_opaque_axes"
 
@@ -37,33 +39,50 @@ _LAYOUT_KEEPING_NAMES = {
     "softplus", "local_response_norm",
 }
 _CAT_NAMES = {"cat", "concat", "concatenate"}
+_SPLIT_NAMES = {"chunk", "split", "tensor_split", "split_with_sizes", "unsafe_split", "unsafe_chunk"}
 
 
-def opaque_output_axes(node: fx.Node, module: nn.Module) -> Any:
-    """Channel axis of each tensor the opaque call ``node`` of ``module`` returns (same nesting
-    as its output: an int or None per tensor), from a meta forward of ``module`` on the shapes
-    recorded for its inputs. ``None`` when the module does not run on meta tensors. Cached on
-    the node."""
+class OpaqueAxes(NamedTuple):
+    """What a meta forward of an opaque call says: the channel axis of each tensor it returns
+    (same nesting as its output, an int or None per tensor) and whether the module computed
+    channels itself (a convolution, linear or norm ran inside)."""
+
+    axes: Any
+    made_channels: bool
+
+
+def opaque_output_axes(node: fx.Node, module: nn.Module, input_axis: Callable[[fx.Node], int | None]) -> OpaqueAxes | None:
+    """Channel axes of what the opaque call ``node`` of ``module`` returns, from a forward of
+    ``module`` on meta tensors of the shapes recorded for its inputs; ``input_axis`` gives the
+    channel axis of each input node (from the graph). ``None`` when the module does not run on
+    meta tensors. Cached on the node."""
     if _CACHE_KEY not in node.meta:
-        node.meta[_CACHE_KEY] = _run(node, module)
+        node.meta[_CACHE_KEY] = _run(node, module, input_axis)
     return node.meta[_CACHE_KEY]
 
 
-def _run(node: fx.Node, module: nn.Module) -> Any:
-    missing = [p for p in node.all_input_nodes if "val" not in p.meta]
-    if missing:
+def _run(node: fx.Node, module: nn.Module, input_axis: Callable[[fx.Node], int | None]) -> OpaqueAxes | None:
+    if any("val" not in p.meta for p in node.all_input_nodes):
         return None
-    args = fx.node.map_arg(node.args, lambda p: _meta(p.meta["val"]))
-    kwargs = fx.node.map_arg(node.kwargs, lambda p: _meta(p.meta["val"]))
-    state = {k: _meta(v) for k, v in [*module.named_parameters(), *module.named_buffers()]}
     mode = _AxisTracker()
+
+    def meta_input(p: fx.Node) -> Any:
+        value = _meta(p.meta["val"])
+        if isinstance(value, torch.Tensor):
+            mode.seed(value, input_axis(p))
+        return value
+
+    args = fx.node.map_arg(node.args, meta_input)
+    kwargs = fx.node.map_arg(node.kwargs, meta_input)
+    state = {k: _meta(v) for k, v in [*module.named_parameters(), *module.named_buffers()]}
     try:
         with torch.no_grad(), mode:
             out = torch.func.functional_call(module, state, tuple(args), dict(kwargs))
-    except Exception as e:  # noqa: BLE001 - any failure means "the axis is not known"
+    except Exception as e:  # noqa: BLE001 - any failure means "the module does not say"
         log.debug("meta forward of opaque %s failed (%s); channel axis unknown", node.target, e)
         return None
-    return tree_map(lambda v: mode.axis_of(v) if isinstance(v, torch.Tensor) else None, out)
+    axes = tree_map(lambda v: mode.axis_of(v) if isinstance(v, torch.Tensor) else None, out)
+    return OpaqueAxes(axes, mode.made_channels)
 
 
 def _meta(value: Any) -> Any:
@@ -102,14 +121,21 @@ def _is_pointwise(name: str) -> bool:
 
 
 class _AxisTracker(TorchFunctionMode):
-    """Records the channel axis of every tensor a channel layer returns, and of every tensor
-    derived from one by a permute, a transpose, a spatial-only op, a concatenation or an op that
-    keeps the layout (pointwise ops, dropouts, activations). Anything else is not followed, so
-    its output's axis stays unknown: sizes alone never decide."""
+    """Records the channel axis of every tensor a channel layer returns (and of the inputs, as
+    seeded), and of every tensor derived from one by a permute, a transpose, a reshape that
+    keeps the channel axis whole, a spatial-only op, a concatenation or an op that keeps the
+    layout (pointwise ops, dropouts, activations). Anything else is not followed, so its
+    output's axis stays unknown: sizes alone never decide."""
 
     def __init__(self) -> None:
         super().__init__()
         self._axes: dict[int, tuple[torch.Tensor, int]] = {}  # id -> (tensor kept alive, axis)
+        self.made_channels = False
+
+    def seed(self, t: torch.Tensor, axis: int | None) -> None:
+        """Give an input tensor the channel axis the graph knows for it."""
+        if axis is not None:
+            self._axes[id(t)] = (t, axis)
 
     def axis_of(self, t: torch.Tensor) -> int | None:
         entry = self._axes.get(id(t))
@@ -122,12 +148,19 @@ class _AxisTracker(TorchFunctionMode):
             axis = self._derive(func, args, kwargs, out)
             if axis is not None:
                 self._axes[id(out)] = (out, axis)
+        elif isinstance(out, (tuple, list)) and _op_name(func) in _SPLIT_NAMES and args and isinstance(args[0], torch.Tensor):
+            axis = self.axis_of(args[0])  # pieces keep the axes of what was split
+            for piece in out if axis is not None else ():
+                if isinstance(piece, torch.Tensor) and piece.ndim == args[0].ndim:
+                    self._axes[id(piece)] = (piece, axis)
         return out
 
     def _derive(self, func: Any, args: Any, kwargs: dict[str, Any], out: torch.Tensor) -> int | None:
         if func in _CHANNEL_FIRST_FUNCTIONS:
+            self.made_channels = True
             return 1
         if func in _CHANNEL_LAST_FUNCTIONS:
+            self.made_channels = True
             return out.ndim - 1
         first = args[0] if args and isinstance(args[0], torch.Tensor) else None
         axis = self.axis_of(first) if first is not None else None
@@ -140,6 +173,12 @@ class _AxisTracker(TorchFunctionMode):
         if name in ("transpose", "swapaxes", "swapdims") and axis is not None and len(args) >= 3:
             d0, d1 = int(args[1]) % out.ndim, int(args[2]) % out.ndim
             return d1 if axis == d0 else d0 if axis == d1 else axis
+        if name in ("reshape", "view", "flatten", "unflatten") and axis is not None and first is not None:
+            return _reshaped_axis(tuple(first.shape), tuple(out.shape), axis)
+        if name == "narrow" and axis is not None:
+            return axis
+        if name == "getitem" and axis is not None and first is not None and len(args) > 1:
+            return indexed_axis(first.ndim, args[1], axis, lambda i: isinstance(i, int) and not isinstance(i, bool))
         if func in SPATIAL_ONLY_FUNCTIONS:
             return axis if first is not None and out.ndim == first.ndim else None
         if name in _CAT_NAMES:
@@ -152,3 +191,13 @@ class _AxisTracker(TorchFunctionMode):
             known = same - {None}
             return known.pop() if len(known) == 1 else None
         return None
+
+
+def _reshaped_axis(in_shape: tuple[int, ...], shape: tuple[int, ...], axis: int) -> int | None:
+    """The channel axis after a reshape: kept when the dims up to it, or from it on, are kept."""
+    if len(shape) > axis and in_shape[: axis + 1] == shape[: axis + 1]:
+        return axis
+    tail = len(in_shape) - axis
+    if len(shape) >= tail and in_shape[axis:] == shape[len(shape) - tail:]:
+        return len(shape) - tail
+    return None
