@@ -95,3 +95,27 @@ def test_transformers_mobilenet_v2_gets_its_residual_sites() -> None:
     assert len(seen) == 10
     for name, got in seen.items():
         assert torch.equal(got, ends[f"{name.rsplit('.', 1)[0]}.reduce_1x1"])
+
+
+def test_items_of_an_opaque_call_returning_several_tensors() -> None:
+    class TwoLayouts(SamePaddedConv):
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            y = super().forward(x)
+            return y, y.permute(0, 2, 3, 1)
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.part = TwoLayouts(8, 8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return (x.permute(0, 2, 3, 1) + self.part(x)[1]).permute(0, 3, 1, 2)
+
+    model, x = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), Block()), torch.randn(1, 3, 16, 16)
+    plan = find_sites(model, example_input=x)  # 8 channels at 8x8: the tuple's second item is channels-last
+    assert [(s.kind, s.channels, s.channel_axis) for s in plan.sites] == [("residual", 8, -1)]
+    model.eval()
+    with torch.no_grad():
+        before = model(x)
+        inject_se(model, example_input=x)
+        assert torch.equal(before, model(x))
