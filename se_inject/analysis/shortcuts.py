@@ -1,0 +1,115 @@
+"""Output shapes of costly layers, without running them: analysis reads shapes only.
+
+On meta and fake tensors, torch runs several ops as Python decompositions: a meta ``nn.LSTM``
+unrolls every time step (seconds for timm's Sequencer), a fake ``F.linear`` or ``F.batch_norm``
+costs 1.5-2.5 ms a call. The result's shape, dtype and layout follow from the arguments, so
+these are computed here instead; anything outside the plain cases handled (other dtypes,
+packed sequences, given hidden states, shapes that would raise) returns ``None`` and the op
+runs as before, with its own checks and errors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.overrides import TorchFunctionMode
+
+__all__ = ["recurrent_output", "ShapeShortcuts"]
+
+
+def recurrent_output(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """What ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` return for one input tensor and no initial
+    state, as empty tensors on the input's device, laid out as torch's own kernels lay them out
+    (a ``batch_first`` output is a transposed time-major buffer); None for any other call."""
+    if type(module) not in (nn.LSTM, nn.GRU, nn.RNN) or kwargs or len(args) != 1:
+        return None
+    x = args[0]
+    if not isinstance(x, torch.Tensor) or x.dim() not in (2, 3) or x.shape[-1] != module.input_size:
+        return None
+    params = [p for p in module._flat_weights if p is not None]
+    if any(p.dtype != x.dtype for p in params):
+        return None
+    directions = 2 if module.bidirectional else 1
+    out_size = module.proj_size if getattr(module, "proj_size", 0) > 0 else module.hidden_size
+    layers = directions * module.num_layers
+    dd = {"dtype": x.dtype, "device": x.device}
+    if x.dim() == 2:  # unbatched: (L, H_in)
+        output = torch.empty(x.shape[0], directions * out_size, **dd)
+        h = torch.empty(layers, out_size, **dd)
+        c = torch.empty(layers, module.hidden_size, **dd)
+    else:
+        steps, batch = (x.shape[1], x.shape[0]) if module.batch_first else (x.shape[0], x.shape[1])
+        output = torch.empty(steps, batch, directions * out_size, **dd)
+        if module.batch_first:
+            output = output.transpose(0, 1)
+        h = torch.empty(layers, batch, out_size, **dd)
+        c = torch.empty(layers, batch, module.hidden_size, **dd)
+    return (output, (h, c)) if isinstance(module, nn.LSTM) else (output, h)
+
+
+def _arg(args: tuple[Any, ...], kwargs: dict[str, Any], index: int, name: str, default: Any = None) -> Any:
+    return args[index] if len(args) > index else kwargs.get(name, default)
+
+
+def _channel_vector(value: Any, channels: int, dtype: torch.dtype) -> bool:
+    return value is None or (isinstance(value, torch.Tensor) and value.shape == (channels,) and value.dtype == dtype)
+
+
+def _linear(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
+    x, weight, bias = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias")
+    if not (isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor)) or x.dim() < 2 or weight.dim() != 2:
+        return None
+    if x.shape[-1] != weight.shape[1] or x.dtype != weight.dtype or not _channel_vector(bias, weight.shape[0], x.dtype):
+        return None
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _batch_norm(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
+    # Eval mode only: in training F.batch_norm checks the batch has more than one value per channel.
+    x = _arg(args, kwargs, 0, "input")
+    if _arg(args, kwargs, 5, "training", False) is not False or not isinstance(x, torch.Tensor) or x.dim() < 2:
+        return None
+    channels = x.shape[1]
+    vectors = [_arg(args, kwargs, i, n) for i, n in enumerate(("running_mean", "running_var", "weight", "bias"), 1)]
+    if vectors[0] is None or vectors[1] is None or not all(_channel_vector(v, channels, x.dtype) for v in vectors):
+        return None
+    return torch.empty_like(x)
+
+
+def _layer_norm(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
+    x, shape = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "normalized_shape")
+    if not isinstance(x, torch.Tensor) or not isinstance(shape, (tuple, list, torch.Size)):
+        return None
+    shape = tuple(shape)
+    if not shape or not all(type(s) is int for s in shape) or tuple(x.shape[x.dim() - len(shape):]) != shape:
+        return None
+    for value in (_arg(args, kwargs, 2, "weight"), _arg(args, kwargs, 3, "bias")):
+        if value is not None and (not isinstance(value, torch.Tensor) or value.shape != shape or value.dtype != x.dtype):
+            return None
+    return x.new_empty(x.shape)
+
+
+_SHORTCUTS: dict[Callable[..., Any], Callable[[tuple[Any, ...], dict[str, Any]], torch.Tensor | None]] = {
+    F.linear: _linear,
+    F.batch_norm: _batch_norm,
+    F.layer_norm: _layer_norm,
+}
+
+
+class ShapeShortcuts(TorchFunctionMode):
+    """On fake tensors (real ones keep their values): linear layers and eval-mode batch and layer norms return an
+    empty fake tensor of their output's shape instead of running their decompositions."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        shortcut = _SHORTCUTS.get(func)
+        if shortcut is not None and args and isinstance(args[0], FakeTensor):
+            out = shortcut(args, kwargs)
+            if out is not None:
+                return out
+        return func(*args, **kwargs)

@@ -1,0 +1,107 @@
+"""Shape shortcuts give what the op itself gives: same type, shape, strides, dtype and device.
+
+Analysis reads shapes only, so ``se_inject.analysis.shortcuts`` computes the outputs of costly
+layers instead of running them on meta or fake tensors. A shortcut that got a layout wrong
+would change what a later ``view`` accepts and, through it, a plan; each case here compares a
+shortcut with the op it stands in for.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from se_inject.analysis.shortcuts import ShapeShortcuts, recurrent_output
+
+
+def _layout(t: torch.Tensor) -> tuple:
+    return type(t), tuple(t.shape), t.stride(), t.dtype, t.device.type
+
+
+def _flat(value) -> list[torch.Tensor]:
+    return [value] if isinstance(value, torch.Tensor) else [t for v in value for t in _flat(v)]
+
+
+def _meta_run(module: nn.Module, x: torch.Tensor):
+    state = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in module.state_dict().items()}
+    return torch.func.functional_call(module, state, (x,))
+
+
+@pytest.mark.parametrize(
+    ("cls", "batch_first", "bidirectional", "layers", "proj", "unbatched"),
+    [
+        c
+        for c in itertools.product((nn.LSTM, nn.GRU, nn.RNN), (False, True), (False, True), (1, 2), (0, 3), (False, True))
+        if not (c[4] and c[0] is not nn.LSTM)
+    ],
+)
+def test_recurrent_output_matches_the_meta_kernel(cls, batch_first, bidirectional, layers, proj, unbatched):
+    extra = {"proj_size": proj} if cls is nn.LSTM else {}
+    module = cls(6, 5, num_layers=layers, batch_first=batch_first, bidirectional=bidirectional, **extra)
+    x = torch.empty((4, 6) if unbatched else (4, 3, 6), device="meta")
+    expected, got = _meta_run(module, x), recurrent_output(module, (x,), {})
+    assert type(got) is type(expected)
+    assert [_layout(t) for t in _flat(got)] == [_layout(t) for t in _flat(expected)]
+
+
+def test_recurrent_output_declines_what_it_does_not_cover():
+    lstm = nn.LSTM(6, 5)
+    x = torch.empty(4, 3, 6, device="meta")
+    assert recurrent_output(lstm, (x, (x, x)), {}) is None  # an initial state is given
+    assert recurrent_output(lstm, (torch.empty(4, 3, 7, device="meta"),), {}) is None  # wrong width: let torch raise
+    assert recurrent_output(nn.Linear(6, 5), (x,), {}) is None
+
+
+def _layouts(mode: FakeTensorMode) -> dict[str, torch.Tensor]:
+    with mode:
+        base = torch.empty(2, 8, 5, 7)
+    return {
+        "contiguous": base,
+        "channels_last": base.contiguous(memory_format=torch.channels_last),
+        "permuted": base.permute(0, 2, 3, 1),
+        "transposed": base.transpose(2, 3),
+        "sliced": base[:, :, 1:4],
+    }
+
+
+def _cases(x: torch.Tensor) -> dict[str, object]:
+    c, w = x.shape[1], x.shape[-1]
+    vec, lw, ns = torch.randn(c), torch.randn(3, w), (w,)
+    return {
+        "batch_norm": lambda t: F.batch_norm(t, vec, vec.abs(), vec, vec, False),
+        "batch_norm, no affine": lambda t: F.batch_norm(t, vec, vec.abs()),
+        "linear": lambda t: F.linear(t, lw, torch.randn(3)),
+        "linear, no bias": lambda t: F.linear(t, lw),
+        "layer_norm": lambda t: F.layer_norm(t, ns, torch.randn(ns), torch.randn(ns)),
+        "layer_norm, two axes": lambda t: F.layer_norm(t, tuple(t.shape[-2:])),
+    }
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "permuted", "transposed", "sliced"])
+def test_fake_shortcuts_match_the_ops(layout):
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    x = _layouts(mode)[layout]
+    for name, op in _cases(x).items():
+        expected = op(x)
+        with ShapeShortcuts():
+            got = op(x)
+        assert _layout(got) == _layout(expected), name
+
+
+def test_shortcuts_leave_real_tensors_and_errors_alone():
+    x = torch.randn(2, 8, 5, 7)
+    weight = torch.randn(3, 7)
+    with ShapeShortcuts():
+        assert torch.equal(F.linear(x, weight), F.linear(x, weight))  # real values are computed
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        with mode:
+            fake = torch.empty(2, 8, 5, 6)
+        with pytest.raises(RuntimeError):
+            F.linear(fake, weight)  # a shape that does not fit still raises, from torch itself
+        with pytest.raises(RuntimeError):
+            F.batch_norm(fake, torch.zeros(3), torch.ones(3))
