@@ -57,9 +57,12 @@ def test_recurrent_output_declines_what_it_does_not_cover():
     assert recurrent_output(nn.Linear(6, 5), (x,), {}) is None
 
 
-def _layouts(mode: FakeTensorMode) -> dict[str, torch.Tensor]:
-    with mode:
-        base = torch.empty(2, 8, 5, 7)
+def _layouts(mode: FakeTensorMode | None) -> dict[str, torch.Tensor]:
+    if mode is None:
+        base = torch.empty(2, 8, 5, 7, device="meta")
+    else:
+        with mode:
+            base = torch.empty(2, 8, 5, 7)
     return {
         "contiguous": base,
         "channels_last": base.contiguous(memory_format=torch.channels_last),
@@ -71,21 +74,21 @@ def _layouts(mode: FakeTensorMode) -> dict[str, torch.Tensor]:
 
 def _cases(x: torch.Tensor) -> dict[str, object]:
     c, w = x.shape[1], x.shape[-1]
-    vec, lw, ns = torch.randn(c), torch.randn(3, w), (w,)
+    vec, lw, ns = torch.randn(c, device=x.device), torch.randn(3, w, device=x.device), (w,)
     return {
         "batch_norm": lambda t: F.batch_norm(t, vec, vec.abs(), vec, vec, False),
         "batch_norm, no affine": lambda t: F.batch_norm(t, vec, vec.abs()),
-        "linear": lambda t: F.linear(t, lw, torch.randn(3)),
+        "linear": lambda t: F.linear(t, lw, torch.randn(3, device=x.device)),
         "linear, no bias": lambda t: F.linear(t, lw),
-        "layer_norm": lambda t: F.layer_norm(t, ns, torch.randn(ns), torch.randn(ns)),
+        "layer_norm": lambda t: F.layer_norm(t, ns, torch.randn(ns, device=x.device), torch.randn(ns, device=x.device)),
         "layer_norm, two axes": lambda t: F.layer_norm(t, tuple(t.shape[-2:])),
     }
 
 
+@pytest.mark.parametrize("fake", [True, False], ids=["fake", "meta"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "permuted", "transposed", "sliced"])
-def test_fake_shortcuts_match_the_ops(layout):
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    x = _layouts(mode)[layout]
+def test_shortcuts_match_the_ops(layout, fake):
+    x = _layouts(FakeTensorMode(allow_non_fake_inputs=True) if fake else None)[layout]
     for name, op in _cases(x).items():
         expected = op(x)
         with ShapeShortcuts():

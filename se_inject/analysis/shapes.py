@@ -112,7 +112,7 @@ def propagate_shapes(
 
     graph = module.graph if graph is None else graph  # type: ignore[assignment]
     try:
-        with torch.no_grad():
+        with torch.no_grad(), ShapeShortcuts():
             _MetaProp(module, graph, constants).run(*_meta(list(args)))
         return
     except Exception as e:  # noqa: BLE001 - any failure means "try the next way"

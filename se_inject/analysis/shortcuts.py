@@ -101,14 +101,18 @@ _SHORTCUTS: dict[Callable[..., Any], Callable[[tuple[Any, ...], dict[str, Any]],
 }
 
 
+def _shapes_only(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and (value.is_meta or isinstance(value, FakeTensor))
+
+
 class ShapeShortcuts(TorchFunctionMode):
-    """On fake tensors (real ones keep their values): linear layers and eval-mode batch and layer norms return an
+    """On meta and fake tensors (real ones keep their values): linear layers and eval-mode batch and layer norms return an
     empty fake tensor of their output's shape instead of running their decompositions."""
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         shortcut = _SHORTCUTS.get(func)
-        if shortcut is not None and args and isinstance(args[0], FakeTensor):
+        if shortcut is not None and args and _shapes_only(args[0]):
             out = shortcut(args, kwargs)
             if out is not None:
                 return out
