@@ -82,9 +82,13 @@ def _cases(x: torch.Tensor) -> dict[str, object]:
         "linear, no bias": lambda t: F.linear(t, lw),
         "layer_norm": lambda t: F.layer_norm(t, ns, torch.randn(ns, device=x.device), torch.randn(ns, device=x.device)),
         "layer_norm, two axes": lambda t: F.layer_norm(t, tuple(t.shape[-2:])),
+        "add": lambda t: t + t,
+        "mul": lambda t: torch.mul(t, t),
+        "sub": lambda t: t.sub(t),
     }
 
 
+@torch.no_grad()
 @pytest.mark.parametrize("fake", [True, False], ids=["fake", "meta"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "permuted", "transposed", "sliced"])
 def test_shortcuts_match_the_ops(layout, fake):
@@ -96,6 +100,16 @@ def test_shortcuts_match_the_ops(layout, fake):
         assert _layout(got) == _layout(expected), name
 
 
+def test_shortcuts_need_autograd_off():
+    weight = torch.randn(3, 7, requires_grad=True)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        x = torch.empty(2, 7)
+    del mode
+    with ShapeShortcuts():
+        assert F.linear(x, weight).requires_grad  # the op ran: its result is part of a graph
+
+
+@torch.no_grad()
 def test_shortcuts_leave_real_tensors_and_errors_alone():
     x = torch.randn(2, 8, 5, 7)
     weight = torch.randn(3, 7)

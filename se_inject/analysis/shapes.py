@@ -119,7 +119,7 @@ def propagate_shapes(
         log.debug("meta propagation failed (%s); trying fake tensors", e)
     mode = _fake_mode()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), ShapeShortcuts():
             FakeTensorProp(_as_graph_module(module, graph, constants or {}), mode).propagate(*_to_fake(mode, list(args)))
         return
     except Exception as e:  # noqa: BLE001
