@@ -122,3 +122,60 @@ def test_shortcuts_leave_real_tensors_and_errors_alone():
             F.linear(fake, weight)  # a shape that does not fit still raises, from torch itself
         with pytest.raises(RuntimeError):
             F.batch_norm(fake, torch.zeros(3), torch.ones(3))
+
+
+def _same_or_same_error(op, *args) -> None:
+    def run():
+        try:
+            return op(*args)
+        except RuntimeError as e:  # both raise: the shortcut let torch check
+            return type(e)
+
+    expected = run()
+    with ShapeShortcuts():
+        got = run()
+    if isinstance(expected, type):
+        assert got is expected
+    else:
+        assert _layout(got) == _layout(expected)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "transposed"])
+def test_fake_convolutions_match_the_op(dims, layout):
+    convs = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    for groups, kernel, stride, padding, dilation, size in itertools.product(
+        (1, 2), (1, 3), (1, 2), (0, 1, "same", "valid"), (1, 2), (1, 6)
+    ):
+        with mode:
+            x = torch.empty((2, 4) + (size,) * dims)
+        if layout == "channels_last" and dims > 1:
+            x = x.contiguous(memory_format=torch.channels_last if dims == 2 else torch.channels_last_3d)
+        elif layout == "transposed":
+            x = x.transpose(-1, -2)
+        weight = torch.randn((6, 4 // groups) + (kernel,) * dims)
+        _same_or_same_error(convs[dims], x, weight, torch.randn(6), stride, padding, dilation, groups)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("fake", [True, False], ids=["fake", "meta"])
+def test_matmul_matches_the_op(fake):
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+
+    def make(shape, transposed):
+        if transposed:
+            shape = (*shape[:-2], shape[-1], shape[-2])
+        if fake:
+            with mode:
+                t = torch.empty(shape)
+        else:
+            t = torch.empty(shape, device="meta")
+        return t.transpose(-1, -2) if transposed else t
+
+    for a, b, ta, tb in itertools.product(
+        [(3, 4), (2, 3, 4), (2, 5, 3, 4), (5, 1, 3, 4)], [(4, 6), (2, 4, 6), (2, 1, 4, 6), (3, 6)], (False, True), (False, True)
+    ):
+        _same_or_same_error(torch.matmul, make(a, ta), make(b, tb))
+        _same_or_same_error(lambda x, y: x @ y, make(a, ta), make(b, tb))
