@@ -78,6 +78,8 @@ def _cases(x: torch.Tensor) -> dict[str, object]:
     return {
         "batch_norm": lambda t: F.batch_norm(t, vec, vec.abs(), vec, vec, False),
         "batch_norm, no affine": lambda t: F.batch_norm(t, vec, vec.abs()),
+        "batch_norm, training": lambda t: F.batch_norm(t, vec.clone(), vec.abs(), vec, vec, True),
+        "batch_norm, batch statistics": lambda t: F.batch_norm(t, None, None, vec, None, True, 0.0, 1e-5),
         "linear": lambda t: F.linear(t, lw, torch.randn(3, device=x.device)),
         "linear, no bias": lambda t: F.linear(t, lw),
         "layer_norm": lambda t: F.layer_norm(t, ns, torch.randn(ns, device=x.device), torch.randn(ns, device=x.device)),
@@ -85,6 +87,10 @@ def _cases(x: torch.Tensor) -> dict[str, object]:
         "add": lambda t: t + t,
         "mul": lambda t: torch.mul(t, t),
         "sub": lambda t: t.sub(t),
+        "scaled": lambda t: t * 0.5,
+        "divided": lambda t: t / 3,
+        "per-channel gain": lambda t: t * vec.view(-1, 1, 1),
+        "per-column bias": lambda t: torch.add(t, torch.randn(w, device=x.device)),
     }
 
 
@@ -122,6 +128,12 @@ def test_shortcuts_leave_real_tensors_and_errors_alone():
             F.linear(fake, weight)  # a shape that does not fit still raises, from torch itself
         with pytest.raises(RuntimeError):
             F.batch_norm(fake, torch.zeros(3), torch.ones(3))
+        with pytest.raises(ValueError):
+            F.batch_norm(fake, torch.zeros(8), torch.ones(8), eps=-1.0)
+        with mode:
+            single = torch.empty(1, 8, 1, 1)
+        with pytest.raises(ValueError):
+            F.batch_norm(single, None, None, training=True)  # one value per channel
 
 
 def _same_or_same_error(op, *args) -> None:

@@ -11,6 +11,7 @@ the op runs as before, with its own checks and errors.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -71,13 +72,19 @@ def _linear(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | Non
 
 
 def _batch_norm(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
-    # Eval mode only: in training F.batch_norm checks the batch has more than one value per channel.
-    x = _arg(args, kwargs, 0, "input")
-    if _arg(args, kwargs, 5, "training", False) is not False or not isinstance(x, torch.Tensor) or x.dim() < 2:
+    # F.batch_norm's own checks first (eps; in training more than one value per channel), then
+    # torch's: running statistics are needed in eval mode, every vector is one per channel.
+    x, training = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 5, "training", False)
+    eps = _arg(args, kwargs, 7, "eps", 1e-5)
+    if not isinstance(x, torch.Tensor) or x.dim() < 2 or type(training) is not bool or not isinstance(eps, (int, float)):
+        return None
+    if training and (eps <= 0 or math.prod((x.shape[0], *x.shape[2:])) == 1) or eps < 0:
         return None
     channels = x.shape[1]
     vectors = [_arg(args, kwargs, i, n) for i, n in enumerate(("running_mean", "running_var", "weight", "bias"), 1)]
-    if vectors[0] is None or vectors[1] is None or not all(_channel_vector(v, channels, x.dtype) for v in vectors):
+    if not training and (vectors[0] is None or vectors[1] is None):
+        return None
+    if not all(_channel_vector(v, channels, x.dtype) for v in vectors):
         return None
     return torch.empty_like(x)
 
@@ -95,18 +102,21 @@ def _layer_norm(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor |
     return x.new_empty(x.shape)
 
 
-def _same_layout_pair(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
-    # Two meta tensors of one shape, dtype and layout: the result is one more such tensor (no
-    # broadcasting, promotion or layout choice to make). Fake ones gain nothing: their factory
-    # costs as much as the op.
+def _elementwise(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
+    # A contiguous floating meta tensor with a Python number, or with a contiguous tensor of
+    # its dtype that broadcasts to its shape (a per-channel gain): the result has the first
+    # one's shape, dtype and layout. Fake ones gain nothing: their factory costs as much as the op.
     if kwargs or len(args) != 2:
         return None
     a, b = args
-    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.is_meta and b.is_meta):
+    if not (isinstance(a, torch.Tensor) and a.is_meta and a.is_floating_point() and a.is_contiguous()):
         return None
-    if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device or a.dtype == torch.bool:
-        return None
-    if not (a.is_contiguous() and b.is_contiguous()) or type(a) is not type(b):
+    if isinstance(b, torch.Tensor):
+        if type(b) is not type(a) or not b.is_meta or b.dtype != a.dtype or not b.is_contiguous() or b.dim() > a.dim():
+            return None
+        if any(n != 1 and n != m for n, m in zip(reversed(b.shape), reversed(a.shape), strict=False)):
+            return None
+    elif type(b) not in (int, float):
         return None
     return a.new_empty(a.shape)
 
@@ -186,8 +196,9 @@ _SHORTCUTS: dict[Callable[..., Any], Callable[[tuple[Any, ...], dict[str, Any]],
     F.conv3d: _conv,
     **dict.fromkeys(
         (torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__, torch.mul, torch.Tensor.mul,
-         torch.Tensor.__mul__, torch.Tensor.__rmul__, torch.sub, torch.Tensor.sub, torch.Tensor.__sub__),
-        _same_layout_pair,
+         torch.Tensor.__mul__, torch.Tensor.__rmul__, torch.sub, torch.Tensor.sub, torch.Tensor.__sub__,
+         torch.div, torch.Tensor.div, torch.Tensor.__truediv__),
+        _elementwise,
     ),
 }
 
