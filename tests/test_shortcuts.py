@@ -191,3 +191,38 @@ def test_matmul_matches_the_op(fake):
     ):
         _same_or_same_error(torch.matmul, make(a, ta), make(b, tb))
         _same_or_same_error(lambda x, y: x @ y, make(a, ta), make(b, tb))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("mode", ["linear", "bilinear", "bicubic", "trilinear"])
+def test_meta_interpolation_matches_the_op(mode):
+    import warnings
+
+    for shape, layout, (size, scale), corners, recompute in itertools.product(
+        [(2, 3, 7), (2, 3, 5, 7), (2, 3, 1, 1), (1, 3, 4, 5, 6)],
+        ("contiguous", "channels_last", "transposed"),
+        [(None, 2.0), (None, 0.5), (None, 0.34), (13, None), (None, None)],
+        (None, True),
+        (None, True),
+    ):
+        x = torch.empty(shape, device="meta")
+        if layout == "channels_last" and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        elif layout == "transposed":
+            x = x.transpose(-1, -2)
+
+        def op(t, size=size, scale=scale, corners=corners, recompute=recompute):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return F.interpolate(t, size, scale, mode, corners, recompute)
+
+        try:
+            expected = _layout(op(x))
+        except (RuntimeError, ValueError, NotImplementedError, ZeroDivisionError) as e:
+            expected = type(e)
+        try:
+            with ShapeShortcuts():
+                got = _layout(op(x))
+        except (RuntimeError, ValueError, NotImplementedError, ZeroDivisionError) as e:
+            got = type(e)
+        assert got == expected, (shape, layout, size, scale, corners, recompute)
