@@ -154,20 +154,31 @@ def _same_or_same_error(op, *args) -> None:
 
 @torch.no_grad()
 @pytest.mark.parametrize("dims", [1, 2, 3])
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "transposed"])
+@pytest.mark.parametrize(
+    "layout", ["contiguous", "channels_last", "transposed", "channel slice", "channels-last slice", "batch-major"]
+)
 def test_fake_convolutions_match_the_op(dims, layout):
     convs = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+    last = {2: torch.channels_last, 3: torch.channels_last_3d}
     mode = FakeTensorMode(allow_non_fake_inputs=True)
-    for groups, kernel, stride, padding, dilation, size in itertools.product(
-        (1, 2), (1, 3), (1, 2), (0, 1, "same", "valid"), (1, 2), (1, 6)
+    for groups, kernel, stride, padding, dilation, size, last_weight in itertools.product(
+        (1, 2), (1, 3), (1, 2), (0, 1, "same", "valid"), (1, 2), (1, 6), (False, True)
     ):
         with mode:
-            x = torch.empty((2, 4) + (size,) * dims)
-        if layout == "channels_last" and dims > 1:
-            x = x.contiguous(memory_format=torch.channels_last if dims == 2 else torch.channels_last_3d)
-        elif layout == "transposed":
+            x = torch.empty((2, 8) + (size,) * dims)
+            if layout == "batch-major":
+                x = torch.empty((4, 2) + (size,) * dims).transpose(0, 1)
+        if layout in ("channels_last", "channels-last slice") and dims > 1:
+            x = x.contiguous(memory_format=last[dims])
+        if layout in ("channel slice", "channels-last slice"):
+            x = x[:, 2:6]
+        elif layout != "batch-major":
+            x = x[:, :4].contiguous(memory_format=last[dims] if layout == "channels_last" and dims > 1 else torch.contiguous_format)
+        if layout == "transposed":
             x = x.transpose(-1, -2)
         weight = torch.randn((6, 4 // groups) + (kernel,) * dims)
+        if last_weight and dims > 1:
+            weight = weight.contiguous(memory_format=last[dims])
         _same_or_same_error(convs[dims], x, weight, torch.randn(6), stride, padding, dilation, groups)
 
 

@@ -134,18 +134,21 @@ def _ints(value: Any, n: int) -> tuple[int, ...] | None:
 
 
 def _conv(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
-    # Fake tensors only (a meta convolution is a C++ kernel already), batched, both tensors
-    # contiguous and not also channels-last (sizes of 1 make both true): the output is then
-    # contiguous, of the usual size.
+    # Fake tensors only (a meta convolution is a C++ kernel already), batched; a contiguous
+    # weight and an input whose channel axis is outside its spatial axes in memory (contiguous,
+    # or a channel slice of a contiguous tensor; sizes of 1 make the order ambiguous, and
+    # channels-last inputs give channels-last outputs): the output is then contiguous, of the
+    # usual size.
     x, weight, bias = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias")
     if not (isinstance(x, FakeTensor) and isinstance(weight, torch.Tensor)) or x.dim() != weight.dim():
         return None
     n = x.dim() - 2
     if n not in (1, 2, 3) or x.dtype != weight.dtype or not _channel_vector(bias, weight.shape[0], x.dtype):
         return None
-    for t in (x, weight):
-        if not t.is_contiguous() or (t.dim() in _CHANNELS_LAST and t.is_contiguous(memory_format=_CHANNELS_LAST[t.dim()])):
-            return None
+    if not weight.is_contiguous():
+        return None
+    if x.stride(1) <= max(x.stride()[2:]):
+        return None
     stride, dilation = _ints(_arg(args, kwargs, 3, "stride", 1), n), _ints(_arg(args, kwargs, 5, "dilation", 1), n)
     groups, padding = _arg(args, kwargs, 6, "groups", 1), _arg(args, kwargs, 4, "padding", 0)
     if stride is None or dilation is None or type(groups) is not int or groups < 1 or x.shape[1] != weight.shape[1] * groups:
