@@ -105,3 +105,34 @@ def test_locate_finds_a_site_by_name_and_refuses_a_missing_one() -> None:
         locate(graph, "block", "block.relu_7", ())
     with pytest.raises(PlanMismatchError, match="'block.conv' does not consume 'block.relu'"):
         locate(graph, "block", "block.relu", ("block.conv",))
+
+
+class _Unpacks(nn.Module):
+    """Unpacks proxies in a loop, as EfficientViT's per-head attention does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x
+        for _ in range(3):
+            a, b = self.proj(out).unbind(1)
+            q, (k, v) = a, b.unbind(0)
+            out = torch.stack([q + k, v + b], 1)
+        return out
+
+
+class _Iterates(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sum(t for t in x.unbind(0))  # iterates a proxy of unknown length: fx refuses
+
+
+def test_unpacking_proxies_traces_as_fx_does():
+    module = _Unpacks()
+    ours, theirs = trace(module).graph, torch.fx.Tracer().trace(module)
+    assert ours.python_code("self").src == theirs.python_code("self").src
+    with pytest.raises(torch.fx.proxy.TraceError):
+        trace(_Iterates())
+    with pytest.raises(torch.fx.proxy.TraceError):
+        torch.fx.Tracer().trace(_Iterates())

@@ -16,7 +16,8 @@ PACKAGE = Path(se_inject.__file__).parent
 MODULES = ("api", "atomic", "block", "checkpoint", "complexity", "errors", "files", "finetune", "gates", "input_size", "names",
            "plan", "render", "report", "rewrite", "weights", "workflow", "zoo",
            "analysis.attention", "analysis.axes", "analysis.calls", "analysis.dataflow", "analysis.names",
-           "analysis.indexing", "analysis.opaque", "analysis.ops", "analysis.owners", "analysis.shapes", "analysis.tracing",
+           "analysis.indexing", "analysis.opaque", "analysis.ops", "analysis.owners", "analysis.shapes",
+           "analysis.shortcuts", "analysis.tracing",
            "sites", "sites.concatenation", "sites.driver", "sites.fit", "sites.gates", "sites.linear", "sites.plain",
            "sites.rebuild", "sites.records", "sites.residual", "sites.selection", "sites.units")
 

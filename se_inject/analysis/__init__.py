@@ -2,7 +2,8 @@
 changes a model (``se_inject.rewrite``).
 
 - ``tracing``: the fx tracer and ``trace``; ``calls``: recorded calls and standalone-call checks;
-- ``shapes``: meta/fake shape propagation, inputs recorded in a forward pass;
+- ``shapes``: meta/fake shape propagation, inputs recorded in a forward pass; ``shortcuts``:
+  output shapes of costly layers (recurrent, linear, norms) computed instead of run;
 - ``names``: owner-local qualified node names (the planner's and the rewriter's one implementation);
 - ``dataflow``: data edges, dominators, regions, parametric path costs;
 - ``ops``: op tables and predicates; ``axes``: channel axes and channel slices;

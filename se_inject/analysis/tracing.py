@@ -3,8 +3,12 @@
 
 from __future__ import annotations
 
+import bisect
+import dis
+import functools
 import inspect
-from collections.abc import Callable, Iterable, Sequence
+import types
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, NamedTuple
 
@@ -112,7 +116,7 @@ class SETracer(fx.Tracer):
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         count = _static_length(node)
-        return _PartsProxy(node, self, count) if count is not None else super().proxy(node)
+        return _PartsProxy(node, self, count) if count is not None else _Proxy(node, self)
 
     def iter(self, obj: fx.Proxy) -> Any:
         # ``list(x.chunk(2, 1))`` and ``a, b = x.split([c1, c2], 1)`` have a length fixed by
@@ -130,7 +134,33 @@ class SETracer(fx.Tracer):
         return super().is_leaf_module(m, module_qualified_name)
 
 
-class _PartsProxy(fx.Proxy):
+@functools.lru_cache(maxsize=1024)
+def _instructions(code: types.CodeType) -> tuple[tuple[int, str, Any], ...]:
+    """(offset, opname, argval) of each bytecode instruction of ``code``."""
+    return tuple((i.offset, i.opname, i.argval) for i in dis.get_instructions(code))
+
+
+class _Proxy(fx.Proxy):
+    """``fx.Proxy`` whose ``__iter__`` reads the caller's bytecode once per code object.
+
+    fx's ``Proxy.__iter__`` disassembles the whole calling function at every ``a, b = proxy``
+    to find the ``UNPACK_SEQUENCE`` there (about 1 ms each in EfficientViT's attention, which
+    unpacks in a loop over heads). Same decision, same fallback to ``tracer.iter``."""
+
+    def __iter__(self) -> Iterator[fx.Proxy]:
+        frame = inspect.currentframe()
+        calling = frame.f_back if frame is not None else None
+        if calling is None:
+            return super().__iter__()
+        instructions = _instructions(calling.f_code)
+        index = bisect.bisect_left(instructions, calling.f_lasti, key=lambda inst: inst[0])
+        _, opname, argval = instructions[index]
+        if opname == "UNPACK_SEQUENCE":
+            return (self[i] for i in range(argval))  # type: ignore[index]
+        return self.tracer.iter(self)
+
+
+class _PartsProxy(_Proxy):
     """The parts of a ``chunk``/``split``: ``list(...)`` asks their number first."""
 
     def __init__(self, node: fx.Node, tracer: fx.Tracer, count: int) -> None:
