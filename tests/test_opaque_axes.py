@@ -83,20 +83,6 @@ def test_opaque_channels_last_output_is_followed_through_the_permute() -> None:
     assert [torch.equal(got, ends["1.mix"]) for got in seen.values()] == [True]
 
 
-def test_transformers_mobilenet_v2_gets_its_residual_sites() -> None:
-    transformers = pytest.importorskip("transformers")
-    model = transformers.MobileNetV2Model(transformers.MobileNetV2Config(depth_multiplier=0.35))
-    x = torch.randn(1, 3, 64, 64)
-    plan = find_sites(model, example_input=x)
-    assert len(plan.sites) == 10 and {s.kind for s in plan.sites} == {"residual"}
-    assert SkipReason.UNKNOWN_CHANNEL_AXIS not in {s.reason for s in plan.skipped}
-    blocks = [s.name.rsplit(".", 1)[0] for s in plan.sites]
-    seen, ends = _inject_and_watch(model, x, [f"{b}.reduce_1x1" for b in blocks])
-    assert len(seen) == 10
-    for name, got in seen.items():
-        assert torch.equal(got, ends[f"{name.rsplit('.', 1)[0]}.reduce_1x1"])
-
-
 def test_items_of_an_opaque_call_returning_several_tensors() -> None:
     class TwoLayouts(SamePaddedConv):
         def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
