@@ -20,7 +20,7 @@ from torch import nn
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 
-from se_inject import SEBlock, SkipReason, apply_plan, find_sites
+from se_inject import SEBlock, SkipReason, apply_plan, find_sites, inject_se
 
 
 def _equal(a, b) -> bool:
@@ -79,6 +79,49 @@ class _TinyFPN(nn.Module):
         p3 = self.lateral3(c3) + F.interpolate(c4, scale_factor=2.0, mode="nearest")
         return self.smooth(p3)
 
+
+
+class _Inception(nn.Module):
+    """Two convolution branches of one input, concatenated: an inception place on its own."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.b1 = nn.Conv2d(c, c // 2, 1)
+        self.b3 = nn.Conv2d(c, c // 2, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([F.relu(self.b1(x)), F.relu(self.b3(x))], 1)
+
+
+class _GatedMixer(nn.Module):
+    """Data-dependent control flow around an inception block: it does not trace, so the
+    inception block is analysed as a unit of its own."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.inception = _Inception(c)
+        self.proj = nn.Conv2d(c, c, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.inception(x)
+        if y.sum() > 0:  # depends on the data: fx cannot follow it
+            y = y * 0.5
+        return self.proj(y)
+
+
+class _ResidualAroundUntraceable(nn.Module):
+    """A residual block whose branch calls the untraceable mixer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.mixer = _GatedMixer(8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = x + self.mixer(F.relu(x))
+        return self.head(x.mean((2, 3)))
 
 def test_untraceable_top_level_gets_se_in_its_blocks():
     torch.manual_seed(0)
@@ -185,5 +228,25 @@ def test_timm_backbone_behind_control_flow():
         before = model(x)
     injected = apply_plan(model, plan)
     assert type(injected.backbone) is type(timm.create_model("resnet10t", pretrained=False))
+    with torch.no_grad():
+        assert torch.equal(injected(x), before)
+
+
+def test_place_in_its_own_unit_is_nested_in_the_enclosing_residual_branch():
+    """Rule 2 across units: the inception block is analysed on its own (its caller does not
+    trace), but its call lies in the residual branch of the enclosing unit, which has a site."""
+    torch.manual_seed(0)
+    model = _ResidualAroundUntraceable().eval()
+    x = torch.randn(2, 3, 16, 16)
+    plan = find_sites(model, example_input=x)
+    assert "mixer" in {u.path for u in plan.unanalysed}  # the mixer really is opaque
+    assert [(s.name, s.kind) for s in plan.sites] == [("se", "residual")]
+    nested = [s for s in plan.skipped if s.reason is SkipReason.NESTED]
+    assert [s.node for s in nested] == ["mixer.inception.cat"]
+    assert plan.sites[0].node in nested[0].detail  # names the enclosing site
+    with torch.no_grad():
+        before = model(x)
+    injected = inject_se(model, example_input=x)
+    assert sum(isinstance(m, SEBlock) for m in injected.modules()) == 1
     with torch.no_grad():
         assert torch.equal(injected(x), before)

@@ -83,6 +83,7 @@ def build_plan(
     policy = Policy(config.placement, tokens)
     candidates = _candidates(units, RULES, policy)
     _mark_nested(candidates)
+    _mark_nested_across_units(candidates)
     if plain and not any(c.skip is None for c in candidates):
         candidates += _candidates(units, PLAIN_RULES, policy)
     sites, skipped = _finalise(model, candidates, config, selection, OwnerTraces() if traces is None else traces)
@@ -138,14 +139,59 @@ def _mark_nested(candidates: list[Candidate]) -> None:
         probe = cand.source if cand.kind is SiteKind.DENSE else cand.anchor
         host = next((o for o in outer if o.unit is cand.unit and probe in o.region), None)
         if host is not None:
-            if cand.skip is None or cand.skip.reason is not SkipReason.ALREADY_ATTENDED:
-                node = cand.source if cand.kind is SiteKind.DENSE and cand.source is not None else cand.anchor
-                skip(cand, SkipReason.NESTED, f"inside {cand.unit.names[host.anchor]}", node)
+            _nest(cand, f"inside {cand.unit.names[host.anchor]}")
             continue
-        # Hosts: blocks that got a site, or that already have attention (so that a second
-        # injection nests the same places as the first).
-        if cand.structural and (cand.skip is None or cand.skip.reason is SkipReason.ALREADY_ATTENDED):
+        if _is_host(cand):
             outer.append(cand)
+
+
+def _is_host(cand: Candidate) -> bool:
+    """A block that nests what is inside it: it got a site, or it already has attention (so
+    that a second injection nests the same places as the first)."""
+    return cand.structural and (cand.skip is None or cand.skip.reason is SkipReason.ALREADY_ATTENDED)
+
+
+def _nest(cand: Candidate, detail: str) -> None:
+    """Skip ``cand`` as nested, unless it is skipped for already having attention."""
+    if cand.skip is None or cand.skip.reason is not SkipReason.ALREADY_ATTENDED:
+        node = cand.source if cand.kind is SiteKind.DENSE and cand.source is not None else cand.anchor
+        skip(cand, SkipReason.NESTED, detail, node)
+
+
+def _mark_nested_across_units(candidates: list[Candidate]) -> None:
+    """Rule 2 across analysis units: a unit of its own (a block that does not trace, or a
+    timm no-trace leaf) is a call in its enclosing unit; when that call, or the call of an
+    ancestor, lies in the region of a host block there, every place of the inner unit is
+    nested. Units are visited outermost first, so the outer site wins."""
+    by_unit: dict[int, list[Candidate]] = {}
+    for cand in candidates:
+        by_unit.setdefault(id(cand.unit), []).append(cand)
+    units = sorted((group[0].unit for group in by_unit.values()), key=lambda u: (_depth(u.path), u.path))
+    # Model-level paths of the submodules called inside a host's region, with the host's name.
+    hosted: list[tuple[str, str]] = []
+    for unit in units:
+        host = next((name for called, name in hosted if _within(unit.path, called)), None)
+        if host is not None:
+            for cand in by_unit[id(unit)]:
+                _nest(cand, f"inside {host}")
+            continue
+        for cand in by_unit[id(unit)]:
+            if not _is_host(cand):
+                continue
+            hosted += [
+                (unit.full(str(node.target)), unit.names[cand.anchor])
+                for node in sorted(cand.region, key=unit.flow.index.__getitem__)
+                if node.op == "call_module"
+            ]
+
+
+def _depth(path: str) -> int:
+    return path.count(".") + 1 if path else 0
+
+
+def _within(path: str, ancestor: str) -> bool:
+    """Whether ``path`` is ``ancestor`` or lies under it (model-level module paths)."""
+    return path == ancestor or path.startswith(ancestor + ".")
 
 
 def _finalise(
