@@ -250,3 +250,10 @@ def test_place_in_its_own_unit_is_nested_in_the_enclosing_residual_branch():
     assert sum(isinstance(m, SEBlock) for m in injected.modules()) == 1
     with torch.no_grad():
         assert torch.equal(injected(x), before)
+    # a second injection: the attended outer block still hosts, so the inner place stays nested
+    again = find_sites(injected, example_input=x)
+    assert not again.sites
+    assert {(s.node, s.reason) for s in again.skipped} == {
+        ("add", SkipReason.ALREADY_ATTENDED),
+        ("mixer.inception.cat", SkipReason.NESTED),
+    }
