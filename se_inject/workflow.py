@@ -122,7 +122,6 @@ def _warn_minimum_width(plan: Plan) -> None:
 
 def _plan(net: nn.Module, spec: ModelSpec, config: SEConfig, selection: Selection, size: tuple[int, ...]) -> Plan:
     """``find_sites`` with the request's options, on a meta input of ``size``."""
-
     try:
         plan = find_sites(
             net,
