@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .dataflow import DataFlow
-from .indexing import indexed_axis
+from .indexing import indexed_axis, reshaped_axis
 from .opaque import opaque_output_axes
 from .ops import (
     SPATIAL_ONLY_FUNCTIONS,
@@ -115,12 +115,7 @@ def _channel_axis(node: fx.Node, flow: DataFlow, memo: dict[fx.Node, int | None]
         a = axis_of(first)
         if a is None or in_shape is None:
             return None
-        if len(shape) > a and in_shape[: a + 1] == shape[: a + 1]:
-            return a
-        tail = len(in_shape) - a
-        if len(shape) >= tail and in_shape[a:] == shape[len(shape) - tail:]:
-            return len(shape) - tail
-        return None
+        return reshaped_axis(in_shape, tuple(shape), a)
     if is_cat(node):
         for p in inputs:
             a = axis_of(p)

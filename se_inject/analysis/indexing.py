@@ -1,12 +1,13 @@
-"""Where an axis goes when a tensor is indexed (``x[:, :k]``, ``x[..., None]``, ``x[0]``): one
-rule shared by the graph (fx nodes) and by meta forwards of opaque calls (tensors)."""
+"""Where an axis goes when a tensor is indexed (``x[:, :k]``, ``x[..., None]``, ``x[0]``) or
+reshaped: one rule each, shared by the graph (fx nodes) and by meta forwards of opaque calls
+(tensors)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["indexed_axis"]
+__all__ = ["indexed_axis", "reshaped_axis"]
 
 
 def indexed_axis(ndim: int, index: Any, axis: int, is_int: Callable[[Any], bool]) -> int | None:
@@ -35,3 +36,13 @@ def indexed_axis(ndim: int, index: Any, axis: int, is_int: Callable[[Any], bool]
         else:
             return None  # advanced indexing with a tensor: the layout is not known
     return out_dim + axis - in_dim if axis >= in_dim else None
+
+
+def reshaped_axis(in_shape: tuple[int, ...], shape: tuple[int, ...], axis: int) -> int | None:
+    """The channel axis after a reshape: kept when the dims up to it, or from it on, are kept."""
+    if len(shape) > axis and in_shape[: axis + 1] == shape[: axis + 1]:
+        return axis
+    tail = len(in_shape) - axis
+    if len(shape) >= tail and in_shape[axis:] == shape[len(shape) - tail:]:
+        return len(shape) - tail
+    return None

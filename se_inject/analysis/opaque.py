@@ -17,8 +17,9 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
-from .indexing import indexed_axis
+from .indexing import indexed_axis, reshaped_axis
 from .ops import SPATIAL_ONLY_FUNCTIONS
+from .shapes import meta_copy
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +68,14 @@ def _run(node: fx.Node, module: nn.Module, input_axis: Callable[[fx.Node], int |
     mode = _AxisTracker()
 
     def meta_input(p: fx.Node) -> Any:
-        value = _meta(p.meta["val"])
+        value = meta_copy(p.meta["val"])
         if isinstance(value, torch.Tensor):
             mode.seed(value, input_axis(p))
         return value
 
     args = fx.node.map_arg(node.args, meta_input)
     kwargs = fx.node.map_arg(node.kwargs, meta_input)
-    state = {k: _meta(v) for k, v in [*module.named_parameters(), *module.named_buffers()]}
+    state = {k: meta_copy(v) for k, v in [*module.named_parameters(), *module.named_buffers()]}
     try:
         with torch.no_grad(), mode:
             out = torch.func.functional_call(module, state, tuple(args), dict(kwargs))
@@ -83,16 +84,6 @@ def _run(node: fx.Node, module: nn.Module, input_axis: Callable[[fx.Node], int |
         return None
     axes = tree_map(lambda v: mode.axis_of(v) if isinstance(v, torch.Tensor) else None, out)
     return OpaqueAxes(axes, mode.made_channels)
-
-
-def _meta(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return torch.empty(value.shape, dtype=value.dtype, device="meta")
-    if isinstance(value, (list, tuple)):
-        return type(value)(_meta(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _meta(v) for k, v in value.items()}
-    return value
 
 
 def _op_name(func: Any) -> str:
@@ -174,7 +165,7 @@ class _AxisTracker(TorchFunctionMode):
             d0, d1 = int(args[1]) % out.ndim, int(args[2]) % out.ndim
             return d1 if axis == d0 else d0 if axis == d1 else axis
         if name in ("reshape", "view", "flatten", "unflatten") and axis is not None and first is not None:
-            return _reshaped_axis(tuple(first.shape), tuple(out.shape), axis)
+            return reshaped_axis(tuple(first.shape), tuple(out.shape), axis)
         if name == "narrow" and axis is not None:
             return axis
         if name == "getitem" and axis is not None and first is not None and len(args) > 1:
@@ -191,13 +182,3 @@ class _AxisTracker(TorchFunctionMode):
             known = same - {None}
             return known.pop() if len(known) == 1 else None
         return None
-
-
-def _reshaped_axis(in_shape: tuple[int, ...], shape: tuple[int, ...], axis: int) -> int | None:
-    """The channel axis after a reshape: kept when the dims up to it, or from it on, are kept."""
-    if len(shape) > axis and in_shape[: axis + 1] == shape[: axis + 1]:
-        return axis
-    tail = len(in_shape) - axis
-    if len(shape) >= tail and in_shape[axis:] == shape[len(shape) - tail:]:
-        return len(shape) - tail
-    return None

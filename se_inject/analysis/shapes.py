@@ -18,7 +18,7 @@ from .tracing import training_mode
 
 log = logging.getLogger(__name__)
 
-__all__ = ["propagate_shapes", "record_module_inputs", "RecordedInputs"]
+__all__ = ["propagate_shapes", "record_module_inputs", "RecordedInputs", "meta_copy"]
 
 
 def _fake_mode():
@@ -63,13 +63,15 @@ def _meta_like(t: torch.Tensor) -> torch.Tensor:
     return torch.empty(t.shape, dtype=t.dtype, device="meta")
 
 
-def _meta(value: Any) -> Any:
+def meta_copy(value: Any) -> Any:
+    """``value`` with every tensor (also inside lists, tuples and dicts) replaced by an empty
+    meta tensor of its shape and dtype."""
     if isinstance(value, torch.Tensor):
         return torch.empty(value.shape, dtype=value.dtype, device="meta")
     if isinstance(value, (list, tuple)):
-        return type(value)(_meta(v) for v in value)
+        return type(value)(meta_copy(v) for v in value)
     if isinstance(value, dict):
-        return {k: _meta(v) for k, v in value.items()}
+        return {k: meta_copy(v) for k, v in value.items()}
     return value
 
 
@@ -85,7 +87,7 @@ class _MetaProp(_ValueProp):
         shortcut = recurrent_output(module, tuple(args), dict(kwargs))
         if shortcut is not None:
             return shortcut
-        state = {k: _meta(v) for k, v in [*module.named_parameters(), *module.named_buffers()]}
+        state = {k: meta_copy(v) for k, v in [*module.named_parameters(), *module.named_buffers()]}
         return torch.func.functional_call(module, state, tuple(args), dict(kwargs))
 
     def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
@@ -95,7 +97,7 @@ class _MetaProp(_ValueProp):
         return super().call_function(target, args, kwargs)
 
     def get_attr(self, target: Any, args: Any, kwargs: Any) -> Any:
-        return _meta(super().get_attr(target, args, kwargs))
+        return meta_copy(super().get_attr(target, args, kwargs))
 
 
 def propagate_shapes(
@@ -113,7 +115,7 @@ def propagate_shapes(
     graph = module.graph if graph is None else graph  # type: ignore[assignment]
     try:
         with torch.no_grad(), ShapeShortcuts():
-            _MetaProp(module, graph, constants).run(*_meta(list(args)))
+            _MetaProp(module, graph, constants).run(*meta_copy(list(args)))
         return
     except Exception as e:  # noqa: BLE001 - any failure means "try the next way"
         log.debug("meta propagation failed (%s); trying fake tensors", e)
