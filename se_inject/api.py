@@ -43,6 +43,7 @@ def find_sites(
     plain: bool = False,
     tokens: bool = False,
     example_input: torch.Tensor | tuple[torch.Tensor, ...] | None = None,
+    traces: OwnerTraces | None = None,
 ) -> Plan:
     """Analyse ``model`` and return the plan ``inject_se`` would apply; the model is not changed.
 
@@ -63,7 +64,9 @@ def find_sites(
 
     Without ``example_input`` the model is analysed at its declared input size
     (:func:`se_inject.input_size.model_input_size`). Every listed site is one ``inject_se``
-    builds: owners that cannot be rebuilt are skipped here as ``not-rewritable``.
+    builds: owners that cannot be rebuilt are skipped here as ``not-rewritable``. Pass an
+    ``OwnerTraces`` as ``traces`` to keep the owner traces planning made, and the same object to
+    ``apply_plan(..., traces=)`` so the owners are not traced again.
 
     Raises:
         ConfigError: an option has a bad value.
@@ -87,6 +90,7 @@ def find_sites(
         plain=plain,
         tokens=tokens,
         example_input=example_input,
+        traces=traces,
     )
 
 

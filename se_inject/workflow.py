@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .analysis.owners import OwnerTraces
 from .api import apply_plan, find_sites
 from .block import SEConfig
 from .checkpoint import check_output_path, save
@@ -120,8 +121,11 @@ def _warn_minimum_width(plan: Plan) -> None:
         )
 
 
-def _plan(net: nn.Module, spec: ModelSpec, config: SEConfig, selection: Selection, size: tuple[int, ...]) -> Plan:
-    """``find_sites`` with the request's options, on a meta input of ``size``."""
+def _plan(
+    net: nn.Module, spec: ModelSpec, config: SEConfig, selection: Selection, size: tuple[int, ...], traces: OwnerTraces
+) -> Plan:
+    """``find_sites`` with the request's options, on a meta input of ``size``; the owner traces it
+    makes are kept in ``traces`` for ``apply_plan``."""
     try:
         plan = find_sites(
             net,
@@ -135,6 +139,7 @@ def _plan(net: nn.Module, spec: ModelSpec, config: SEConfig, selection: Selectio
             placement=config.placement,
             **selection.options(),
             example_input=torch.empty(1, *size, device="meta"),  # shapes only: no real memory
+            traces=traces,
         )
     except SelectionError as e:  # the library lists the model's stages; name the flag
         raise SelectionError(f"--{e}") from e
@@ -192,10 +197,11 @@ def inject_named(
     say(f"counting the base model at {size_text(size)}...")
     before = count(net, size)
     say("analysing the graph...")
-    plan = _plan(net, spec, config, selection, size)
+    traces = OwnerTraces()
+    plan = _plan(net, spec, config, selection, size, traces)
     _warn_minimum_width(plan)
     if plan.sites:
-        net = apply_plan(net, plan)  # a plan is a promise: every listed site is built
+        net = apply_plan(net, plan, traces=traces)  # a plan is a promise: every listed site is built
     if not plan.sites and not dry_run:
         raise NoSitesError(f"no SE site in {spec}: {no_sites_reason(plan)}. Nothing was written.", plan=plan)
     after = count(net, size) if plan.sites else before
