@@ -27,7 +27,7 @@ Protocol (issue 12):
 Usage::
 
     python benchmarks/efficacy.py                  # full run (~25 min on 2 cores) -> results/efficacy.*
-    python benchmarks/efficacy.py --quick --out /tmp/eff   # digits only, tiny model, 2 seeds, seconds
+    python benchmarks/efficacy.py --quick --out efficacy-quick   # digits only, tiny model, 2 seeds, seconds
     python benchmarks/efficacy.py --data DIR       # the four Fashion-MNIST idx files (.gz or not)
 
 Fashion-MNIST comes from the Debian package ``dataset-fashion-mnist``

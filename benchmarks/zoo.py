@@ -30,7 +30,7 @@ Usage::
     python benchmarks/zoo.py                 # full sweep -> results/zoo.md (+ results/zoo.jsonl)
     python benchmarks/zoo.py --other         # other libraries -> results/zoo-other-libraries.md
     python benchmarks/zoo.py --quick         # ~12 models, < 2 minutes, what CI runs
-    python benchmarks/zoo.py --only 'timm:*vit*' --output /tmp/vit.md
+    python benchmarks/zoo.py --only 'timm:*vit*' --output vit.md
     python benchmarks/zoo.py --resume        # keep finished models from results/zoo.jsonl
 """
 
