@@ -69,6 +69,8 @@ class DataFlow:
         self._feeds: dict[fx.Node, bool] | None = None
         self._layer: dict[fx.Node, bool] = {}
         self._pool: dict[fx.Node, bool] = {}
+        self._descendants: dict[fx.Node, frozenset[fx.Node]] = {}
+        self._idom_within: dict[fx.Node, dict[fx.Node, fx.Node | None]] = {}
 
     def _pos(self, n: fx.Node | None) -> int:
         return -1 if n is None else self.index[n]
@@ -84,14 +86,56 @@ class DataFlow:
     def live_inputs(self, node: fx.Node) -> list[fx.Node]:
         return self.preds.get(node, [])
 
-    def region(self, fork: fx.Node, anchor: fx.Node) -> set[fx.Node]:
-        """Nodes on data paths from ``fork`` to ``anchor``, both excluded."""
+    def descendants(self, node: fx.Node) -> frozenset[fx.Node]:
+        """``node`` and every node its data reaches (data edges only), computed once per node."""
+        cached = self._descendants.get(node)
+        if cached is None:
+            found = {node}
+            for n in self.order[self.index[node] + 1:]:
+                if any(p in found for p in self.preds.get(n, ())):
+                    found.add(n)
+            cached = self._descendants[node] = frozenset(found)
+        return cached
+
+    def fork_within(self, source: fx.Node, anchor: fx.Node) -> fx.Node | None:
+        """The immediate dominator of ``anchor`` when only ``source``'s data counts: data that
+        joins from elsewhere (a second model input, a tensor computed before ``source``) is
+        left out, as a bias would be. None when ``anchor`` does not descend from ``source``."""
+        within = self.descendants(source)
+        if anchor not in within or anchor is source:
+            return None
+        idom = self._idom_within.get(source)
+        if idom is None:
+            idom = {source: None}
+            for n in sorted(within, key=self.index.__getitem__):
+                if n is source:
+                    continue
+                new: fx.Node | None = None
+                for i, p in enumerate(p for p in self.preds[n] if p in within):
+                    new = p if i == 0 else self._intersect_in(idom, p, new)
+                idom[n] = new
+            self._idom_within[source] = idom
+        return idom[anchor]
+
+    def _intersect_in(
+        self, idom: dict[fx.Node, fx.Node | None], a: fx.Node | None, b: fx.Node | None
+    ) -> fx.Node | None:
+        while a is not b:
+            while self._pos(a) > self._pos(b):
+                a = idom[a]  # type: ignore[index]
+            while self._pos(b) > self._pos(a):
+                b = idom[b]  # type: ignore[index]
+        return a
+
+    def region(self, fork: fx.Node, anchor: fx.Node, within: frozenset[fx.Node] | None = None) -> set[fx.Node]:
+        """Nodes on data paths from ``fork`` to ``anchor``, both excluded; ``within``: only
+        among these nodes (the descendants of the fork, when other data joins the paths)."""
         lo = self.index[fork]
         seen: set[fx.Node] = set()
         stack = list(self.preds[anchor])
         while stack:
             n = stack.pop()
-            if n in seen or self.index[n] <= lo:
+            if n in seen or self.index[n] <= lo or (within is not None and n not in within):
                 continue
             seen.add(n)
             stack.extend(self.preds[n])

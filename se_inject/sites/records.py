@@ -174,6 +174,9 @@ class Context:
     #: Rule 9: ends of finished blocks (residual sums, aggregation roots) seen so far: their
     #: outputs are trunk, not new features.
     finished: set[fx.Node] = field(default_factory=set)
+    #: The trunk of each residual sum in ``finished`` (a later branch summed into it from the
+    #: same fork shares that trunk: multi-branch residuals).
+    trunks: dict[fx.Node, fx.Node] = field(default_factory=dict)
 
 
 #: A placement rule: given a unit, one of its live nodes (in graph order) and the shared context,

@@ -22,7 +22,7 @@ from .fit import check_tensor
 from .gates import enclosing_gates
 from .linear import linear_block
 from .rebuild import represent
-from .records import TRUNK_MAX_PARAMETRIC, Candidate, Context, Policy, Unit, skip
+from .records import TRUNK_MAX_PARAMETRIC, Candidate, Context, Unit, skip
 
 __all__ = ["residual"]
 
@@ -34,7 +34,7 @@ def residual(unit: Unit, node: fx.Node, ctx: Context) -> list[Candidate] | None:
     the end of a finished block (rule 9)."""
     if not is_add(node):
         return None
-    cand = _residual(unit, node, ctx.policy)
+    cand = _residual(unit, node, ctx)
     if cand is None:
         return []
     if cand.structural:
@@ -42,7 +42,56 @@ def residual(unit: Unit, node: fx.Node, ctx: Context) -> list[Candidate] | None:
     return [cand]
 
 
-def _residual(unit: Unit, add: fx.Node, policy: Policy) -> Candidate | None:
+def _is_sum_output(flow: DataFlow, node: fx.Node, ctx: Context) -> bool:
+    """Rule 9: a finished residual sum, directly or through layers without weights (an
+    activation): trunk wherever it flows."""
+    while node not in ctx.finished:
+        preds = flow.live_inputs(node)
+        if len(preds) != 1 or flow.is_parametric(node):
+            return False
+        node = preds[0]
+    return True
+
+
+def _shortcut_fork(
+    flow: DataFlow, add: fx.Node, operands: list[fx.Node], fork: fx.Node | None, ctx: Context
+) -> tuple[fx.Node, frozenset[fx.Node]] | None:
+    """Where the operands meet when data from elsewhere joins the branch (rule 7): the fork
+    and the nodes the region is kept within, or None to keep the dominator.
+
+    An operand that the other one reads is the trunk and the fork (``x + f(conv(x) + emb(t))``
+    with ``t`` a second model input; a dual-path block reading ``cat(sum, dense)`` of the block
+    before): when the operands meet at no node, or when that operand is a finished sum (rule 9:
+    the dominator would reach back into the block before). Otherwise, when they meet at no
+    node, the latest fork that one model input alone gives them (a projection shortcut beside
+    a conditioned branch). Two operands of different inputs, neither reading the other's
+    input, keep no fork: a fusion."""
+    for trunk, branch in (operands, operands[::-1]):
+        if branch in flow.descendants(trunk) and (fork is None or _is_sum_output(flow, trunk, ctx)):
+            return trunk, flow.descendants(trunk)
+    if fork is not None:
+        return None
+    best: tuple[fx.Node, frozenset[fx.Node]] | None = None
+    for source in (n for n in flow.order if n.op == "placeholder" and flow.live.get(n)):
+        within = flow.descendants(source)
+        if not all(o in within for o in operands):
+            continue
+        meet = flow.fork_within(source, add)
+        if meet is not None and (best is None or flow.index[meet] > flow.index[best[0]]):
+            best = (meet, within)
+    return best
+
+
+def _earlier_sum(flow: DataFlow, operands: list[fx.Node], fork: fx.Node, ctx: Context) -> fx.Node | None:
+    """Rule 1 for multi-branch residuals (``x + a(x) + b(x)``, PolyNet): an operand that is a
+    residual sum from the same fork carries the trunk; the other operand is one more branch."""
+    for op in operands:
+        if op in ctx.trunks and flow.idom.get(op) is fork:
+            return op
+    return None
+
+
+def _residual(unit: Unit, add: fx.Node, ctx: Context) -> Candidate | None:
     flow = unit.flow
     operands = [a for a in add.args[:2] if isinstance(a, fx.Node)]
     if len(operands) != 2 or not all(flow.live.get(a) for a in operands):
@@ -50,27 +99,45 @@ def _residual(unit: Unit, add: fx.Node, policy: Policy) -> Candidate | None:
     shape_a, shape_b = tensor_shape(operands[0]), tensor_shape(operands[1])
     if shape_a is None or shape_a != shape_b or shape_a != tensor_shape(add):
         return None
+    policy = ctx.policy
     cand = Candidate(unit, SiteKind.RESIDUAL, add, unit.rewritable_owner(node_scope(add)))
     fork = flow.idom.get(add)
+    within = None
+    if fork is None or fork not in operands:
+        found = _shortcut_fork(flow, add, operands, fork, ctx)
+        if found is not None:
+            fork, within = found
     if fork is None:
         return skip(cand, SkipReason.FUSION, "operands come from different inputs of the model")
     # Rule 7: locality is the dataflow's (fork, path lengths, resolution), not module scope:
     # a shortcut computed by the parent and passed in is still the trunk.
-    region = flow.region(fork, add)
+    region = flow.region(fork, add, within)
     cost, _ = flow.path_costs(fork, region)
     if (linear := linear_block(unit, region, cost)) is not None:
         return skip(cand, SkipReason.LINEAR_BLOCK, linear)
     a, b = operands
-    if cost[a] == cost[b]:
-        return skip(cand, SkipReason.NO_TRUNK, f"both operands have {cost[a]} parametric layers")
-    branch, trunk = (a, b) if cost[a] > cost[b] else (b, a)
-    if cost[trunk] > TRUNK_MAX_PARAMETRIC:
-        return skip(cand, SkipReason.FUSION, f"the shorter operand still has {cost[trunk]} parametric layers")
+    earlier = _earlier_sum(flow, operands, fork, ctx)
+    if earlier is not None:
+        # One more branch of a multi-branch block: its region is its own side only, so the
+        # earlier branches keep their sites (one placement per branch, none nested).
+        trunk, branch = earlier, b if earlier is a else a
+        trunk_cost = cost.get(ctx.trunks[earlier], 0)
+        region = region - flow.ancestors_within(earlier, region) - {earlier}
+    else:
+        if cost[a] == cost[b]:
+            return skip(cand, SkipReason.NO_TRUNK, f"both operands have {cost[a]} parametric layers")
+        branch, trunk = (a, b) if cost[a] > cost[b] else (b, a)
+        trunk_cost = cost[trunk]
+    if cost[branch] <= trunk_cost:
+        return skip(cand, SkipReason.NO_TRUNK, f"the branch has no more parametric layers than the trunk ({trunk_cost})")
+    if trunk_cost > TRUNK_MAX_PARAMETRIC:
+        return skip(cand, SkipReason.FUSION, f"the shorter operand still has {trunk_cost} parametric layers")
     upsampled = next((n for n in sorted(region, key=flow.index.__getitem__) if is_upsample(unit.module, n)), None)
     if upsampled is not None:
         return skip(cand, SkipReason.FUSION, f"the branch changes resolution at {unit.names[upsampled]}: a multi-scale merge")
     cand.structural = True
     cand.region = region
+    ctx.trunks[add] = ctx.trunks[earlier] if earlier is not None else trunk
     cand.source, cand.targets = _branch_output(flow, branch, add, region, fork)
     if cost.get(cand.source, 0) == 0:
         return skip(cand, SkipReason.NO_TRUNK, "the branch has no parametric layer before its scalings")
