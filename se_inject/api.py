@@ -13,8 +13,9 @@ from torch import nn
 from .analysis.owners import OwnerTraces
 from .block import SEConfig
 from .plan import Plan
-from .rewrite import apply_plan, remove_se
-from .sites import build_plan
+from .rewrite import apply_plan, build_blocks, install, remove_se
+from .sites import build_plan, example_args
+from .verify import check_rebuilt, record_owner_calls
 
 __all__ = [
     "find_sites",
@@ -155,6 +156,20 @@ def _plan(
         )
 
 
+def _check_args(model: nn.Module, example_input: object) -> tuple[object, ...]:
+    """The inputs of the post-build check: the user's example, else random values of the
+    analysis input's shape (an empty tensor may hold NaNs and infinities)."""
+    args = example_args(model, example_input)
+    if example_input is not None:
+        return args
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    return tuple(
+        torch.randn(a.shape, generator=generator, dtype=a.dtype).to(a.device)
+        if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+        for a in args
+    )
+
+
 def inject_se(
     model: nn.Module,
     reduction: float = 16,
@@ -188,9 +203,15 @@ def inject_se(
         >>> sum(isinstance(m, SEBlock) for m in model.modules())
         16
 
+    After building, each rebuilt block is run on the inputs its original received in one
+    forward pass of the example input (eval mode) and must give bit-identical outputs, its
+    SE blocks passing their input through; otherwise nothing is changed.
+
     Raises:
         ConfigError: an option has a bad value.
         SelectionError: ``stages``/``resolutions`` name none of the model's (listed).
+        UnfaithfulRebuildError: a rebuilt block computes something else than the original
+            (its ``owner`` is named); the model is unchanged.
     """
     traces = OwnerTraces()
     plan = _plan(
@@ -215,7 +236,12 @@ def inject_se(
     )
     if plan.sites:
         with _collection_paused():
-            return apply_plan(model, plan, traces=traces)
+            rebuilt = build_blocks(model, plan, traces=traces)
+            # Post-build check (a plan is a promise): each rebuilt block must compute what its
+            # original computes on the example input, before anything is swapped in.
+            calls = record_owner_calls(model, list(rebuilt), _check_args(model, example_input))
+            check_rebuilt(rebuilt, calls)
+            return install(model, plan, rebuilt)
     warnings.warn(
         f"no SE site found in {type(model).__name__} ({len(plan.skipped)} skipped); the model is unchanged",
         UserWarning,

@@ -24,6 +24,7 @@ __all__ = [
     "CheckpointError",
     "UnsafeCheckpointError",
     "OutputPathError",
+    "UnfaithfulRebuildError",
 ]
 
 
@@ -84,3 +85,8 @@ class UnsafeCheckpointError(CheckpointError):
 
 class OutputPathError(SEInjectError, OSError):
     """An output file cannot be written there (missing folder, a directory, read-only place)."""
+
+
+class UnfaithfulRebuildError(PlanMismatchError):
+    """A rebuilt block does not compute what the original block computes on the example input
+    (different outputs, or its forward raised); ``owner`` names it. Nothing was changed."""

@@ -30,7 +30,7 @@ from .block import SEBlock, check_se_weights
 from .errors import PlanMismatchError
 from .plan import PLAN_ATTR, Plan, Site
 
-__all__ = ["apply_plan", "remove_se", "RebuiltBlock"]
+__all__ = ["apply_plan", "build_blocks", "install", "remove_se", "RebuiltBlock"]
 
 _HOOK_DICTS = (
     "_forward_hooks",
@@ -353,6 +353,15 @@ def apply_plan(model: nn.Module, plan: Plan, *, traces: OwnerTraces | None = Non
     Raises:
         PlanMismatchError: an owner, node or name in the plan does not exist in ``model``.
     """
+    return install(model, plan, build_blocks(model, plan, traces=traces))
+
+
+def build_blocks(model: nn.Module, plan: Plan, *, traces: OwnerTraces | None = None) -> dict[str, RebuiltBlock]:
+    """Rebuild every block that owns a site of ``plan``, by owner path; ``model`` is unchanged.
+
+    Raises:
+        PlanMismatchError: an owner, node or name in the plan does not exist in ``model``.
+    """
     by_owner: dict[str, list[Site]] = {}
     for site in plan.sites:
         by_owner.setdefault(site.owner, []).append(site)
@@ -371,6 +380,12 @@ def apply_plan(model: nn.Module, plan: Plan, *, traces: OwnerTraces | None = Non
         except Exception as e:
             detail = str(e) if isinstance(e, PlanMismatchError) else f"{type(e).__name__}: {e}"
             raise PlanMismatchError(f"could not rebuild {owner_path or 'the model'}: {detail}", owner=owner_path) from e
+    return rebuilt
+
+
+def install(model: nn.Module, plan: Plan, rebuilt: dict[str, RebuiltBlock]) -> nn.Module:
+    """Swap the rebuilt blocks into ``model`` (outermost first) and record ``plan`` on it;
+    returns ``model``, or the rebuilt root when the root owns a site."""
     for path in sorted(rebuilt, key=lambda p: (p.count("."), p) if p else (-1, p)):
         if path:
             _replace_module(model, path, rebuilt[path])

@@ -1,0 +1,136 @@
+"""The post-build check of ``inject_se``: every rebuilt block computes what its original does.
+
+Tracing specialises Python control flow to the traced call (``isinstance(x, tuple)``, ``len``,
+a flag): a block rebuilt from a trace made with other inputs than the model passes computes
+another function. So the example input is run once through the original model, recording
+each owner's inputs and outputs, and each rebuilt block is run on its owner's recorded inputs
+with its SE blocks passing their input through (whatever their gate): outputs must be
+bit-identical (``torch.equal`` on every leaf of nested outputs). The check runs before
+anything is swapped in, so a failure leaves the model as it was.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from torch import nn
+
+from .block import SEBlock
+from .errors import UnfaithfulRebuildError
+
+__all__ = ["OwnerCalls", "record_owner_calls", "check_rebuilt"]
+
+#: Per owner path: (args, kwargs, output) of each call the example forward made.
+OwnerCalls = dict[str, list[tuple[tuple[Any, ...], dict[str, Any], Any]]]
+
+
+def _clone(tree: Any) -> Any:
+    # reason: a later in-place op (``relu_`` on a block's output) would change what was recorded.
+    return pytree.tree_map(lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v, tree)
+
+
+@contextmanager
+def _eval_mode(modules: list[nn.Module]) -> Iterator[None]:
+    """Every module in eval mode (deterministic, no running-statistics updates), then each
+    module's own flag back as it was."""
+    flags = [(m, m.training) for m in modules]
+    try:
+        for m in modules:
+            m.training = False
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def record_owner_calls(model: nn.Module, owners: list[str], args: tuple[Any, ...]) -> OwnerCalls:
+    """Run ``model`` once (eval mode, no grad) on ``args`` and record each owner's calls."""
+    calls: OwnerCalls = {path: [] for path in owners}
+    pending: dict[str, list[tuple[tuple[Any, ...], dict[str, Any]]]] = {path: [] for path in owners}
+    hooks = []
+    for path in owners:
+        module = model.get_submodule(path) if path else model
+
+        def before(mod: nn.Module, a: tuple[Any, ...], kw: dict[str, Any], path: str = path) -> None:
+            pending[path].append((_clone(a), _clone(kw)))
+
+        def after(mod: nn.Module, a: tuple[Any, ...], kw: dict[str, Any], out: Any, path: str = path) -> None:
+            a0, kw0 = pending[path].pop()
+            calls[path].append((a0, kw0, _clone(out)))
+
+        hooks.append(module.register_forward_pre_hook(before, with_kwargs=True))
+        hooks.append(module.register_forward_hook(after, with_kwargs=True))
+    try:
+        with _eval_mode(list(model.modules())), torch.no_grad():
+            model(*args)
+    finally:
+        for h in hooks:
+            h.remove()
+    return calls
+
+
+def _same(a: Any, b: Any) -> bool:
+    flat_a, spec_a = pytree.tree_flatten(a)
+    flat_b, spec_b = pytree.tree_flatten(b)
+    if spec_a != spec_b:
+        return False
+    for x, y in zip(flat_a, flat_b, strict=True):
+        if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+            if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)):
+                return False
+            if x.shape != y.shape or x.dtype != y.dtype or not torch.equal(x.nan_to_num(), y.nan_to_num()):
+                return False
+            if not torch.equal(x.isnan(), y.isnan()):
+                return False
+        elif x != y:
+            return False
+    return True
+
+
+def _passthrough(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+    return args[0]
+
+
+def check_rebuilt(rebuilt: Mapping[str, nn.Module], calls: OwnerCalls) -> None:
+    """Run each rebuilt block on its owner's recorded calls; the first that differs or raises
+    is named in the error.
+
+    Raises:
+        UnfaithfulRebuildError: a rebuilt block computes something else than its original.
+    """
+    for path, block in rebuilt.items():
+        hooks = [m.register_forward_hook(_passthrough) for m in block.modules() if isinstance(m, SEBlock)]
+        where = path or "the model"
+        try:
+            with _eval_mode(list(block.modules())), torch.no_grad():
+                graphs = block.__dict__.get("_se_graphs")
+                if graphs is not None and graphs[1] is not None:
+                    block.graph = graphs[0]  # the eval graph, as eval mode runs it
+                for args, kwargs, expected in calls.get(path, []):
+                    try:
+                        got = block(*_clone(args), **_clone(kwargs))
+                    except Exception as e:  # noqa: BLE001 - any failure is the block's, named below
+                        raise UnfaithfulRebuildError(
+                            f"the rebuilt {where} ({type(block).__name__}) fails on the example input "
+                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); the model is unchanged. "
+                            "Its trace likely specialised Python control flow on its inputs; exclude it with "
+                            "exclude=[...]",
+                            owner=path,
+                        ) from e
+                    if not _same(got, expected):
+                        raise UnfaithfulRebuildError(
+                            f"the rebuilt {where} ({type(block).__name__}) computes other outputs than the "
+                            "original on the example input; the model is unchanged. Its trace likely "
+                            "specialised Python control flow on its inputs; exclude it with exclude=[...]",
+                            owner=path,
+                        )
+        finally:
+            for h in hooks:
+                h.remove()
+            graphs = block.__dict__.get("_se_graphs")
+            if graphs is not None and graphs[1] is not None:
+                block.graph = graphs[1] if block.training else graphs[0]
