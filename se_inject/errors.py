@@ -24,6 +24,7 @@ __all__ = [
     "CheckpointError",
     "UnsafeCheckpointError",
     "OutputPathError",
+    "UnknownTagError",
 ]
 
 
@@ -84,3 +85,8 @@ class UnsafeCheckpointError(CheckpointError):
 
 class OutputPathError(SEInjectError, OSError):
     """An output file cannot be written there (missing folder, a directory, read-only place)."""
+
+
+class UnknownTagError(UnknownModelError):
+    """A timm ``arch.tag`` name whose architecture exists but has no such pretrained tag (the
+    message lists the tags it has)."""

@@ -54,7 +54,8 @@ def render(console: Console, report: Report) -> None:
 def _header(console: Console, report: Report) -> None:
     cfg = report.plan.config
     source = str(report.model.source)
-    note = "" if report.requested.startswith(f"{source}:") else f" (name found in {source})"
+    given = report.requested.startswith(f"{source}:") or report.requested == str(report.model)  # hf-hub:...
+    note = "" if given else f" (name found in {source})"
     console.print(f"[bold]se-inject[/] {report.model}{note}")
     weights = report.weights
     loud = str(weights.kind) == "random" and report.requested_weights != "random"

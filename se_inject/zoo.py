@@ -132,16 +132,18 @@ def load_model(name: str, weights: str | os.PathLike[str] = "auto", *, network: 
     """
     spec = resolve_name(name)
     if weights == "random":
-        return LoadedModel(create_model(spec), spec, WeightsInfo(WeightsKind.RANDOM, "random init (by request)"))
+        info = WeightsInfo(WeightsKind.RANDOM, "random init (by request)")
+        return LoadedModel(create_model(spec, network=network), spec, info)
     if weights in ("auto", "pretrained"):
         try:
             model, info = create_pretrained(spec, network=network)
         except WeightsError as e:
             if weights == "pretrained":
                 raise
+            model = create_model(spec, network=network)  # first: a hub model may not even build
             warnings.warn(f"{e}; using RANDOM init instead", UserWarning, stacklevel=2)
             info = WeightsInfo(WeightsKind.RANDOM, f"random init (pretrained unavailable: {e})")
-            return LoadedModel(create_model(spec), spec, info)
+            return LoadedModel(model, spec, info)
         return LoadedModel(model, spec, info)
     state = load_state_dict_file(weights)
     model = create_model_for_state(spec, state)
