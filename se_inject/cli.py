@@ -123,6 +123,15 @@ def _version_callback(value: bool) -> None:
         raise typer.Exit(0)
 
 
+def _list_callback(pattern: str | None) -> None:
+    if pattern is not None:
+        from .listing import list_names, listing_lines
+
+        for line in listing_lines(list_names(pattern)):  # UnknownModelError: one line, exit 1
+            typer.echo(line)
+        raise typer.Exit(0)
+
+
 app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -294,6 +303,10 @@ def inject(
     json_output: Annotated[bool, typer.Option("--json", help="Machine-readable report on stdout.")] = False,
     version: Annotated[bool | None, typer.Option(
         "--version", callback=_version_callback, is_eager=True, help="Show the version and exit.")] = None,
+    list_pattern: Annotated[str | None, typer.Option(
+        "--list", metavar="PATTERN", callback=_list_callback, is_eager=True, show_default=False,
+        help="List timm and torchvision model names matching PATTERN (a glob, any case; 'resnet50.*' lists "
+        "timm's tags), with how many pretrained weights each has, and exit. Builds no model.")] = None,
 ) -> None:
     """Insert Squeeze-and-Excitation blocks into MODEL and report what was added."""
     from rich.console import Console
