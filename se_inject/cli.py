@@ -261,6 +261,8 @@ def inject(
         show_default=False)] = None,
     weights: Annotated[str, typer.Option(
         metavar="WEIGHTS", help="auto | pretrained | random | PATH to a state dict (.pt/.pth/.safetensors).")] = "auto",
+    weights_ema: Annotated[bool, typer.Option(
+        "--weights-ema", help="With --weights PATH: a training checkpoint's EMA weights (state_dict_ema).")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the plan and projected totals; write no model.")] = False,
     include: Annotated[list[str] | None, typer.Option(
         metavar="GLOB", help="Only sites in modules matching GLOB; repeat for several.", show_default=False)] = None,
@@ -314,6 +316,9 @@ def inject(
     err = Console(stderr=True, highlight=False)
     config = _se_config(reduction=reduction, hidden=hidden, paper_init=paper_init, bias=not no_bias, gate=gate,
                         pool=pool, placement=placement)
+    if weights_ema and weights in ("auto", "pretrained", "random"):
+        raise typer.BadParameter(f"EMA weights come from a checkpoint file: give --weights PATH, not {weights!r}",
+                                 param_hint="'--weights-ema'")
     if plot is not None:
         _check_plot_path(plot, output if not dry_run else None)
     if output is not None and dry_run:
@@ -335,7 +340,8 @@ def inject(
         warnings.simplefilter("default")
         warnings.showwarning = _warning_printer(err)
         report = _run(err, model, weights=weights, config=config, selection=selection,
-                      input_size=input_size, output=output, se_only=se_only, dry_run=dry_run)
+                      input_size=input_size, output=output, se_only=se_only, dry_run=dry_run,
+                      weights_ema=weights_ema)
     if plot is not None:
         report = _draw(err, report, plot)
     if json_output:

@@ -165,6 +165,7 @@ def inject_named(
     dry_run: bool = False,
     progress: Progress | None = None,
     network: Network | None = None,
+    weights_ema: bool = False,
 ) -> Injection:
     """Build ``name``, plan and insert SE blocks, count before and after, and save to ``output``.
 
@@ -191,7 +192,7 @@ def inject_named(
         check_output_path(output)
         replaced = Path(output).exists()
     say(f"building {name} (weights: {weights})...")
-    loaded = load_model(name, weights, network=network)
+    loaded = load_model(name, weights, network=network, ema=weights_ema)
     net, spec = loaded.model, loaded.spec
     size = resolve_input_size(input_size, default_input_size(spec, net), model=str(spec))
     say(f"counting the base model at {size_text(size)}...")
