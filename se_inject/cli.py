@@ -203,6 +203,13 @@ def _choice(choices: tuple[str, ...]) -> Callable[[str | None], str | None]:
     return check
 
 
+def _globs(values: list[str] | None) -> list[str] | None:
+    """``--include`` / ``--exclude``: an empty glob matches nothing and is a bad command line."""
+    if values and any(not v.strip() for v in values):
+        raise typer.BadParameter("an empty glob matches no module; give a module-name glob such as 'layer4.*'")
+    return values
+
+
 def _number(value: float) -> float | int:
     return int(value) if float(value).is_integer() else value
 
@@ -265,9 +272,9 @@ def inject(
         "--weights-ema", help="With --weights PATH: a training checkpoint's EMA weights (state_dict_ema).")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the plan and projected totals; write no model.")] = False,
     include: Annotated[list[str] | None, typer.Option(
-        metavar="GLOB", help="Only sites in modules matching GLOB; repeat for several.", show_default=False)] = None,
+        metavar="GLOB", callback=_globs, help="Only sites in modules matching GLOB; repeat for several.", show_default=False)] = None,
     exclude: Annotated[list[str] | None, typer.Option(
-        metavar="GLOB", help="No sites in modules matching GLOB; repeat for several.", show_default=False)] = None,
+        metavar="GLOB", callback=_globs, help="No sites in modules matching GLOB; repeat for several.", show_default=False)] = None,
     min_channels: Annotated[int, typer.Option(min=0, metavar="N", help="Skip sites with fewer channels.")] = 0,
     paper_init: Annotated[bool, typer.Option(
         "--paper-init", help="Plain sigmoid gate, ordinary init (no identity start).")] = False,
@@ -373,7 +380,8 @@ def _run(err: Console, model: str, **options: Any) -> Report:
     except NoSitesError as e:
         if e.plan is None:
             raise
-        raise NoSitesError(_no_sites_message(model, e.plan, options["selection"].plain), e.plan) from None
+        selection = options["selection"]
+        raise NoSitesError(_no_sites_message(model, e.plan, selection.plain, selection), e.plan) from None
 
 
 def _draw(err: Console, report: Report, plot: Path) -> Report:
@@ -393,8 +401,12 @@ def _draw(err: Console, report: Report, plot: Path) -> Report:
     return replace(report, plot=str(plot))
 
 
-def _no_sites_message(name: str, plan: Plan, plain: bool = False) -> str:
-    from .workflow import no_sites_reason
+def _no_sites_message(name: str, plan: Plan, plain: bool = False, selection: Any = None) -> str:
+    from .workflow import include_hint, no_sites_reason
+
+    hint = include_hint(plan, selection) if selection is not None else None
+    if hint is not None:
+        return f"no SE site in {name}: {hint} Nothing was written."
 
     if not plan.skipped:
         helps = (
