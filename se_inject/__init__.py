@@ -30,6 +30,8 @@ if TYPE_CHECKING:
     from .errors import SEInjectError as SEInjectError
     from .errors import SelectionError as SelectionError
     from .errors import UnknownModelError as UnknownModelError
+    from .errors import UnfaithfulRebuildError as UnfaithfulRebuildError
+    from .errors import UnknownTagError as UnknownTagError
     from .errors import UnsafeCheckpointError as UnsafeCheckpointError
     from .errors import WeightsError as WeightsError
     from .finetune import HeadNotFoundError as HeadNotFoundError
@@ -66,6 +68,8 @@ _EXPORTS: dict[str, str] = {
     "NoSitesError": "errors",
     "PlanMismatchError": "errors",
     "UnknownModelError": "errors",
+    "UnknownTagError": "errors",
+    "UnfaithfulRebuildError": "errors",
     "WeightsError": "errors",
     "CheckpointError": "errors",
     "UnsafeCheckpointError": "errors",

@@ -123,6 +123,15 @@ def _version_callback(value: bool) -> None:
         raise typer.Exit(0)
 
 
+def _list_callback(pattern: str | None) -> None:
+    if pattern is not None:
+        from .listing import list_names, listing_lines
+
+        for line in listing_lines(list_names(pattern)):  # UnknownModelError: one line, exit 1
+            typer.echo(line)
+        raise typer.Exit(0)
+
+
 app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -194,6 +203,13 @@ def _choice(choices: tuple[str, ...]) -> Callable[[str | None], str | None]:
     return check
 
 
+def _globs(values: list[str] | None) -> list[str] | None:
+    """``--include`` / ``--exclude``: an empty glob matches nothing and is a bad command line."""
+    if values and any(not v.strip() for v in values):
+        raise typer.BadParameter("an empty glob matches no module; give a module-name glob such as 'layer4.*'")
+    return values
+
+
 def _number(value: float) -> float | int:
     return int(value) if float(value).is_integer() else value
 
@@ -252,11 +268,13 @@ def inject(
         show_default=False)] = None,
     weights: Annotated[str, typer.Option(
         metavar="WEIGHTS", help="auto | pretrained | random | PATH to a state dict (.pt/.pth/.safetensors).")] = "auto",
+    weights_ema: Annotated[bool, typer.Option(
+        "--weights-ema", help="With --weights PATH: a training checkpoint's EMA weights (state_dict_ema).")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the plan and projected totals; write no model.")] = False,
     include: Annotated[list[str] | None, typer.Option(
-        metavar="GLOB", help="Only sites in modules matching GLOB; repeat for several.", show_default=False)] = None,
+        metavar="GLOB", callback=_globs, help="Only sites in modules matching GLOB; repeat for several.", show_default=False)] = None,
     exclude: Annotated[list[str] | None, typer.Option(
-        metavar="GLOB", help="No sites in modules matching GLOB; repeat for several.", show_default=False)] = None,
+        metavar="GLOB", callback=_globs, help="No sites in modules matching GLOB; repeat for several.", show_default=False)] = None,
     min_channels: Annotated[int, typer.Option(min=0, metavar="N", help="Skip sites with fewer channels.")] = 0,
     paper_init: Annotated[bool, typer.Option(
         "--paper-init", help="Plain sigmoid gate, ordinary init (no identity start).")] = False,
@@ -294,6 +312,10 @@ def inject(
     json_output: Annotated[bool, typer.Option("--json", help="Machine-readable report on stdout.")] = False,
     version: Annotated[bool | None, typer.Option(
         "--version", callback=_version_callback, is_eager=True, help="Show the version and exit.")] = None,
+    list_pattern: Annotated[str | None, typer.Option(
+        "--list", metavar="PATTERN", callback=_list_callback, is_eager=True, show_default=False,
+        help="List timm and torchvision model names matching PATTERN (a glob, any case; 'resnet50.*' lists "
+        "timm's tags), with how many pretrained weights each has, and exit. Builds no model.")] = None,
 ) -> None:
     """Insert Squeeze-and-Excitation blocks into MODEL and report what was added."""
     from rich.console import Console
@@ -301,6 +323,9 @@ def inject(
     err = Console(stderr=True, highlight=False)
     config = _se_config(reduction=reduction, hidden=hidden, paper_init=paper_init, bias=not no_bias, gate=gate,
                         pool=pool, placement=placement)
+    if weights_ema and weights in ("auto", "pretrained", "random"):
+        raise typer.BadParameter(f"EMA weights come from a checkpoint file: give --weights PATH, not {weights!r}",
+                                 param_hint="'--weights-ema'")
     if plot is not None:
         _check_plot_path(plot, output if not dry_run else None)
     if output is not None and dry_run:
@@ -322,7 +347,8 @@ def inject(
         warnings.simplefilter("default")
         warnings.showwarning = _warning_printer(err)
         report = _run(err, model, weights=weights, config=config, selection=selection,
-                      input_size=input_size, output=output, se_only=se_only, dry_run=dry_run)
+                      input_size=input_size, output=output, se_only=se_only, dry_run=dry_run,
+                      weights_ema=weights_ema)
     if plot is not None:
         report = _draw(err, report, plot)
     if json_output:
@@ -354,7 +380,8 @@ def _run(err: Console, model: str, **options: Any) -> Report:
     except NoSitesError as e:
         if e.plan is None:
             raise
-        raise NoSitesError(_no_sites_message(model, e.plan, options["selection"].plain), e.plan) from None
+        selection = options["selection"]
+        raise NoSitesError(_no_sites_message(model, e.plan, selection.plain, selection), e.plan) from None
 
 
 def _draw(err: Console, report: Report, plot: Path) -> Report:
@@ -374,8 +401,12 @@ def _draw(err: Console, report: Report, plot: Path) -> Report:
     return replace(report, plot=str(plot))
 
 
-def _no_sites_message(name: str, plan: Plan, plain: bool = False) -> str:
-    from .workflow import no_sites_reason
+def _no_sites_message(name: str, plan: Plan, plain: bool = False, selection: Any = None) -> str:
+    from .workflow import include_hint, no_sites_reason
+
+    hint = include_hint(plan, selection) if selection is not None else None
+    if hint is not None:
+        return f"no SE site in {name}: {hint} Nothing was written."
 
     if not plan.skipped:
         helps = (

@@ -25,6 +25,7 @@ __all__ = [
     "UnsafeCheckpointError",
     "OutputPathError",
     "UnfaithfulRebuildError",
+    "UnknownTagError",
 ]
 
 
@@ -90,3 +91,8 @@ class OutputPathError(SEInjectError, OSError):
 class UnfaithfulRebuildError(PlanMismatchError):
     """A rebuilt block does not compute what the original block computes on the example input
     (different outputs, or its forward raised); ``owner`` names it. Nothing was changed."""
+
+
+class UnknownTagError(UnknownModelError):
+    """A timm ``arch.tag`` name whose architecture exists but has no such pretrained tag (the
+    message lists the tags it has)."""

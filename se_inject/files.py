@@ -15,6 +15,7 @@ import pickletools
 import re
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,8 @@ from torch import nn
 
 from .errors import SEInjectError, UnsafeCheckpointError, WeightsError
 
-__all__ = ["read_pickle", "load_state_dict_file", "clean_state_dict", "load_strict", "key_problems", "is_torch_file"]
+__all__ = ["read_pickle", "load_state_dict_file", "read_weights_file", "WeightsFile", "clean_state_dict", "load_strict",
+           "key_problems", "is_torch_file"]
 
 #: How many missing / unexpected keys an error message names.
 _KEYS_SHOWN = 4
@@ -34,8 +36,21 @@ _ZIP_MAGIC = b"PK\x03\x04"
 #: First byte of a pickle of protocol 2 or later (torch's legacy, non-zip format).
 _PICKLE_PROTO = 0x80
 
-#: Keys under which training scripts wrap a model's state dict.
-_WRAPPERS = ("state_dict", "model_state_dict", "model", "state_dict_ema")
+#: Keys under which training scripts wrap a model's state dict: the plain weights, in the order
+#: timm's ``load_state_dict`` tries them (``model_state_dict`` is the PyTorch tutorials' key) ...
+_WRAPPERS = ("state_dict", "model", "model_state_dict")
+#: ... and the exponential moving average of them (timm's train.py and ``ModelEmaV2/V3`` users).
+_EMA_WRAPPERS = ("state_dict_ema", "model_ema")
+
+
+@dataclass(frozen=True)
+class WeightsFile:
+    """A state dict read from a file, and which of the file's state dicts it is."""
+
+    state: dict[str, torch.Tensor]
+    key: str | None  # the wrapper key it was under ("state_dict", "state_dict_ema"), None: the file is one
+    ema: bool  # the weights are the EMA ones
+    ema_key: str | None  # the file's EMA state dict's key, whether or not it was the one read
 
 
 def is_torch_file(path: Path) -> bool:
@@ -135,10 +150,32 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
 
     Training checkpoints that wrap the weights (``{"state_dict": ...}``, ``{"model": ...}``,
     ``{"model_state_dict": ...}``) are unwrapped, and the prefixes of DataParallel (``module.``)
-    and compiled models (``_orig_mod.``) removed.
+    and compiled models (``_orig_mod.``) removed. The plain weights are read; a file holding
+    only EMA weights gives those (:func:`read_weights_file` says which, and can pick EMA).
 
     Raises:
         WeightsError: the file is missing, corrupt, of another format, or holds no state dict.
+        UnsafeCheckpointError: unpickling it would run code (refused; nothing ran).
+    """
+    return read_weights_file(path).state
+
+
+def read_weights_file(path: str | os.PathLike[str], *, ema: bool = False) -> WeightsFile:
+    """:func:`load_state_dict_file`, saying which state dict was read; ``ema`` reads the EMA weights.
+
+    timm's training checkpoints hold the plain weights (``state_dict``) and, trained with
+    ``--model-ema``, their moving average (``state_dict_ema``). timm's ``load_state_dict``
+    picks EMA when present; here the plain weights are the default and ``ema`` asks for the
+    others, so nothing is chosen silently: :attr:`WeightsFile.ema_key` names the EMA weights a
+    file also holds. (The keys are timm's; the reading stays ours, so an unsafe file is refused
+    with the names it would import.)
+
+    Example:
+        >>> read_weights_file("last.pth.tar", ema=True).key
+        'state_dict_ema'
+
+    Raises:
+        WeightsError: as :func:`load_state_dict_file`; with ``ema``, also a file without EMA weights.
         UnsafeCheckpointError: unpickling it would run code (refused; nothing ran).
     """
     file = Path(path)
@@ -153,23 +190,33 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
             raise WeightsError(f"weights file {str(file)!r} is not a readable safetensors file: {e}") from e
     else:
         state = read_pickle(file, what="weights file", error=WeightsError)
-    return _unwrap_state_dict(state, file)
+    return _unwrap_state_dict(state, file, ema)
 
 
-def _unwrap_state_dict(data: Any, file: Path) -> dict[str, torch.Tensor]:
+def _wrapped(data: Any, keys: tuple[str, ...]) -> str | None:
+    if not isinstance(data, Mapping):
+        return None
+    return next((k for k in keys if isinstance(data.get(k), Mapping) and data[k]), None)
+
+
+def _unwrap_state_dict(data: Any, file: Path, ema: bool = False) -> WeightsFile:
     if isinstance(data, Mapping) and data.get("format") == "se-inject":
         raise WeightsError(
             f"{str(file)!r} is an se-inject checkpoint, not base-model weights; load it with se_inject.load()"
         )
-    for key in _WRAPPERS:
-        if isinstance(data, Mapping) and isinstance(data.get(key), Mapping):
-            data = data[key]
-            break
+    ema_key = _wrapped(data, _EMA_WRAPPERS)
+    if ema and ema_key is None:
+        raise WeightsError(
+            f"weights file {str(file)!r} holds no EMA weights ({' or '.join(_EMA_WRAPPERS)}); leave out --weights-ema"
+        )
+    key = ema_key if ema else (_wrapped(data, _WRAPPERS) or ema_key)
+    if key is not None:
+        data = data[key]
     if not isinstance(data, Mapping) or not data or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items()
     ):
         raise WeightsError(f"weights file {str(file)!r} does not hold a state dict (name -> tensor)")
-    return clean_state_dict(data)
+    return WeightsFile(clean_state_dict(data), key, key is not None and key == ema_key, ema_key)
 
 
 def load_strict(model: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:

@@ -5,6 +5,13 @@
 * A bare ``NAME`` is looked up in timm first, then in torchvision (35 names are in both, e.g.
   ``resnet50``; timm's is the one used). :class:`ModelSpec` records the library used, and the
   CLI says which one it was.
+* Lookups ignore case and give the registered spelling (``RESNET50`` is timm's ``resnet50``, as
+  the lower-case name is): torchvision's own lookup lower-cases, timm's does not, so matching
+  case-sensitively would send such a name to a different library.
+* A timm ``arch.tag`` must name one of the architecture's pretrained tags
+  (:class:`~se_inject.errors.UnknownTagError` lists them).
+* ``hf-hub:org/name`` (timm's convention for Hugging Face hub models) is a timm model whose
+  architecture and weights come from the hub (:mod:`se_inject.weights` fetches or finds them).
 
 Lookups go through the libraries' registries (``timm.is_model``,
 ``torchvision.models.get_model_builder``); timm and torchvision are imported on the first
@@ -20,9 +27,13 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .errors import UnknownModelError
+from .errors import UnknownModelError, UnknownTagError
 
-__all__ = ["Source", "ModelSpec", "resolve_name", "suggest", "model_origin", "tag_origin"]
+__all__ = ["HUB_PREFIX", "Source", "ModelSpec", "resolve_name", "suggest", "model_origin", "tag_origin",
+           "is_hub_name"]
+
+#: timm's prefix for Hugging Face hub models (``hf_hub:`` is accepted too, as timm does).
+HUB_PREFIX = "hf-hub:"
 
 #: Attribute set on models made here, so ``save`` can record where a model came from.
 _ORIGIN_ATTR = "_se_inject_origin"
@@ -43,23 +54,56 @@ class ModelSpec:
     name: str
 
     def __str__(self) -> str:
-        return f"{self.source}:{self.name}"
+        return self.name if is_hub_name(self.name) else f"{self.source}:{self.name}"
 
 
-def _in_timm(name: str) -> bool:
+def is_hub_name(name: str) -> bool:
+    """True for timm's Hugging Face hub names, ``hf-hub:org/name``."""
+    return name.startswith(HUB_PREFIX)
+
+
+def _in_timm(name: str) -> str | None:
+    """The registered spelling of ``name`` (``arch`` or ``arch.tag``) in timm, or None.
+
+    Raises:
+        UnknownTagError: the architecture exists but has no pretrained tag ``tag``.
+    """
     import timm
+    from timm.models import split_model_name_tag
 
-    return timm.is_model(name)  # strips a ``.tag``, so ``resnet50.a1_in1k`` is found too
+    arch, tag = split_model_name_tag(name)
+    if not timm.is_model(arch):
+        lower = {n.lower(): n for n in timm.list_models()}
+        if arch.lower() not in lower:
+            return None
+        arch = lower[arch.lower()]
+    if not tag:
+        return arch
+    tags = [n.partition(".")[2] for n in timm.list_pretrained(f"{arch}.*")]
+    for known in tags:
+        if known.lower() == tag.lower():
+            return f"{arch}.{known}"
+    listed = f"its tags: {', '.join(tags)}" if tags else "it has no pretrained tags (use the bare name)"
+    raise UnknownTagError(f"timm model {arch!r} has no pretrained tag {tag!r}; {listed}")
 
 
-def _in_torchvision(name: str) -> bool:
+def _in_torchvision(name: str) -> str | None:
+    """The registered spelling of ``name`` in torchvision, or None (its lookup ignores case)."""
     import torchvision
 
-    try:
-        torchvision.models.get_model_builder(name)
-    except ValueError:
-        return False
-    return True
+    lower = {n.lower(): n for n in torchvision.models.list_models()}
+    return lower.get(name.lower())
+
+
+def _hub_name(text: str) -> str | None:
+    """``hf-hub:org/name`` in timm's spelling, or None when ``text`` is no hub name."""
+    prefix, sep, repo = text.partition(":")
+    if not sep or prefix.lower() not in ("hf-hub", "hf_hub"):
+        return None
+    owner, slash, rest = repo.partition("/")
+    if not (owner and slash and rest) or "/" in rest:
+        raise UnknownModelError(f"bad hub name {text!r}: give hf-hub:ORG/NAME (a Hugging Face hub repository)")
+    return HUB_PREFIX + repo
 
 
 def suggest(name: str, *, limit: int = 5) -> list[str]:
@@ -93,26 +137,36 @@ def resolve_name(name: str) -> ModelSpec:
 
     Raises:
         UnknownModelError: the name is in neither registry (the message lists close matches).
+        UnknownTagError: a timm ``arch.tag`` whose tag the architecture does not have (the
+            message lists its tags).
     """
     text = name.strip()
+    if text.lower().startswith("timm:") and _hub_name(text[5:]):
+        text = text[5:]
+    hub = _hub_name(text)
+    if hub is not None:
+        return ModelSpec(Source.TIMM, hub)
     prefix, sep, rest = text.partition(":")
     if sep:
         try:
             source = Source(prefix.lower())
         except ValueError:
             raise UnknownModelError(
-                f"Unknown model source {prefix!r} in {name!r}; use timm:NAME, torchvision:NAME or a bare NAME"
+                f"Unknown model source {prefix!r} in {name!r}; use timm:NAME, torchvision:NAME, "
+                "hf-hub:ORG/NAME or a bare NAME"
             ) from None
         found = _in_timm(rest) if source is Source.TIMM else _in_torchvision(rest)
         if found:
-            return ModelSpec(source, rest)
+            return ModelSpec(source, found)
         where = f"not in {source}"
     else:
         rest = prefix
-        if rest and _in_timm(rest):
-            return ModelSpec(Source.TIMM, rest)
-        if rest and _in_torchvision(rest):
-            return ModelSpec(Source.TORCHVISION, rest)
+        found = _in_timm(rest) if rest else None
+        if found:
+            return ModelSpec(Source.TIMM, found)
+        found = _in_torchvision(rest) if rest else None
+        if found:
+            return ModelSpec(Source.TORCHVISION, found)
         where = "not in timm or torchvision"
     hints = suggest(text)
     hint = (

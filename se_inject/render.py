@@ -2,8 +2,9 @@
 
 Module and node names are never shortened: when the site table is wider than the screen (80
 columns when piped), it switches to a compact layout (short headers, no vertical rules) so the
-names keep their width; on a screen too narrow even for that, names fold onto a second line
-rather than end in an ellipsis. Numbers are right-aligned, one unit per column.
+names keep their width; on a screen too narrow even for that, the least needed columns are left
+out (with a line saying which) before any header or number would break, and names fold onto a
+second line rather than end in an ellipsis. Numbers are right-aligned, one unit per column.
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ def render(console: Console, report: Report) -> None:
 def _header(console: Console, report: Report) -> None:
     cfg = report.plan.config
     source = str(report.model.source)
-    note = "" if report.requested.startswith(f"{source}:") else f" (name found in {source})"
+    given = report.requested.startswith(f"{source}:") or report.requested == str(report.model)  # hf-hub:...
+    note = "" if given else f" (name found in {source})"
     console.print(f"[bold]se-inject[/] {report.model}{note}")
     weights = report.weights
     loud = str(weights.kind) == "random" and report.requested_weights != "random"
@@ -70,6 +72,21 @@ def _header(console: Console, report: Report) -> None:
     chosen = _describe_selection(report.selection.to_dict())
     if chosen:
         console.print(f"selection: {chosen}", soft_wrap=True)
+    capped = _capped(report)
+    if capped:
+        console.print(capped, soft_wrap=True)
+
+
+def _capped(report: Report) -> str | None:
+    """The note for a fixed hidden width wider than some sites: those blocks get their channel count."""
+    hidden = report.plan.config.hidden
+    sites = report.plan.sites
+    capped = [s for s in sites if hidden is not None and s.hidden < hidden]
+    if not capped:
+        return None
+    widths = ", ".join(str(w) for w in sorted({s.hidden for s in capped}))
+    return (f"note: --hidden {hidden} is more than the channels of {len(capped)} of {len(sites)} sites; "
+            f"their hidden width is capped at the channel count ({widths})")
 
 
 def _sites(console: Console, report: Report) -> None:
@@ -79,9 +96,13 @@ def _sites(console: Console, report: Report) -> None:
         return
     table = _site_table(rows, compact=False)
     natural = console.measure(table, options=console.options.update_width(10_000)).maximum
-    if natural > console.width:
-        table = _site_table(rows, compact=True)  # narrow screen: give way around the names
+    dropped: tuple[str, ...] = ()
+    if natural > console.width:  # narrow screen: give way around the names
+        dropped = _dropped_columns(rows, console.width)
+        table = _site_table(rows, compact=True, drop=dropped)
     console.print(table)
+    if dropped:
+        console.print(f"(left out at this width: {', '.join(dropped)}; --json has every column)")
 
 
 #: Column headers, full and compact (a narrow terminal or pipe: the names keep their width).
@@ -90,36 +111,72 @@ _SITE_HEADERS = {
     True: ("st", "size", "module", "kind", "C", "hid", "ax", "pre", "params"),
 }
 
+#: Compact columns left out, in this order, when even the compact table would break a header.
+_DROP_ORDER = ("ax", "pre", "kind", "hid", "size")
 
-def _site_table(rows: list[dict[str, Any]], *, compact: bool) -> Table:
+#: The module column's width below which columns are dropped rather than the names folded further.
+_MIN_MODULE = 16
+
+
+def _cells(site: dict[str, Any], first: bool) -> dict[str, str]:
+    """One site's compact cells, by header."""
+    return {
+        "st": str(site["stage"]) if first else "",
+        "size": size_text(site["spatial"]) if first else "",
+        "module": site["name"],
+        "kind": site["kind"],
+        "C": str(site["channels"]),
+        "hid": str(site["hidden"]),
+        "ax": str(site["channel_axis"]),
+        "pre": str(site["prefix_tokens"]),
+        "params": _fmt(site["params"]),
+    }
+
+
+def _dropped_columns(rows: list[dict[str, Any]], width: int) -> tuple[str, ...]:
+    """The compact columns to leave out so that every header and number keeps its width and
+    the names get at least ``_MIN_MODULE`` columns (or their own width, when shorter)."""
+    tokens = any(site["prefix_tokens"] for site in rows)
+    headers = [h for h in _SITE_HEADERS[True] if h != "pre" or tokens]
+    cells = [_cells(site, True) for site in rows]
+    need = {h: max(len(h), *(len(c[h]) for c in cells)) for h in headers}
+    need["module"] = min(need["module"], _MIN_MODULE)
+    dropped: list[str] = []
+    for candidate in (None, *_DROP_ORDER):
+        if candidate is not None and candidate in headers:
+            dropped.append(candidate)
+            headers.remove(candidate)
+        # compact layout: a space on each side of a column's cells, one rule character between columns
+        if sum(need[h] for h in headers) + 3 * (len(headers) - 1) + 2 <= width:
+            break
+    return tuple(dropped)
+
+
+def _site_table(rows: list[dict[str, Any]], *, compact: bool, drop: tuple[str, ...] = ()) -> Table:
     """Sites grouped by stage (the stage and its feature-map size head each group).
 
-    Compact: short headers, no vertical rules, one space between columns. Names fold onto a
-    second line only if even that does not fit; they are never cut.
+    Compact: short headers, no vertical rules, one space between columns; headers and numbers
+    never wrap (columns in ``drop`` are left out instead). Names fold onto a second line only
+    if even that does not fit; they are never cut.
     """
-    stage, size, module, kind, channels, hidden, axis, prefix, params = _SITE_HEADERS[compact]
+    labels = dict(zip(_SITE_HEADERS[True], _SITE_HEADERS[compact], strict=True))
     tokens = any(site["prefix_tokens"] for site in rows)
+    shown = [h for h in _SITE_HEADERS[True] if h not in drop and (h != "pre" or tokens)]
     style = {"box": box.SIMPLE_HEAD, "padding": (0, 1), "pad_edge": False} if compact else {}
     table = Table(title=f"SE sites ({len(rows)})", title_justify="left", **style)
-    table.add_column(stage, justify="right")
-    table.add_column(size, justify="right")
-    table.add_column(module, overflow="fold")
-    table.add_column(kind)
-    for label in (channels, hidden, axis, *([prefix] if tokens else []), params):
-        table.add_column(label, justify="right")
+    for key in shown:
+        if key == "module":
+            table.add_column(labels[key], overflow="fold")
+        else:
+            table.add_column(labels[key], justify="left" if key == "kind" else "right", no_wrap=compact)
     last = None
     for site in sorted(rows, key=lambda s: s["stage"]):
         first = site["stage"] != last
         if first and last is not None:
             table.add_section()
         last = site["stage"]
-        table.add_row(
-            str(site["stage"]) if first else "",
-            size_text(site["spatial"]) if first else "",
-            site["name"], site["kind"], str(site["channels"]), str(site["hidden"]), str(site["channel_axis"]),
-            *([str(site["prefix_tokens"])] if tokens else []),
-            _fmt(site["params"]),
-        )
+        cells = _cells(site, first)
+        table.add_row(*(cells[key] for key in shown))
     return table
 
 
@@ -205,6 +262,10 @@ def _closing(console: Console, report: Report) -> None:
         console.print("no model written: give -o FILE.pt to save it (or --dry-run to only plan)")
     if report.plot:
         console.print(f"wrote {report.plot} (plot: SE blocks and parameters per stage)", soft_wrap=True)
+    if str(report.weights.kind) == "random" and report.requested_weights != "random":
+        # Said at the top too; repeated last, where a reader of a long report looks.
+        console.print(f"[bold red]WARNING:[/] the base model has RANDOM weights: {report.weights.detail}",
+                      soft_wrap=True)
 
 
 def _describe_selection(selection: dict[str, Any]) -> str:

@@ -34,7 +34,7 @@ from urllib.parse import urlparse
 from torch import nn
 
 from .errors import WeightsError
-from .names import ModelSpec, Source, tag_origin
+from .names import HUB_PREFIX, ModelSpec, Source, is_hub_name, tag_origin
 
 __all__ = [
     "PROBE_TIMEOUT_S",
@@ -148,20 +148,67 @@ def default_network() -> Network:
     return OFFLINE if os.environ.get("SE_INJECT_OFFLINE", "").lower() in _TRUE else Network()
 
 
-def create_model(spec: ModelSpec, *, num_classes: int | None = None) -> nn.Module:
-    """Build ``spec`` with the library's random initialisation; never downloads anything.
+def _hub_host() -> str | None:
+    return urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+
+
+def _hub_folder(spec: ModelSpec, network: Network) -> str | None:
+    """The cached snapshot folder of a hub model (its ``config.json`` is there), or None."""
+    config = network.hf_cached(spec.name[len(HUB_PREFIX):], "config.json")
+    return os.path.dirname(config) if config else None
+
+
+def _hub_architecture(spec: ModelSpec, network: Network) -> str:
+    """What to hand ``timm.create_model`` for a hub model: its cached folder (``local-dir:``), so
+    nothing is fetched, or the hub name when the hub answers.
+
+    Raises:
+        WeightsError: the model's config is not cached and the hub cannot be reached.
+    """
+    folder = _hub_folder(spec, network)
+    if folder is not None:
+        return f"local-dir:{folder}"
+    host = _hub_host()
+    if host is None or not network.reachable(host):
+        raise WeightsError(
+            f"the architecture of {spec} (config.json) is not in the local cache and "
+            f"{host or 'the hub'} cannot be reached (offline?)"
+        )
+    return spec.name
+
+
+def _create_timm(name: str, spec: ModelSpec, **kwargs: Any) -> nn.Module:
+    import timm
+
+    if not is_hub_name(spec.name):
+        return timm.create_model(name, **kwargs)
+    try:
+        with _stdout_to_stderr():
+            return timm.create_model(name, **kwargs)
+    except Exception as e:  # the hub's errors (no such repository, a bad config) in one line
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise WeightsError(f"{spec} could not be built from the hub: {first}") from e
+
+
+def create_model(spec: ModelSpec, *, num_classes: int | None = None, network: Network | None = None) -> nn.Module:
+    """Build ``spec`` with the library's random initialisation; never downloads weights.
 
     torchvision detection and segmentation builders default to a pretrained backbone; that
-    default is turned off here.
+    default is turned off here. A hub model (``hf-hub:org/name``) needs its ``config.json``:
+    from the hub cache, else fetched (``network`` decides whether that is tried).
 
     Example:
         >>> model = create_model(resolve_name("torchvision:resnet18"))
+
+    Raises:
+        WeightsError: a hub model's config is neither cached nor reachable.
     """
     if spec.source is Source.TIMM:
-        import timm
-
         kwargs: dict[str, Any] = {} if num_classes is None else {"num_classes": num_classes}
-        return tag_origin(timm.create_model(spec.name, pretrained=False, **kwargs), spec)
+        name = spec.name
+        if is_hub_name(name):
+            name = _hub_architecture(spec, network if network is not None else default_network())
+        return tag_origin(_create_timm(name, spec, pretrained=False, **kwargs), spec)
     import torchvision
 
     builder = torchvision.models.get_model_builder(spec.name)
@@ -190,6 +237,15 @@ def _torch_hub_cached(url: str) -> str | None:
 
     path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
     return str(path) if path.is_file() else None
+
+
+def _hub_pretrained(spec: ModelSpec, network: Network) -> _Pretrained:
+    """A hub model's weights: its cached folder when config and weights are both cached, else the hub."""
+    repo = spec.name[len(HUB_PREFIX):]
+    folder = _hub_folder(spec, network)
+    if folder is not None and network.hf_cached(repo, None) is None:
+        folder = None
+    return _Pretrained(repo, folder, _hub_host())
 
 
 def _timm_pretrained(name: str, network: Network) -> _Pretrained:
@@ -245,7 +301,7 @@ def create_pretrained(
     """
     network = network if network is not None else default_network()
     if spec.source is Source.TIMM:
-        where = _timm_pretrained(spec.name, network)
+        where = _hub_pretrained(spec, network) if is_hub_name(spec.name) else _timm_pretrained(spec.name, network)
     else:
         where = _torchvision_pretrained(spec.name)
     if where.cached is None:
@@ -270,6 +326,9 @@ def create_pretrained(
 
 
 def _build_pretrained(spec: ModelSpec, where: _Pretrained) -> nn.Module:
+    if spec.source is Source.TIMM and is_hub_name(spec.name):
+        name = f"local-dir:{where.cached}" if where.cached else spec.name
+        return _create_timm(name, spec, pretrained=True)
     if spec.source is Source.TIMM:
         import timm
 

@@ -31,12 +31,13 @@ from .checkpoint import check_output_path, save
 from .complexity import compare, count
 from .errors import ConfigError, NoSitesError, SelectionError
 from .names import ModelSpec
-from .plan import Plan, SiteKind
+from .plan import Plan, SiteKind, SkipReason
 from .report import Report, Selection, build_report, size_text
+from .sites.selection import NOT_INCLUDED
 from .weights import Network
 from .zoo import default_input_size, load_model
 
-__all__ = ["MAX_SIDE", "Injection", "inject_named", "resolve_input_size", "no_sites_reason"]
+__all__ = ["MAX_SIDE", "Injection", "inject_named", "resolve_input_size", "no_sites_reason", "include_hint"]
 
 #: Largest input side accepted for analysis and counts. Analysis runs on meta tensors, but a
 #: model whose graph needs a real pass would allocate the input, and no vision model is run at
@@ -107,6 +108,27 @@ def no_sites_reason(plan: Plan) -> str:
     return why
 
 
+def include_hint(plan: Plan, selection: Selection) -> str | None:
+    """When the ``include`` globs matched no site at all: a sentence saying so, with the glob
+    that was probably meant (globs match whole names, so ``layer4`` matches no ``layer4.0.se``).
+
+    Example:
+        >>> include_hint(plan, Selection(include=("layer4",)))
+        "no site matches --include layer4; globs match whole names, did you mean 'layer4.*'?"
+    """
+    if not selection.include or plan.sites:
+        return None
+    left_out = [s for s in plan.skipped if s.detail == NOT_INCLUDED]
+    later = [s for s in plan.skipped if s.reason is SkipReason.EXCLUDED and s.detail != NOT_INCLUDED]
+    if not left_out or later or (selection.min_channels and any(
+            s.reason is SkipReason.TOO_FEW_CHANNELS for s in plan.skipped)):
+        return None
+    given = " ".join(f"--include {g}" for g in selection.include)
+    meant = [f"'{g.rstrip('.')}.*'" for g in selection.include if not g.endswith("*")]
+    hint = f", did you mean {' '.join(meant)}?" if meant else " (module names such as 'layer1.0.se')"
+    return f"no site matches {given}; globs match whole names{hint}"
+
+
 def _warn_minimum_width(plan: Plan) -> None:
     cfg = plan.config
     if cfg.hidden is not None or not plan.sites:
@@ -165,6 +187,7 @@ def inject_named(
     dry_run: bool = False,
     progress: Progress | None = None,
     network: Network | None = None,
+    weights_ema: bool = False,
 ) -> Injection:
     """Build ``name``, plan and insert SE blocks, count before and after, and save to ``output``.
 
@@ -191,7 +214,7 @@ def inject_named(
         check_output_path(output)
         replaced = Path(output).exists()
     say(f"building {name} (weights: {weights})...")
-    loaded = load_model(name, weights, network=network)
+    loaded = load_model(name, weights, network=network, ema=weights_ema)
     net, spec = loaded.model, loaded.spec
     size = resolve_input_size(input_size, default_input_size(spec, net), model=str(spec))
     say(f"counting the base model at {size_text(size)}...")
@@ -202,8 +225,12 @@ def inject_named(
     _warn_minimum_width(plan)
     if plan.sites:
         net = apply_plan(net, plan, traces=traces)  # a plan is a promise: every listed site is built
+    hint = include_hint(plan, selection)
     if not plan.sites and not dry_run:
-        raise NoSitesError(f"no SE site in {spec}: {no_sites_reason(plan)}. Nothing was written.", plan=plan)
+        why = hint or no_sites_reason(plan)
+        raise NoSitesError(f"no SE site in {spec}: {why}. Nothing was written.", plan=plan)
+    if hint is not None:
+        warnings.warn(hint, UserWarning, stacklevel=2)
     after = count(net, size) if plan.sites else before
     if output is not None and not dry_run:
         say(f"writing {output}...")

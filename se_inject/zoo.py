@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import WeightsError
-from .files import load_state_dict_file, load_strict
+from .errors import ConfigError, WeightsError
+from .files import WeightsFile, load_strict, read_weights_file
 from .input_size import DEFAULT_SIDE, model_input_size
 from .names import ModelSpec, resolve_name
 from .weights import Network, WeightsInfo, WeightsKind, create_model, create_pretrained
@@ -108,7 +108,22 @@ def create_model_for_state(spec: ModelSpec, state: Mapping[str, torch.Tensor]) -
     return model
 
 
-def load_model(name: str, weights: str | os.PathLike[str] = "auto", *, network: Network | None = None) -> LoadedModel:
+def _file_detail(weights: str | os.PathLike[str], read: WeightsFile, requested_ema: bool) -> str:
+    """Which of the file's state dicts was loaded, in words for the report."""
+    if read.key is None:
+        return f"file {weights}"
+    if read.ema:
+        alone = "" if requested_ema else ", the only weights it holds"
+        return f"file {weights} (EMA weights {read.key!r}{alone})"
+    if read.ema_key is not None:
+        return (f"file {weights} (plain weights {read.key!r}; it also holds EMA weights {read.ema_key!r}: "
+                "--weights-ema loads those)")
+    return f"file {weights} ({read.key!r})"
+
+
+def load_model(
+    name: str, weights: str | os.PathLike[str] = "auto", *, network: Network | None = None, ema: bool = False
+) -> LoadedModel:
     """Resolve ``name`` and build the model with the requested weights.
 
     Args:
@@ -118,6 +133,8 @@ def load_model(name: str, weights: str | os.PathLike[str] = "auto", *, network: 
             weights cannot be had; the returned :class:`WeightsInfo` says so too.
         network: how pretrained weights are looked for (:data:`~se_inject.weights.OFFLINE`:
             caches only); the default honours ``SE_INJECT_OFFLINE``.
+        ema: read a training checkpoint's EMA weights (``state_dict_ema``) rather than its
+            plain ones; the returned :class:`WeightsInfo` names the state dict read either way.
 
     Example:
         >>> loaded = load_model("torchvision:resnet18", weights="random")
@@ -129,21 +146,26 @@ def load_model(name: str, weights: str | os.PathLike[str] = "auto", *, network: 
         WeightsError: pretrained weights cannot be had (``"pretrained"``), or the file is
             missing, corrupt or does not fit the architecture.
         UnsafeCheckpointError: the weights file would run code when unpickled.
+        ConfigError: ``ema`` without a weights file.
     """
+    if ema and weights in ("auto", "pretrained", "random"):
+        raise ConfigError(f"EMA weights are read from a training checkpoint file; weights={weights!r} is none")
     spec = resolve_name(name)
     if weights == "random":
-        return LoadedModel(create_model(spec), spec, WeightsInfo(WeightsKind.RANDOM, "random init (by request)"))
+        info = WeightsInfo(WeightsKind.RANDOM, "random init (by request)")
+        return LoadedModel(create_model(spec, network=network), spec, info)
     if weights in ("auto", "pretrained"):
         try:
             model, info = create_pretrained(spec, network=network)
         except WeightsError as e:
             if weights == "pretrained":
                 raise
+            model = create_model(spec, network=network)  # first: a hub model may not even build
             warnings.warn(f"{e}; using RANDOM init instead", UserWarning, stacklevel=2)
             info = WeightsInfo(WeightsKind.RANDOM, f"random init (pretrained unavailable: {e})")
-            return LoadedModel(create_model(spec), spec, info)
+            return LoadedModel(model, spec, info)
         return LoadedModel(model, spec, info)
-    state = load_state_dict_file(weights)
-    model = create_model_for_state(spec, state)
-    load_strict(model, state, f"weights file {str(weights)!r}")
-    return LoadedModel(model, spec, WeightsInfo(WeightsKind.FILE, f"file {weights}"))
+    read = read_weights_file(weights, ema=ema)
+    model = create_model_for_state(spec, read.state)
+    load_strict(model, read.state, f"weights file {str(weights)!r}")
+    return LoadedModel(model, spec, WeightsInfo(WeightsKind.FILE, _file_detail(weights, read, ema)))

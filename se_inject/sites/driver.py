@@ -210,6 +210,14 @@ def _finalise(
     taken: dict[str, set[str]] = {}
     seen_sources: dict[tuple[int, fx.Node], int] = {}
     root_issues: dict[str, str] = {}
+    # Owners with several sites name each after its source; counted before selection, so a
+    # site's name does not depend on which others are selected.
+    per_owner: dict[str, set[tuple[int, fx.Node, str]]] = {}
+    for cand in candidates:
+        if cand.skip is None and cand.source is not None:
+            per_owner.setdefault(cand.unit.full(cand.owner_rel), set()).add(
+                (id(cand.unit), cand.source, cand.rep_source))
+    named: dict[tuple[int, fx.Node, str], str] = {}
     for cand in candidates:
         if cand.skip is not None:
             skipped.append(cand.skip)
@@ -224,14 +232,17 @@ def _finalise(
         owner = cand.unit.full(cand.owner_rel)
         if not cand.owner_rel and cand.unit.root_call_issue:
             root_issues[owner] = cand.unit.root_call_issue
-        name = free_name(model, owner, taken)
+        if key not in named:
+            several = len(per_owner.get(owner, ())) > 1
+            named[key] = free_name(model, owner, taken, cand.rep_source if several else None)
+            taken.setdefault(owner, set()).add(named[key].rsplit(".", 1)[-1])
+        name = named[key]
         node_name = cand.unit.names[cand.anchor]
         stage, spatial = stages[id(cand)]
         reason = deselected(selection, name, owner, cand.channels, stage, spatial)
         if reason is not None:
             skipped.append(Skipped(node_name, *reason))
             continue
-        taken.setdefault(owner, set()).add(name.rsplit(".", 1)[-1])
         seen_sources[key] = len(sites)
         sites.append(
             Site(

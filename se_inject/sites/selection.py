@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -13,7 +14,11 @@ from ..errors import ConfigError, SelectionError
 from ..plan import SkipReason
 from .records import Candidate
 
-__all__ = ["Selection", "check_globs", "check_ints", "check_selection", "deselected", "free_name", "number_stages"]
+__all__ = ["NOT_INCLUDED", "Selection", "check_globs", "check_ints", "check_selection", "deselected", "free_name",
+           "number_stages"]
+
+#: The detail of a site left out because no ``include`` glob matched it.
+NOT_INCLUDED = "not matched by include"
 
 
 @dataclass(frozen=True)
@@ -124,7 +129,7 @@ def deselected(
 ) -> tuple[SkipReason, str] | None:
     """Why a site is left out by the selection (reason, detail), or None when it is kept."""
     if selection.include is not None and not _matches(selection.include, name, owner):
-        return SkipReason.EXCLUDED, "not matched by include"
+        return SkipReason.EXCLUDED, NOT_INCLUDED
     if selection.exclude is not None and _matches(selection.exclude, name, owner):
         return SkipReason.EXCLUDED, "matched by exclude"
     if selection.stages is not None and stage not in selection.stages:
@@ -140,17 +145,28 @@ def _matches(globs: tuple[str, ...], name: str, owner: str) -> bool:
     return any(fnmatch.fnmatchcase(name, g) or fnmatch.fnmatchcase(owner, g) for g in globs)
 
 
-def free_name(model: nn.Module, owner: str, taken: dict[str, set[str]]) -> str:
-    """``owner.se``, ``owner.se_1``, ...: the first name the owner does not already use.
+def _after(owner: str, source: str) -> str:
+    """``se_after_<source>``: the source's path inside the owner, as an attribute name."""
+    rel = source[len(owner) + 1:] if owner and source.startswith(owner + ".") else source
+    return "se_after_" + (re.sub(r"\W+", "_", rel).strip("_") or "input")
+
+
+def free_name(model: nn.Module, owner: str, taken: dict[str, set[str]], after: str | None = None) -> str:
+    """The site's module name: ``owner.se``, or with ``after`` (the node the SE follows, for an
+    owner with several sites) ``owner.se_after_conv3``; numbered (``_2``, ...) if the owner
+    already uses that name.
 
     An attribute set to ``None`` counts as free, so timm blocks built without attention
-    (``self.se = None``) get ``se`` and their keys match timm's SE-ResNets.
+    (``self.se = None``) get ``se`` and their keys match timm's SE-ResNets. Names that say
+    where they are (``blocks.0.se_after_ls1``, ``blocks.0.se_after_ls2``) rather than
+    ``se``, ``se_1``: a user reading a state dict or a hook finds the site without the plan.
     """
     module = model.get_submodule(owner) if owner else model
     used = taken.get(owner, set())
+    base = "se" if after is None else _after(owner, after)
     k = 0
     while True:
-        attr = "se" if k == 0 else f"se_{k}"
+        attr = base if k == 0 else f"{base}_{k + 1}" if after is not None else f"se_{k}"
         if attr not in used and getattr(module, attr, None) is None:
             return f"{owner}.{attr}" if owner else attr
         k += 1
