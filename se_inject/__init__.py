@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from .errors import PlanMismatchError as PlanMismatchError
     from .errors import SEInjectError as SEInjectError
     from .errors import SelectionError as SelectionError
+    from .errors import UnfaithfulRebuildError as UnfaithfulRebuildError
     from .errors import UnknownModelError as UnknownModelError
     from .errors import UnsafeCheckpointError as UnsafeCheckpointError
     from .errors import WeightsError as WeightsError
@@ -70,6 +71,7 @@ _EXPORTS: dict[str, str] = {
     "CheckpointError": "errors",
     "UnsafeCheckpointError": "errors",
     "OutputPathError": "errors",
+    "UnfaithfulRebuildError": "errors",
     "HeadNotFoundError": "finetune",
     "gate_statistics": "gates",
     "find_head": "finetune",
