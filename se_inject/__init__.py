@@ -29,8 +29,8 @@ if TYPE_CHECKING:
     from .errors import PlanMismatchError as PlanMismatchError
     from .errors import SEInjectError as SEInjectError
     from .errors import SelectionError as SelectionError
-    from .errors import UnknownModelError as UnknownModelError
     from .errors import UnfaithfulRebuildError as UnfaithfulRebuildError
+    from .errors import UnknownModelError as UnknownModelError
     from .errors import UnknownTagError as UnknownTagError
     from .errors import UnsafeCheckpointError as UnsafeCheckpointError
     from .errors import WeightsError as WeightsError
@@ -69,11 +69,11 @@ _EXPORTS: dict[str, str] = {
     "PlanMismatchError": "errors",
     "UnknownModelError": "errors",
     "UnknownTagError": "errors",
-    "UnfaithfulRebuildError": "errors",
     "WeightsError": "errors",
     "CheckpointError": "errors",
     "UnsafeCheckpointError": "errors",
     "OutputPathError": "errors",
+    "UnfaithfulRebuildError": "errors",
     "HeadNotFoundError": "finetune",
     "gate_statistics": "gates",
     "find_head": "finetune",
