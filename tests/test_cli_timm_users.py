@@ -210,7 +210,7 @@ def test_se_module_names_say_which_node_they_follow(tmp_path) -> None:
             assert attr.isidentifier() and "." not in attr
             if len(sites) > 1:  # several in one block: each named after its source, not numbered
                 rel = site["source"].removeprefix(f"{owner}.")
-                assert attr == "se_after_" + rel.replace(".", "_"), site
+                assert attr == "se_" + rel.replace(".", "_"), site
     model = se_inject.load("model.pt")
     modules = dict(model.named_modules())
     assert all(isinstance(modules[n], se_inject.SEBlock) for n in names)
