@@ -140,14 +140,27 @@ def _dropped_columns(rows: list[dict[str, Any]], width: int) -> tuple[str, ...]:
     headers = [h for h in _SITE_HEADERS[True] if h != "pre" or tokens]
     cells = [_cells(site, True) for site in rows]
     need = {h: max(len(h), *(len(c[h]) for c in cells)) for h in headers}
-    need["module"] = min(need["module"], _MIN_MODULE)
-    dropped: list[str] = []
-    for candidate in (None, *_DROP_ORDER):
-        if candidate is not None and candidate in headers:
-            dropped.append(candidate)
-            headers.remove(candidate)
+    def fits(shown: list[str], module: int) -> bool:
         # compact layout: a space on each side of a column's cells, one rule character between columns
-        if sum(need[h] for h in headers) + 3 * (len(headers) - 1) + 2 <= width:
+        return sum(module if h == "module" else need[h] for h in shown) + 3 * (len(shown) - 1) + 2 <= width
+
+    # Names whole, at the cost of the least needed columns (the axis, the prefix-token count) ...
+    if fits(headers, need["module"]):
+        return ()
+    few = [h for h in headers if h not in ("ax", "pre")]
+    if fits(few, need["module"]):
+        dropped = [h for h in ("ax", "pre") if h in headers]
+        if len(dropped) == 2 and fits([h for h in headers if h != "pre"], need["module"]):
+            dropped = ["pre"]
+        return tuple(dropped)
+    headers_left, dropped = list(headers), []
+    # ... else names folded onto a second line, down to _MIN_MODULE, before any header breaks.
+    module = min(need["module"], _MIN_MODULE)
+    for candidate in (None, *_DROP_ORDER):
+        if candidate is not None and candidate in headers_left:
+            dropped.append(candidate)
+            headers_left.remove(candidate)
+        if fits(headers_left, module):
             break
     return tuple(dropped)
 

@@ -109,8 +109,8 @@ def no_sites_reason(plan: Plan) -> str:
 
 
 def include_hint(plan: Plan, selection: Selection) -> str | None:
-    """When the ``include`` globs matched no site at all: a sentence saying so, with the glob
-    that was probably meant (globs match whole names, so ``layer4`` matches no ``layer4.0.se``).
+    """When the ``include`` globs matched no site at all and one has no trailing ``*``: a sentence
+    saying so, with the glob that was probably meant (globs match whole names, so ``layer4`` matches no ``layer4.0.se``).
 
     Example:
         >>> include_hint(plan, Selection(include=("layer4",)))
@@ -123,10 +123,11 @@ def include_hint(plan: Plan, selection: Selection) -> str | None:
     if not left_out or later or (selection.min_channels and any(
             s.reason is SkipReason.TOO_FEW_CHANNELS for s in plan.skipped)):
         return None
-    given = " ".join(f"--include {g}" for g in selection.include)
     meant = [f"'{g.rstrip('.')}.*'" for g in selection.include if not g.endswith("*")]
-    hint = f", did you mean {' '.join(meant)}?" if meant else " (module names such as 'layer1.0.se')"
-    return f"no site matches {given}; globs match whole names{hint}"
+    if not meant:  # every glob has its wildcard: the general no-site message says what would help
+        return None
+    given = " ".join(f"--include {g}" for g in selection.include)
+    return f"no site matches {given}; globs match whole names, did you mean {' '.join(meant)}?"
 
 
 def _warn_minimum_width(plan: Plan) -> None:

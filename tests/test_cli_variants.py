@@ -182,7 +182,7 @@ def test_plain_network_vgg11() -> None:
     assert len(data["sites"]) == 8 and {s["kind"] for s in data["sites"]} == {"plain"}
     assert data["selection"]["plain"] is True
     # eight convolutions, one block after each one's ReLU; stages follow the max-pools
-    assert site(data, "features.se")["source"] == "features.1"
+    assert site(data, "features.se_1")["source"] == "features.1"
     assert [(row["stage"], row["sites"]) for row in data["by_stage"]] == [(0, 1), (1, 1), (2, 2), (3, 2), (4, 2)]
     assert data["params"]["added"] == sum(s["params"] for s in data["sites"])
 
@@ -192,7 +192,7 @@ def test_tokens_on_a_vision_transformer() -> None:
     assert len(data["sites"]) == 24  # attention and MLP branch of each of the 12 encoder layers
     assert {(s["channel_axis"], s["prefix_tokens"], s["channels"]) for s in data["sites"]} == {(-1, 1, 768)}
     assert {tuple(s["spatial"]) for s in data["sites"]} == {(197,)}  # 196 patches + the class token
-    assert site(data, "encoder.layers.encoder_layer_0.se")["kind"] == "residual"
+    assert site(data, "encoder.layers.encoder_layer_0.se_getitem")["kind"] == "residual"
     assert data["selection"]["tokens"] is True
     # the table shows the tokens left out of the squeeze; one stage, 197 tokens
     result = run("torchvision:vit_b_16", "--weights", "random", "--dry-run", "--tokens", "--stage", "0")
@@ -201,9 +201,9 @@ def test_tokens_on_a_vision_transformer() -> None:
     assert [cell.strip() for cell in header.split("┃")[1:-1]] == [
         "stage", "size", "module", "kind", "channels", "hidden", "axis", "prefix", "params"
     ]
-    row = next(line for line in result.stdout.splitlines() if "encoder_layer_0.se " in line)
+    row = next(line for line in result.stdout.splitlines() if "encoder_layer_0.se_getitem " in line)
     assert [cell.strip() for cell in row.split("│")[1:-1]] == [
-        "0", "197", "encoder.layers.encoder_layer_0.se", "residual", "768", "48", "-1", "1", "74,544"
+        "0", "197", "encoder.layers.encoder_layer_0.se_getitem", "residual", "768", "48", "-1", "1", "74,544"
     ]  # 2 * 768 * 48 + 48 + 768
 
 

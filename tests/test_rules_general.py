@@ -114,7 +114,7 @@ def test_a_sum_inside_a_concatenation_is_trunk_and_the_new_input_is_dense() -> N
     assert plan.skipped == ()
     outs = _outputs(model, "1.branch", "1.new")
     _, seen = _inject(model)
-    assert torch.equal(seen["1.se_after_branch"], outs["1.branch"]) and torch.equal(seen["1.se_after_new"], outs["1.new"])
+    assert torch.equal(seen["1.se_branch"], outs["1.branch"]) and torch.equal(seen["1.se_new"], outs["1.new"])
 
 
 @pytest.mark.parametrize("transition", [True, False])
@@ -236,7 +236,7 @@ def test_osa_chain_gets_one_se_per_new_layer() -> None:
     assert plan.skipped == ()
     outs = _outputs(model, "1.layers.0", "1.layers.1", "1.layers.2")
     _, seen = _inject(model)
-    for i, name in enumerate(["1.se_after_layers_0", "1.se_after_layers_1", "1.se_after_layers_2"]):
+    for i, name in enumerate(["1.se_layers_0", "1.se_layers_1", "1.se_layers_2"]):
         assert torch.equal(seen[name], outs[f"1.layers.{i}"])
 
 
@@ -284,7 +284,7 @@ def test_plain_injection_keeps_a_reparameterisable_net_fusable() -> None:
     make = lambda: nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), RepBlock(8), RepBlock(8))  # noqa: E731
     _check_fusion_after_plain_injection(make, torch.randn(2, 3, 16, 16), blocks=2)
     plan = find_sites(make(), plain=True)
-    assert [(s.name, s.owner, s.source) for s in plan.sites] == [("se_after_1", "", "1"), ("se_after_2", "", "2")]
+    assert [(s.name, s.owner, s.source) for s in plan.sites] == [("se_1", "", "1"), ("se_2", "", "2")]
 
 
 def test_plain_injection_keeps_timm_repvgg_fusable() -> None:

@@ -90,5 +90,5 @@ def test_convnext_squeezes_before_layer_scale_and_stochastic_depth() -> None:
 def test_dense_sites_scale_new_features_once_per_producer() -> None:
     plan = find_sites(_build("densenet121"))
     first_block = [s for s in plan.sites if s.owner == "features.denseblock1"]
-    assert [s.name for s in first_block] == [f"features.denseblock1.se_after_denselayer{k}" for k in range(1, 7)]
+    assert [s.name for s in first_block] == [f"features.denseblock1.se_denselayer{k}" for k in range(1, 7)]
     assert [s.source for s in first_block] == [f"features.denseblock1.denselayer{k}" for k in range(1, 7)]

@@ -146,19 +146,19 @@ def _matches(globs: tuple[str, ...], name: str, owner: str) -> bool:
 
 
 def _after(owner: str, source: str) -> str:
-    """``se_after_<source>``: the source's path inside the owner, as an attribute name."""
+    """``se_<source>``: the source's path inside the owner, as an attribute name."""
     rel = source[len(owner) + 1:] if owner and source.startswith(owner + ".") else source
-    return "se_after_" + (re.sub(r"\W+", "_", rel).strip("_") or "input")
+    return "se_" + (re.sub(r"\W+", "_", rel).strip("_") or "input")
 
 
 def free_name(model: nn.Module, owner: str, taken: dict[str, set[str]], after: str | None = None) -> str:
     """The site's module name: ``owner.se``, or with ``after`` (the node the SE follows, for an
-    owner with several sites) ``owner.se_after_conv3``; numbered (``_2``, ...) if the owner
+    owner with several sites) ``owner.se_conv3``; numbered (``_2``, ...) if the owner
     already uses that name.
 
     An attribute set to ``None`` counts as free, so timm blocks built without attention
     (``self.se = None``) get ``se`` and their keys match timm's SE-ResNets. Names that say
-    where they are (``blocks.0.se_after_ls1``, ``blocks.0.se_after_ls2``) rather than
+    where they are (``blocks.0.se_attn_proj``, ``blocks.0.se_mlp_fc2``) rather than
     ``se``, ``se_1``: a user reading a state dict or a hook finds the site without the plan.
     """
     module = model.get_submodule(owner) if owner else model
