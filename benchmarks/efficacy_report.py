@@ -219,6 +219,8 @@ def _summary(result: dict[str, Any]) -> list[str]:
 def render_markdown(result: dict[str, Any], plots: list[str], quick: bool) -> str:
     """The report: protocol, one table per setting, gate statistics per stage, plots."""
     p = result["protocol"]
+    if not result.get("settings"):  # --part scratch alone
+        return "\n".join(["# Does SE help? From-scratch experiment", "", *_scratch_section(result["scratch"])]) + "\n"
     lines = [
         "# Does retrofitting SE help? Transfer experiment" + (" (--quick: CI smoke run, not a result)" if quick else ""),
         "",
@@ -311,7 +313,9 @@ def write_plots(result: dict[str, Any], out: Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
-    paths = [_accuracy_plot(result, out / "efficacy.png"), _gate_plot(result, out / "efficacy_gates.png")]
+    paths = []
+    if result.get("settings"):  # a --part scratch run has no transfer settings
+        paths += [_accuracy_plot(result, out / "efficacy.png"), _gate_plot(result, out / "efficacy_gates.png")]
     if any("trainable_params" in e for e in result.get("arms", {}).values()):
         paths.append(_budget_plot(result, out / "efficacy_budget.png"))
     return paths
