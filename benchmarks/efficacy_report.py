@@ -204,7 +204,7 @@ def _summary(result: dict[str, Any]) -> list[str]:
             continue
         d = arms["se"]["paired_vs_plain"]
         line = (
-            f"- {sp['target']}, {sp['budget_per_class']} per class: {_diff(d)} "
+            f"- {sp['target']}, {sp['budget_per_class']} per class{' (round 1)' if setting.get('round') == 1 else ''}: {_diff(d)} "
             f"({d['wins']} better / {d['losses']} worse / {d['ties']} tied, paired t p = {_p(d['t_p'])})"
         )
         if arms["se"]["lr"] != arms["plain"]["lr"]:
@@ -235,7 +235,7 @@ def render_markdown(result: dict[str, Any], plots: list[str], quick: bool) -> st
         f"- Seeds {p['seeds']}, paired across arms (labelled subset, head init, data order, augmentation). "
         f"A fifth of each class's labelled images is the validation split; test images are never used to choose.",
         f"- {p['threads']} torch thread(s), {p['machine']}, torch {p['torch']}, timm {p['timm']}; "
-        f"runs took {p['wall_seconds'] / 60:.1f} min in all.",
+        f"runs took {p['wall_seconds'] / 60:.1f} min in all (parts added; some ran side by side, sharing the cores).",
         *_round_note(result),
         "",
         "Arms: " + "; ".join(f"`{a}`: {t}" for a, t in ARM_TEXT.items()) + ".",
