@@ -11,22 +11,31 @@ Protocol (issue 12):
    A fifth of each class's labelled images is the validation split; the test set is never used
    to choose anything.
 3. Arms, with the same steps, schedule, augmentation and optimizer, each with its learning rate
-   picked on the validation split (seed 0) from one grid: ``plain`` (backbone + new head),
-   ``se`` (``inject_se`` defaults, SE blocks in their own ``param_groups`` group),
-   ``se_naive`` (the paper's sigmoid with ordinary initialisation, ``identity_init=False``),
-   ``se_adapter`` (``freeze_except_se``: SE blocks and head train, BatchNorm statistics frozen)
-   and ``head_only`` (linear probe on the frozen backbone), the floor.
+   picked on the validation split (seed 0): the grid 1e-3, 3e-3, 1e-2 grows by one 1-3-10 step past
+   an edge while the best rate is at that edge (limits 1e-5 and 1; ``lr_at_limit`` marks a stop
+   there). ``plain`` (backbone + new head), ``se`` (``inject_se`` defaults, SE blocks in their own
+   ``param_groups`` group), ``se_naive`` (the paper's sigmoid with ordinary initialisation,
+   ``identity_init=False``), and on the frozen backbone (BatchNorm statistics frozen, layers in eval
+   mode): ``se_adapter`` (SE blocks + head, ``freeze_except_se(norms=False)``), ``se_bn`` (SE blocks +
+   BatchNorm affine + head), ``bn_tune`` (BatchNorm affine + head), ``lora_r<k>`` (``peft`` LoRA,
+   alpha = rank, on every backbone Conv2d + head; one rank with about se_bn's trainable count and 8x
+   that; the ``efficacy`` extra, left out with a note without peft) and ``head_only`` (linear probe),
+   the floor. Trained parameters are counted per arm.
 4. Seeds are paired across arms: a seed fixes the labelled subset, the head's initialisation,
    the data order and the augmentation. Reported: mean, standard deviation, the paired
    differences to ``plain`` with an exact sign test and a paired t-test, and the accuracy at
    step 0 (``se`` must equal ``plain`` exactly; its logits are compared with ``torch.equal``).
-5. Gate statistics after fine-tuning (``se_inject.gate_statistics``) per block and stage, per
+5. ``--part scratch``: the same ResNet from random init on a Fashion-MNIST train subset, ``plain``
+   against ``se`` (identity start) and ``se_paper`` (sigmoid, ordinary init), one fixed recipe.
+6. Gate statistics after fine-tuning (``se_inject.gate_statistics``) per block and stage, per
    class for the primary setting, and which stages keep their gates at 1 (what removing their
    SE blocks gives back).
 
 Usage::
 
-    python benchmarks/efficacy.py                  # full run (~25 min on 2 cores) -> results/efficacy.*
+    python benchmarks/efficacy.py                  # full run (about an hour on 2 cores) -> results/efficacy.*
+    python benchmarks/efficacy.py --part transfer --setting fashion_mnist_5-9_100 --no-study --out A
+    python benchmarks/efficacy.py --merge A/efficacy.json B/efficacy.json --round1 OLD.json  # parts -> one report
     python benchmarks/efficacy.py --quick --out efficacy-quick   # digits only, tiny model, 2 seeds, seconds
     python benchmarks/efficacy.py --data DIR       # the four Fashion-MNIST idx files (.gz or not)
 
