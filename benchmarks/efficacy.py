@@ -939,7 +939,7 @@ def merge(parts: Sequence[dict[str, Any]], round1: dict[str, Any] | None, protoc
         for setting in part.get("settings", []):
             runs[setting["protocol"]["setting"]] = setting
         for key in ("arms", "pairs", "gates", "stages", "study", "scratch"):
-            if key in part:
+            if part.get(key):  # an empty study: run with --no-study
                 out[key] = part[key]
         if "arms" in part or not out["protocol"]:
             out["protocol"] = {k: v for k, v in part["protocol"].items() if k != "wall_seconds"}

@@ -288,15 +288,16 @@ def render_markdown(result: dict[str, Any], plots: list[str], quick: bool) -> st
 
 
 def _round_note(result: dict[str, Any]) -> list[str]:
+    """Which parts are round 1's numbers (not run again), if any."""
     old = [s["protocol"]["setting"] for s in result.get("settings", []) if s.get("round") == 1]
-    if not old and result.get("study_round") != 1:
+    parts = ([f"settings {', '.join(old)}"] if old else []) + (
+        ["the SE learning-rate study"] if result.get("study_round") == 1 else [])
+    if not parts:
         return []
-    return ["- Round 2 ran the new arms and the extended grid on the primary setting"
-            + (" and the from-scratch part" if result.get("scratch") else "")
-            + "; " + (f"settings {', '.join(old)} " if old else "")
-            + ("and " if old and result.get("study_round") == 1 else "")
-            + ("the study " if result.get("study_round") == 1 else "")
-            + "are round 1's numbers (five arms, grid 3e-4..3e-3), marked (round 1), for lack of machine time."]
+    return ["- Round 2 ran every setting not marked (round 1) with every arm and the searched grids"
+            + (", and the from-scratch part" if result.get("scratch") else "")
+            + f"; {' and '.join(parts)}: round 1's numbers (five arms, grid 3e-4..3e-3), marked (round 1), "
+            "not run again for lack of machine time."]
 
 
 def _png(fig: Any, path: Path) -> Path:
@@ -321,6 +322,14 @@ def write_plots(result: dict[str, Any], out: Path) -> list[Path]:
     return paths
 
 
+def _colour(arm: str, arms: list[str]) -> str:
+    """The arm's colour; LoRA arms (any rank) C7, C8, C9 in order."""
+    if arm in _COLOURS:
+        return _COLOURS[arm]
+    lora = [a for a in arms if a.startswith("lora_r")]
+    return f"C{7 + lora.index(arm) % 3}" if arm in lora else "black"
+
+
 def _budget_plot(result: dict[str, Any], path: Path) -> Path:
     """Primary setting: test accuracy against trained parameters (log x), one point per arm, bars = seed sd."""
     import matplotlib.pyplot as plt
@@ -330,7 +339,7 @@ def _budget_plot(result: dict[str, Any], path: Path) -> Path:
         if "trainable_params" not in e:
             continue
         ax.errorbar(e["trainable_params"], e["mean"], yerr=e["std"], fmt="o", ms=5, capsize=3,
-                    color=_COLOURS.get(arm), label=arm)
+                    color=_colour(arm, list(result["arms"])), label=arm)
         ax.annotate(arm, (e["trainable_params"], e["mean"]), textcoords="offset points", xytext=(5, -10), fontsize=7)
     ax.set_xscale("log")
     ax.set(xlabel="trained parameters (log scale)", ylabel="test accuracy (mean ± sd over seeds)")
@@ -344,7 +353,7 @@ def _budget_plot(result: dict[str, Any], path: Path) -> Path:
 
 #: One colour per arm in every panel.
 _COLOURS = {"plain": "C0", "se": "C1", "se_naive": "C2", "se_adapter": "C3", "head_only": "C4", "bn_tune": "C5",
-            "se_bn": "C6", "lora": "C7"}
+            "se_bn": "C6"}
 #: Arms whose paired differences get the zoomed lower panels (the adapters are ~10 points lower).
 _CLOSE = ("se", "se_naive")
 
@@ -360,7 +369,7 @@ def _accuracy_plot(result: dict[str, Any], path: Path) -> Path:
         for x, arm in enumerate(arms):
             e = setting["arms"][arm]
             jitter = np.linspace(-0.15, 0.15, len(e["final_acc"]))
-            top.scatter(x + jitter, e["final_acc"], s=14, alpha=0.8, color=_COLOURS.get(arm))
+            top.scatter(x + jitter, e["final_acc"], s=14, alpha=0.8, color=_colour(arm, arms))
             top.hlines(e["mean"], x - 0.3, x + 0.3, color="black", lw=1)
         close = [a for a in _CLOSE if "paired_vs_plain" in setting["arms"].get(a, {})]
         for x, arm in enumerate(close):
