@@ -11,22 +11,31 @@ Protocol (issue 12):
    A fifth of each class's labelled images is the validation split; the test set is never used
    to choose anything.
 3. Arms, with the same steps, schedule, augmentation and optimizer, each with its learning rate
-   picked on the validation split (seed 0) from one grid: ``plain`` (backbone + new head),
-   ``se`` (``inject_se`` defaults, SE blocks in their own ``param_groups`` group),
-   ``se_naive`` (the paper's sigmoid with ordinary initialisation, ``identity_init=False``),
-   ``se_adapter`` (``freeze_except_se``: SE blocks and head train, BatchNorm statistics frozen)
-   and ``head_only`` (linear probe on the frozen backbone), the floor.
+   picked on the validation split (seed 0): the grid 1e-3, 3e-3, 1e-2 grows by one 1-3-10 step past
+   an edge while the best rate is at that edge (limits 1e-5 and 1; ``lr_at_limit`` marks a stop
+   there). ``plain`` (backbone + new head), ``se`` (``inject_se`` defaults, SE blocks in their own
+   ``param_groups`` group), ``se_naive`` (the paper's sigmoid with ordinary initialisation,
+   ``identity_init=False``), and on the frozen backbone (BatchNorm statistics frozen, layers in eval
+   mode): ``se_adapter`` (SE blocks + head, ``freeze_except_se(norms=False)``), ``se_bn`` (SE blocks +
+   BatchNorm affine + head), ``bn_tune`` (BatchNorm affine + head), ``lora_r<k>`` (``peft`` LoRA,
+   alpha = rank, on every backbone Conv2d + head; one rank with about se_bn's trainable count and 8x
+   that; the ``efficacy`` extra, left out with a note without peft) and ``head_only`` (linear probe),
+   the floor. Trained parameters are counted per arm.
 4. Seeds are paired across arms: a seed fixes the labelled subset, the head's initialisation,
    the data order and the augmentation. Reported: mean, standard deviation, the paired
    differences to ``plain`` with an exact sign test and a paired t-test, and the accuracy at
    step 0 (``se`` must equal ``plain`` exactly; its logits are compared with ``torch.equal``).
-5. Gate statistics after fine-tuning (``se_inject.gate_statistics``) per block and stage, per
+5. ``--part scratch``: the same ResNet from random init on a Fashion-MNIST train subset, ``plain``
+   against ``se`` (identity start) and ``se_paper`` (sigmoid, ordinary init), one fixed recipe.
+6. Gate statistics after fine-tuning (``se_inject.gate_statistics``) per block and stage, per
    class for the primary setting, and which stages keep their gates at 1 (what removing their
    SE blocks gives back).
 
 Usage::
 
-    python benchmarks/efficacy.py                  # full run (~25 min on 2 cores) -> results/efficacy.*
+    python benchmarks/efficacy.py                  # full run (about an hour on 2 cores) -> results/efficacy.*
+    python benchmarks/efficacy.py --part transfer --setting fashion_mnist_5-9_100 --no-study --out A
+    python benchmarks/efficacy.py --merge A/efficacy.json B/efficacy.json --round1 OLD.json  # parts -> one report
     python benchmarks/efficacy.py --quick --out efficacy-quick   # digits only, tiny model, 2 seeds, seconds
     python benchmarks/efficacy.py --data DIR       # the four Fashion-MNIST idx files (.gz or not)
 
@@ -43,6 +52,7 @@ import json
 import math
 import os
 import platform
+import re
 import struct
 import sys
 import time
@@ -76,9 +86,25 @@ __all__ = [
 RESULTS = Path(__file__).parent / "results"
 DEFAULT_DATA = Path("/usr/share/datasets/fashion-mnist")  # where dataset-fashion-mnist installs
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "se-inject-efficacy"
-ARMS = ("plain", "se", "se_naive", "se_adapter", "head_only")
-SE_ARMS = ("se", "se_naive", "se_adapter")
+#: ``"lora"`` stands for the LoRA arms, ``lora_r<k>`` for each rank of ``Protocol.lora_ranks`` (or the auto ranks).
+ARMS = ("plain", "se", "se_naive", "se_adapter", "head_only", "bn_tune", "se_bn", "lora")
+SE_ARMS = ("se", "se_naive", "se_adapter", "se_bn")
+#: Arms that train a few parameters on the frozen backbone (BatchNorm layers in eval mode).
+FROZEN_ARMS = ("se_adapter", "head_only", "bn_tune", "se_bn")
+#: Learning rates a grid is extended by, 1-3-10 steps between the stated limits 1e-5 and 1.
+LR_LADDER = tuple(float(f"{m}e{e}") for e in range(-5, 1) for m in (1, 3) if float(f"{m}e{e}") <= 1.0)
+#: Extra paired comparisons reported per setting (first minus second), besides each arm against plain.
+PAIRS = (("se_bn", "se_adapter"), ("se_bn", "bn_tune"), ("se_adapter", "bn_tune"), ("se_adapter", "head_only"))
 SIZE = 32
+
+
+def is_lora(arm: str) -> bool:
+    """``lora_r<k>`` arm names."""
+    return re.fullmatch(r"lora_r\d+", arm) is not None
+
+
+def lora_rank(arm: str) -> int:
+    return int(arm.removeprefix("lora_r"))
 
 
 @dataclass(frozen=True)
@@ -128,6 +154,26 @@ class Variant:
 
 
 @dataclass(frozen=True)
+class Scratch:
+    """Training the same small ResNet from random init (``--part scratch``): plain against two SE inits.
+
+    One recipe for every arm, the backbone pretraining's (AdamW, one-cycle, shifted images), not tuned
+    per arm; a seed fixes the training subset, the initialisation (the same backbone weights in every
+    arm), the SE layers' init and the data order.
+    """
+
+    source: str = "fashion_mnist"  # or "digits" (--quick)
+    classes: tuple[int, ...] = tuple(range(10))
+    train_images: int = 10_000  # a class-balanced random subset of the train split, per seed
+    steps: int = 600
+    batch: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    seeds: tuple[int, ...] = (0, 1, 2)
+    arms: tuple[str, ...] = ("plain", "se", "se_paper")
+
+
+@dataclass(frozen=True)
 class Protocol:
     """Everything that decides the numbers (recorded in the JSON)."""
 
@@ -135,7 +181,9 @@ class Protocol:
     settings: tuple[Setting, ...]  # the first is the primary setting
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     arms: tuple[str, ...] = ARMS
-    grid: tuple[float, ...] = (3e-4, 1e-3, 3e-3)
+    grid: tuple[float, ...] = (1e-3, 3e-3, 1e-2)  # the start: extended past an edge by LR_LADDER steps
+    lr_limits: tuple[float, float] = (1e-5, 1.0)
+    lora_ranks: tuple[int, ...] = ()  # empty: one rank closest to se_bn's trainable count, and 8x that
     optimizer: str = "adamw"  # or "sgd" (momentum 0.9)
     weight_decay: float = 0.01
     se_lr_multiplier: float = 1.0  # SE group learning rate = multiplier x base learning rate
@@ -144,6 +192,7 @@ class Protocol:
     warmup_steps: int = 0  # steps with only SE blocks and head training first (se arms)
     fc1_scale: float = 1.0  # scale of the SE blocks' first layer at insertion (exploration)
     study: tuple[Variant, ...] = ()  # extra recipes on the primary setting
+    scratch: Scratch | None = None
 
 
 FULL = Protocol(
@@ -167,18 +216,25 @@ FULL = Protocol(
         Variant("se, SGD, SE lr x100", "se", versus="plain, SGD", lr=0.01, optimizer="sgd", weight_decay=1e-4,
                 se_lr_multiplier=100),
     ),
+    scratch=Scratch(),
 )
 QUICK = Protocol(
     backbone=Backbone(kwargs={"channels": (8, 16, 32, 64), "stem_width": 8}, source="digits", steps=60, batch=64),
     settings=(Setting("digits_5-9_30", "digits", (5, 6, 7, 8, 9), 30, steps=25, batch=32),),
     seeds=(0, 1),
     grid=(1e-3, 3e-3),
+    lr_limits=(3e-4, 1e-2),  # a narrow ladder: seconds, and the limit marking is exercised
     study=(Variant("se, SE lr x10", "se", se_lr_multiplier=10),),
+    scratch=Scratch(source="digits", train_images=600, steps=30, batch=64, seeds=(0, 1)),
 )
 
 
 class DataMissingError(FileNotFoundError):
     """The Fashion-MNIST idx files are not where they were looked for."""
+
+
+class PeftMissingError(ImportError):
+    """A LoRA arm was asked for and the ``peft`` library (the ``efficacy`` extra) is not installed."""
 
 
 # ----------------------------------------------------------------------------- data
@@ -355,7 +411,32 @@ def build_arm(arm: str, protocol: Protocol, pretrained: dict[str, Any], num_clas
             with torch.no_grad():
                 for _, block in se_modules(model):
                     block.fc1.weight.mul_(protocol.fc1_scale)
+    elif is_lora(arm):
+        torch.manual_seed(10_000 + seed)
+        model = add_lora(model, lora_rank(arm))
     return model
+
+
+def add_lora(model: nn.Module, rank: int) -> nn.Module:
+    """``peft`` LoRA (alpha = rank, no dropout) on every Conv2d outside the head; B starts at 0, so the
+    model's function is unchanged at step 0."""
+    try:
+        import peft
+    except ImportError as e:
+        raise PeftMissingError("the LoRA arms need peft: pip install 'se-inject[efficacy]'") from e
+    head = {id(m) for m in model.get_classifier().modules()}
+    convs = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d) and id(m) not in head]
+    config = peft.LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, bias="none",
+                             target_modules="|".join(re.escape(n) for n in convs))  # a str is full-matched
+    return peft.inject_adapter_in_model(config, model)
+
+
+def peft_available() -> bool:
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _optimizer(protocol: Protocol, groups: Any, lr: float) -> torch.optim.Optimizer:
@@ -366,34 +447,47 @@ def _optimizer(protocol: Protocol, groups: Any, lr: float) -> torch.optim.Optimi
     raise ValueError(f"unknown optimizer {protocol.optimizer!r}; known: adamw, sgd")
 
 
-def _frozen_backbone(model: nn.Module, trainable_head: nn.Module, se: bool) -> None:
-    """Only the head (and the SE blocks) train; BatchNorm statistics stay those of the backbone."""
-    if se:
-        freeze_except_se(model, head=trainable_head)
+def _frozen_backbone(model: nn.Module, trainable_head: nn.Module, arm: str) -> None:
+    """Only the arm's few parameters and the head train; BatchNorm statistics stay those of the backbone.
+
+    ``se_adapter``: SE blocks; ``se_bn``: SE blocks and BatchNorm affine parameters; ``bn_tune``:
+    BatchNorm affine parameters; ``lora_r<k>``: the LoRA matrices; ``head_only``: nothing else.
+    """
+    if arm in ("se_adapter", "se_bn"):
+        freeze_except_se(model, head=trainable_head, norms=arm == "se_bn")
     else:
         model.requires_grad_(False)
         trainable_head.requires_grad_(True)
+        for name, p in model.named_parameters():
+            if is_lora(arm) and ".lora_" in f".{name}":
+                p.requires_grad_(True)
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.eval()
+            if arm == "bn_tune":
+                m.requires_grad_(True)
 
 
 def train(model: nn.Module, arm: str, protocol: Protocol, setting: Setting, task: Task, train_idx: torch.Tensor,
-          lr: float, seed: int, stats: tuple[float, float]) -> None:
-    """Fine-tune ``model`` in place for ``setting.steps`` steps (cosine schedule, shifted images)."""
+          lr: float, seed: int, stats: tuple[float, float]) -> int:
+    """Fine-tune ``model`` in place for ``setting.steps`` steps (cosine schedule, shifted images).
+
+    Returns the number of parameters the optimizer trains.
+    """
     head = model.get_classifier()
     model.train()
-    if arm == "head_only":
-        _frozen_backbone(model, head, se=False)
-    elif arm == "se_adapter":
-        _frozen_backbone(model, head, se=True)
+    frozen = arm in FROZEN_ARMS or is_lora(arm)
+    if frozen:
+        _frozen_backbone(model, head, arm)
     warmup = protocol.warmup_steps if arm in ("se", "se_naive") else 0
     if warmup:
-        _frozen_backbone(model, head, se=True)
+        _frozen_backbone(model, head, "se_adapter")
     multiplier = protocol.se_lr_multiplier
-    groups = param_groups(model, lr=lr, se_lr=multiplier * lr, trainable_only=False) if arm in SE_ARMS else model.parameters()
-    if arm == "head_only":
-        groups = head.parameters()
+    if arm in SE_ARMS:
+        groups = param_groups(model, lr=lr, se_lr=multiplier * lr, trainable_only=frozen)
+    else:
+        groups = [{"params": [p for p in model.parameters() if p.requires_grad or not frozen]}]
+    trainable = sum(p.numel() for g in groups for p in g["params"])
     optimizer = _optimizer(protocol, groups, lr)
     steps = setting.steps
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
@@ -409,6 +503,7 @@ def train(model: nn.Module, arm: str, protocol: Protocol, setting: Setting, task
         loss.backward()
         optimizer.step()
         schedule.step()
+    return trainable
 
 
 def evaluate(model: nn.Module, images: Images, idx: torch.Tensor, stats: tuple[float, float]) -> tuple[float, float, torch.Tensor]:
@@ -485,7 +580,7 @@ def _one_run(arm: str, protocol: Protocol, setting: Setting, task: Task, pretrai
     if step0:
         out["step0_acc"], _, out["step0_logits"] = evaluate(model, task.test, torch.arange(len(task.test.y)), stats)
     start = time.perf_counter()
-    train(model, arm, protocol, setting, task, train_idx, lr, seed, stats)
+    out["trainable_params"] = train(model, arm, protocol, setting, task, train_idx, lr, seed, stats)
     out["seconds"] = time.perf_counter() - start
     out["val_acc"], out["val_loss"], _ = evaluate(model, task.pool, val_idx, stats)
     out["model"] = model
@@ -509,6 +604,69 @@ def _gates_of(model: nn.Module, task: Task, stats: tuple[float, float], keep_cla
     return result
 
 
+def ladder_step(lr: float, direction: int, limits: tuple[float, float]) -> float | None:
+    """The next learning rate of LR_LADDER below (-1) or above (+1) ``lr``; None past ``limits``."""
+    index = min(range(len(LR_LADDER)), key=lambda i: abs(math.log(LR_LADDER[i] / lr)))
+    if not math.isclose(LR_LADDER[index], lr, rel_tol=1e-9):
+        raise ValueError(f"learning rate {lr:g} is not on the 1-3-10 ladder {LR_LADDER}")
+    j = index + direction
+    if j < 0 or j >= len(LR_LADDER) or not limits[0] <= LR_LADDER[j] <= limits[1]:
+        return None
+    return LR_LADDER[j]
+
+
+def search_lr(run_at: Callable[[float], dict[str, Any]], grid: Sequence[float],
+              limits: tuple[float, float]) -> tuple[dict[str, Any], list[dict[str, Any]], bool]:
+    """Runs at each rate of ``grid``, then one 1-3-10 step further while the best is at an edge.
+
+    The best run has the highest validation accuracy (ties: lower validation loss). Returns (best
+    run, every run in the order run, whether the search stopped at a limit with the best at the edge).
+    """
+    runs = [run_at(lr) for lr in grid]
+    while True:
+        best = max(runs, key=lambda r: (r["val_acc"], -r["val_loss"]))
+        rates = sorted(r["lr"] for r in runs)
+        if best["lr"] not in (rates[0], rates[-1]):
+            return best, runs, False
+        nxt = ladder_step(best["lr"], -1 if best["lr"] == rates[0] else 1, limits)
+        if nxt is None:
+            return best, runs, True
+        runs.append(run_at(nxt))
+
+
+def lora_ranks(protocol: Protocol, setting: Setting, pretrained: dict[str, Any], log: Callable[[str], None]) -> tuple[int, ...]:
+    """The protocol's LoRA ranks, or: the rank whose trainable count is closest to se_bn's, and 8x it."""
+    if protocol.lora_ranks:
+        return protocol.lora_ranks
+    k = len(setting.classes)
+
+    def trainable(arm: str) -> int:
+        model = build_arm(arm, protocol, pretrained, k, 0)
+        _frozen_backbone(model, model.get_classifier(), arm)
+        return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    target, head, per_rank = trainable("se_bn"), trainable("head_only"), trainable("lora_r1") - trainable("head_only")
+    rank = max(1, round((target - head) / per_rank))
+    log(f"  LoRA: {per_rank:,} parameters per rank, se_bn trains {target:,}: ranks {rank} and {8 * rank}")
+    return (rank, 8 * rank)
+
+
+def resolve_arms(protocol: Protocol, setting: Setting, pretrained: dict[str, Any], log: Callable[[str], None]) -> list[str]:
+    """``protocol.arms`` with ``"lora"`` expanded to ``lora_r<k>``, or left out (with a note) without peft."""
+    arms: list[str] = []
+    for arm in protocol.arms:
+        if arm != "lora" and not is_lora(arm):
+            arms.append(arm)
+        elif not peft_available():
+            log(f"note: peft is not installed, so the LoRA arm {arm} is left out "
+                "(pip install 'se-inject[efficacy]' to run it)")
+        elif arm == "lora":
+            arms += [f"lora_r{r}" for r in lora_ranks(protocol, setting, pretrained, log)]
+        else:
+            arms.append(arm)
+    return arms
+
+
 def run_setting(setting: Setting, protocol: Protocol, pretrained: dict[str, Any], fmnist: tuple[Images, Images] | None,
                 primary: bool, log: Callable[[str], None]) -> dict[str, Any]:
     """Every arm and seed of one setting: learning rates chosen on validation (first seed), then all seeds."""
@@ -518,13 +676,17 @@ def run_setting(setting: Setting, protocol: Protocol, pretrained: dict[str, Any]
     gates: dict[str, list[list[dict[str, Any]]]] = {}
     step0_logits: dict[int, torch.Tensor] = {}
     models_for_cost: dict[str, nn.Module] = {}
-    for arm in protocol.arms:
+    for arm in resolve_arms(protocol, setting, pretrained, log):
         # step 0 does not depend on the learning rate: evaluated once per seed
-        grid_runs = [_one_run(arm, protocol, setting, task, pretrained, first, lr, i == 0) for i, lr in enumerate(protocol.grid)]
-        best = max(grid_runs, key=lambda r: (r["val_acc"], -r["val_loss"]))
+        def run_at(lr: float, arm: str = arm, done: list[int] = [0]) -> dict[str, Any]:  # noqa: B006 (a counter)
+            done[0] += 1
+            return _one_run(arm, protocol, setting, task, pretrained, first, lr, done[0] == 1)
+
+        best, grid_runs, at_limit = search_lr(run_at, protocol.grid, protocol.lr_limits)
         for key in ("step0_acc", "step0_logits"):
             best[key] = grid_runs[0][key]
-        grid_val = {f"{r['lr']:g}": r["val_acc"] for r in grid_runs}
+        grid = sorted(r["lr"] for r in grid_runs)
+        grid_val = {f"{r['lr']:g}": r["val_acc"] for r in sorted(grid_runs, key=lambda r: r["lr"])}
         del grid_runs  # only the chosen model is kept
         runs = [best] + [_one_run(arm, protocol, setting, task, pretrained, s, best["lr"], True) for s in rest]
         runs = [_test(r, task, pretrained["stats"]) for r in runs]
@@ -535,7 +697,10 @@ def run_setting(setting: Setting, protocol: Protocol, pretrained: dict[str, Any]
             "val_acc": [r["val_acc"] for r in runs],
             "lr": best["lr"],
             "se_lr": best["lr"] * protocol.se_lr_multiplier if arm in SE_ARMS else None,
+            "grid": grid,
             "grid_val_acc": grid_val,
+            "lr_at_limit": at_limit,
+            "trainable_params": best["trainable_params"],
             "mean": float(np.mean([r["final_acc"] for r in runs])),
             "std": float(np.std([r["final_acc"] for r in runs], ddof=1)) if len(runs) > 1 else 0.0,
             "train_seconds": float(np.mean([r["seconds"] for r in runs])),
@@ -549,15 +714,23 @@ def run_setting(setting: Setting, protocol: Protocol, pretrained: dict[str, Any]
             gates[arm] = [_gates_of(r["model"], task, pretrained["stats"], keep and i == 0) for i, r in enumerate(runs)]
             models_for_cost[arm] = runs[0]["model"]
         arms[arm] = entry
-        log(f"  {setting.name:<24} {arm:<10} lr {best['lr']:g}: test {entry['mean']:.4f} +/- {entry['std']:.4f} "
-            f"(step 0 {np.mean(entry['step0_acc']):.4f}, {entry['train_seconds']:.1f} s/run)")
+        log(f"  {setting.name:<24} {arm:<10} lr {best['lr']:g} (grid {', '.join(f'{g:g}' for g in grid)}"
+            f"{', at the limit' if at_limit else ''}): test {entry['mean']:.4f} +/- {entry['std']:.4f} "
+            f"(step 0 {np.mean(entry['step0_acc']):.4f}, {entry['trainable_params']:,} trained, "
+            f"{entry['train_seconds']:.1f} s/run)")
     if "plain" in arms:
         for arm, entry in arms.items():
             if arm != "plain":
                 entry["paired_vs_plain"] = _paired(entry["final_acc"], arms["plain"]["final_acc"])
+    pairs = {f"{a} - {b}": _paired(arms[a]["final_acc"], arms[b]["final_acc"])
+             for a, b in PAIRS if a in arms and b in arms}
+    lora = [a for a in arms if is_lora(a)]
+    if lora and "se_bn" in arms:
+        pairs[f"se_bn - {lora[0]}"] = _paired(arms["se_bn"]["final_acc"], arms[lora[0]]["final_acc"])
     result = {
         "protocol": _protocol_record(protocol, setting, len(task.test.y)),
         "arms": arms,
+        "pairs": pairs,
         "gates": gates,
     }
     if "se" in models_for_cost:
@@ -612,40 +785,178 @@ def _protocol_record(protocol: Protocol, setting: Setting, test_images: int) -> 
         "weight_decay": protocol.weight_decay,
         "schedule": "cosine to 0, no warm-up; images shifted by up to 2 px",
         "lr_grid": list(protocol.grid),
-        "lr_selection": f"best validation accuracy (ties: lower validation loss) on seed {protocol.seeds[0]}",
+        "lr_limits": list(protocol.lr_limits),
+        "lr_selection": f"best validation accuracy (ties: lower validation loss) on seed {protocol.seeds[0]}; "
+                        f"the grid {list(protocol.grid)} extended by 1-3-10 steps past an edge while the best "
+                        f"rate is at that edge, within {protocol.lr_limits[0]:g} to {protocol.lr_limits[1]:g}",
         "se_lr_multiplier": protocol.se_lr_multiplier,
         "warmup_steps": protocol.warmup_steps,
         "fc1_scale": protocol.fc1_scale,
     }
 
 
-def run(protocol: Protocol, *, data: Path | None, cache: Path | None, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the whole protocol and return the JSON-ready result (primary setting at the top level)."""
+def run(protocol: Protocol, *, data: Path | None, cache: Path | None, log: Callable[[str], None] = print,
+        part: str = "all", settings: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the protocol (``part``: "transfer", "scratch" or "all") and return the JSON-ready result.
+
+    ``settings`` names the transfer settings to run (default: all); the primary setting, when run, is
+    also at the top level (``arms``, ``gates``, ``stages``) and the study runs on it.
+    """
     start = time.perf_counter()
-    needs_fmnist = protocol.backbone.source == "fashion_mnist" or any(s.target == "fashion_mnist" for s in protocol.settings)
+    chosen = [s for s in protocol.settings if settings is None or s.name in settings]
+    if settings is not None and len(chosen) != len(set(settings)):
+        known = ", ".join(s.name for s in protocol.settings)
+        raise ValueError(f"unknown setting in {list(settings)}; known: {known}")
+    transfer = part in ("all", "transfer")
+    scratch = part in ("all", "scratch") and protocol.scratch is not None
+    needs_fmnist = (transfer and (protocol.backbone.source == "fashion_mnist"
+                                  or any(s.target == "fashion_mnist" for s in chosen))) or (
+        scratch and protocol.scratch.source == "fashion_mnist")
     fmnist = load_fashion_mnist(data or DEFAULT_DATA) if needs_fmnist else None
-    source = fmnist if protocol.backbone.source == "fashion_mnist" else load_digits_split(protocol.digits_test_per_class)
-    pretrained = pretrain(protocol.backbone, source, cache, log)
-    settings = []
-    for i, setting in enumerate(protocol.settings):
-        settings.append(run_setting(setting, protocol, pretrained, fmnist, i == 0, log))
-    primary = settings[0]
-    study = run_study(protocol, primary, _load_task(protocol.settings[0], protocol, fmnist), pretrained, log)
-    return {
-        "protocol": primary["protocol"] | {
-            "pretrain_source_test_acc": pretrained["source_test_acc"],
-            "torch": torch.__version__,
-            "timm": timm.__version__,
-            "threads": torch.get_num_threads(),
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-            "wall_seconds": time.perf_counter() - start,
-        },
-        "arms": primary["arms"],
-        "gates": primary["gates"],
-        "stages": primary.get("stages", []),
-        "settings": settings,
-        "study": study,
+    result: dict[str, Any] = {"protocol": {}}
+    if transfer and chosen:
+        source = fmnist if protocol.backbone.source == "fashion_mnist" else load_digits_split(protocol.digits_test_per_class)
+        pretrained = pretrain(protocol.backbone, source, cache, log)
+        done = [run_setting(s, protocol, pretrained, fmnist, s == protocol.settings[0], log) for s in chosen]
+        result["protocol"] = dict(done[0]["protocol"], pretrain_source_test_acc=pretrained["source_test_acc"])
+        result["settings"] = done
+        if chosen[0] == protocol.settings[0]:
+            primary = done[0]
+            result |= {"arms": primary["arms"], "pairs": primary["pairs"], "gates": primary["gates"],
+                       "stages": primary.get("stages", [])}
+            result["study"] = run_study(protocol, primary, _load_task(protocol.settings[0], protocol, fmnist),
+                                        pretrained, log)
+    if scratch:
+        result["scratch"] = run_scratch(protocol.scratch, protocol, fmnist, log)
+    result["protocol"] |= {
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "wall_seconds": time.perf_counter() - start,
     }
+    return result
+
+
+def _scratch_subset(pool: Images, per_class: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(3000 + seed)
+    return torch.cat([idx[torch.randperm(len(idx), generator=g)[:per_class]] for idx in _by_class(pool.y)])
+
+
+def run_scratch(sc: Scratch, protocol: Protocol, fmnist: tuple[Images, Images] | None,
+                log: Callable[[str], None]) -> dict[str, Any]:
+    """The small ResNet from random init: ``plain``, ``se`` (identity start), ``se_paper`` (sigmoid, ordinary init)."""
+    if sc.source == "digits":
+        source = load_digits_split(protocol.digits_test_per_class)
+    elif fmnist is None:
+        raise DataMissingError("Fashion-MNIST is needed for the from-scratch part")
+    else:
+        source = fmnist
+    pool, test = (_subset(images, sc.classes) for images in source)
+    pixels = pool.x.float().mul(pool.scale)
+    stats = (pixels.mean().item(), pixels.std().item())
+    per_class = sc.train_images // len(sc.classes)
+    arms: dict[str, dict[str, Any]] = {a: {"final_acc": [], "step0_acc": [], "half_acc": [], "final_train_loss": [],
+                                           "loss_curve": [], "seconds": []} for a in sc.arms}
+    step0_logits: dict[int, torch.Tensor] = {}
+    all_test = torch.arange(len(test.y))
+    for seed in sc.seeds:
+        train_idx = _scratch_subset(pool, per_class, seed)
+        for arm in sc.arms:
+            torch.manual_seed(seed)  # the same backbone initialisation in every arm
+            model = _create(protocol.backbone, len(sc.classes))
+            if arm != "plain":
+                torch.manual_seed(10_000 + seed)
+                model = inject_se(model, identity_init=arm == "se", example_input=torch.zeros(2, 3, SIZE, SIZE))
+            e = arms[arm]
+            acc0, _, logits0 = evaluate(model, test, all_test, stats)
+            e["step0_acc"].append(acc0)
+            if arm == "plain":
+                step0_logits[seed] = logits0
+            elif arm == "se":
+                e.setdefault("step0_logits_equal_plain", []).append(bool(torch.equal(logits0, step0_logits[seed])))
+            optimizer = torch.optim.AdamW(model.parameters(), lr=sc.lr, weight_decay=sc.weight_decay)
+            schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, sc.lr, total_steps=sc.steps, pct_start=0.15)
+            g = torch.Generator().manual_seed(2000 + seed)
+            losses: list[float] = []
+            start = time.perf_counter()
+            model.train()
+            for step in range(sc.steps):
+                idx = train_idx[torch.randint(0, len(train_idx), (sc.batch,), generator=g)]
+                loss = F.cross_entropy(model(_prepare(pool, idx, stats, g)), pool.y[idx])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                losses.append(loss.item())
+                if step + 1 == sc.steps // 2:
+                    e["half_acc"].append(evaluate(model, test, all_test, stats)[0])
+            e["seconds"].append(time.perf_counter() - start)
+            e["final_acc"].append(evaluate(model, test, all_test, stats)[0])
+            window = max(1, sc.steps // 10)
+            e["loss_curve"].append([float(np.mean(losses[i : i + window])) for i in range(0, sc.steps, window)])
+            e["final_train_loss"].append(e["loss_curve"][-1][-1])
+            log(f"  scratch seed {seed} {arm:<9}: test {e['final_acc'][-1]:.4f} (half-way {e['half_acc'][-1]:.4f}, "
+                f"train loss {e['final_train_loss'][-1]:.3f}, {e['seconds'][-1]:.0f} s)")
+    for e in arms.values():
+        e["mean"] = float(np.mean(e["final_acc"]))
+        e["std"] = float(np.std(e["final_acc"], ddof=1)) if len(e["final_acc"]) > 1 else 0.0
+        e["lr"] = sc.lr
+    for arm, e in arms.items():
+        if arm != "plain" and "plain" in arms:
+            e["paired_vs_plain"] = _paired(e["final_acc"], arms["plain"]["final_acc"])
+    pairs = {}
+    if "se" in arms and "se_paper" in arms:
+        pairs["se - se_paper"] = _paired(arms["se"]["final_acc"], arms["se_paper"]["final_acc"])
+    b = protocol.backbone
+    return {
+        "protocol": {
+            "model": f"timm {b.arch}({', '.join(f'{k}={v}' for k, v in b.kwargs.items())}) at {SIZE} px, random init "
+                     f"(timm's zero_init_last)",
+            "data": f"{sc.source} classes {list(sc.classes)}: {per_class} train images per class "
+                    f"({per_class * len(sc.classes)}, a random class-balanced subset per seed), test on all "
+                    f"{len(test.y)} test images",
+            "steps": sc.steps,
+            "batch": sc.batch,
+            "optimizer": f"adamw, lr {sc.lr:g} one-cycle (15% warm-up), weight decay {sc.weight_decay}, images shifted "
+                         f"by up to 2 px: the backbone pretraining's recipe, the same for every arm, not tuned per arm",
+            "seeds": list(sc.seeds),
+        },
+        "arms": arms,
+        "pairs": pairs,
+    }
+
+
+def merge(parts: Sequence[dict[str, Any]], round1: dict[str, Any] | None, protocol: Protocol) -> dict[str, Any]:
+    """One result from runs of parts of the protocol; settings (and the study) not run come from round 1, marked.
+
+    Settings keep the protocol's order; the primary setting's numbers are also at the top level.
+    """
+    runs: dict[str, dict[str, Any]] = {}
+    out: dict[str, Any] = {"protocol": {}}
+    wall = 0.0
+    for part in parts:
+        for setting in part.get("settings", []):
+            runs[setting["protocol"]["setting"]] = setting
+        for key in ("arms", "pairs", "gates", "stages", "study", "scratch"):
+            if part.get(key):  # an empty study: run with --no-study
+                out[key] = part[key]
+        if "arms" in part or not out["protocol"]:
+            out["protocol"] = {k: v for k, v in part["protocol"].items() if k != "wall_seconds"}
+        wall += part["protocol"].get("wall_seconds", 0.0)
+    old = {s["protocol"]["setting"]: s for s in (round1 or {}).get("settings", [])}
+    settings = []
+    for s in protocol.settings:
+        if s.name in runs:
+            settings.append(runs[s.name])
+        elif s.name in old:
+            settings.append(old[s.name] | {"round": 1})
+    if "study" not in out and round1 and round1.get("study"):
+        out["study"] = round1["study"]
+        out["study_round"] = 1
+    out["settings"] = settings
+    out["protocol"]["wall_seconds"] = wall  # the parts' run times added (they may have run side by side)
+    return out
 
 
 def run_study(protocol: Protocol, primary: dict[str, Any], task: Task, pretrained: dict[str, Any],
@@ -736,19 +1047,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steady on a shared machine)")
     parser.add_argument("--seeds", type=int, help="number of seeds (default 5, --quick 2)")
     parser.add_argument("--from-json", type=Path, help="only render efficacy.md and the plots from this efficacy.json")
+    parser.add_argument("--part", choices=("all", "transfer", "scratch"), default="all",
+                        help="transfer experiment, from-scratch experiment, or both (default)")
+    parser.add_argument("--setting", action="append", help="run only this transfer setting (repeatable)")
+    parser.add_argument("--arms", help="comma-separated arms to run (default: all; 'lora' for the LoRA arms)")
+    parser.add_argument("--no-study", action="store_true", help="leave out the SE learning-rate study")
+    parser.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
+                        help="combine the efficacy.json of runs of parts into --out (no training)")
+    parser.add_argument("--round1", type=Path, help="with --merge: round-1 efficacy.json for settings not run")
     args = parser.parse_args(argv)
+    protocol = QUICK if args.quick else FULL
+    if args.merge:
+        round1 = json.loads(args.round1.read_text()) if args.round1 else None
+        result = merge([json.loads(p.read_text()) for p in args.merge], round1, protocol)
+        paths = write_outputs(result, args.out, args.quick)
+        print("wrote " + ", ".join(str(p) for p in paths))
+        return 0
     if args.from_json:
         paths = write_outputs(json.loads(args.from_json.read_text()), args.out, args.quick)
         print("wrote " + ", ".join(str(p) for p in paths))
         return 0
     torch.set_num_threads(args.threads)
-    protocol = QUICK if args.quick else FULL
     if args.seeds:
         protocol = replace(protocol, seeds=tuple(range(args.seeds)))
+    if args.arms:
+        protocol = replace(protocol, arms=tuple(a.strip() for a in args.arms.split(",") if a.strip()))
+    if args.no_study:
+        protocol = replace(protocol, study=())
     try:
         result = run(protocol, data=args.data, cache=None if args.no_cache else args.cache,
-                     log=lambda s: print(s, flush=True))
-    except DataMissingError as e:
+                     log=lambda s: print(s, flush=True), part=args.part, settings=args.setting)
+    except (DataMissingError, PeftMissingError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     paths = write_outputs(result, args.out, args.quick)

@@ -1,4 +1,4 @@
-"""Tables and plots for benchmarks/efficacy.py: efficacy.md, efficacy.png, efficacy_gates.png."""
+"""Tables and plots for benchmarks/efficacy.py: efficacy.md, efficacy.png, efficacy_gates.png, efficacy_budget.png."""
 
 from __future__ import annotations
 
@@ -19,8 +19,11 @@ ARM_TEXT = {
     "plain": "whole backbone + new head, no SE",
     "se": "`inject_se` defaults (identity start), `param_groups` SE group",
     "se_naive": "paper's sigmoid, ordinary init (`identity_init=False`)",
-    "se_adapter": "`freeze_except_se`: SE blocks + head, BatchNorm frozen",
+    "se_adapter": "`freeze_except_se(norms=False)`: SE blocks + head, BatchNorm frozen",
     "head_only": "linear probe on the frozen backbone (floor)",
+    "bn_tune": "BatchNorm affine + head, BatchNorm statistics frozen (BitFit's convolutional cousin)",
+    "se_bn": "`freeze_except_se(norms=True)`: SE blocks + BatchNorm affine + head, statistics frozen",
+    "lora_r<k>": "peft LoRA of rank k (alpha = k) on every backbone Conv2d + head, BatchNorm frozen",
 }
 
 
@@ -40,15 +43,19 @@ def _diff(paired: dict[str, Any]) -> str:
 
 def _arm_table(setting: dict[str, Any]) -> list[str]:
     lines = [
-        "| arm | lr (SE lr) | step-0 acc | test acc, mean ± std | diff to plain, mean ± std | wins / losses / ties | sign test p | paired t p |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| arm | trained params | lr (SE lr) | rates searched | step-0 acc | test acc, mean ± std | diff to plain, mean ± std | wins / losses / ties | sign test p | paired t p |",
+        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|",
     ]
-    grid = setting["protocol"]["lr_grid"]
-    edge = False
+    edge = limit = False
     for arm, e in setting["arms"].items():
+        grid = e.get("grid", setting["protocol"]["lr_grid"])
         lr = f"{e['lr']:g}" + (f" ({e['se_lr']:g})" if e.get("se_lr") is not None else "")
-        if e["lr"] in (min(grid), max(grid)):
+        if e.get("lr_at_limit"):
+            lr, limit = lr + " ‡", True
+        elif e["lr"] in (min(grid), max(grid)):
             lr, edge = lr + " †", True
+        searched = ", ".join(f"{g:g}" for g in sorted(grid))
+        params = f"{e['trainable_params']:,}" if "trainable_params" in e else "-"
         step0 = f"{np.mean(e['step0_acc']):.4f}"
         if "step0_logits_equal_plain" in e:
             step0 += " (= plain: " + ("yes" if all(e["step0_logits_equal_plain"]) else "NO") + ")"
@@ -59,10 +66,52 @@ def _arm_table(setting: dict[str, Any]) -> list[str]:
             diff = _diff(paired)
             wlt = f"{paired['wins']} / {paired['losses']} / {paired['ties']}"
             sign, t = _p(paired["sign_p"]), _p(paired["t_p"])
-        lines.append(f"| `{arm}` | {lr} | {step0} | {_pm(e['mean'], e['std'])} | {diff} | {wlt} | {sign} | {t} |")
+        lines.append(f"| `{arm}` | {params} | {lr} | {searched} | {step0} | {_pm(e['mean'], e['std'])} | {diff} | {wlt} | "
+                     f"{sign} | {t} |")
     if edge:
         lines += ["", "† at the edge of the grid: a rate beyond it might have done better for that arm."]
+    if limit:
+        lines += ["", "‡ at the stated limit of the search: the best rate was at the grid's edge, the next step past the limit."]
     return lines
+
+
+def _pairs_table(pairs: dict[str, dict[str, Any]]) -> list[str]:
+    lines = ["| comparison (paired per seed) | per-seed differences | mean ± std | wins / losses / ties | sign test p | paired t p |",
+             "|---|---|---:|---:|---:|---:|"]
+    for name, d in pairs.items():
+        per_seed = ", ".join(f"{x:+.4f}" for x in d["diffs"])
+        lines.append(f"| `{name}` | {per_seed} | {_diff(d)} | {d['wins']} / {d['losses']} / {d['ties']} | "
+                     f"{_p(d['sign_p'])} | {_p(d['t_p'])} |")
+    return lines
+
+
+def _scratch_section(scratch: dict[str, Any]) -> list[str]:
+    p = scratch["protocol"]
+    lines = [
+        "## From scratch: the paper's own setting",
+        "",
+        f"- Model: {p['model']}; data: {p['data']}.",
+        f"- {p['steps']} steps of {p['batch']} images, {p['optimizer']}. Seeds {p['seeds']}: a seed fixes the "
+        "subset, the backbone initialisation (the same in every arm), the SE layers' init and the batches.",
+        "- Arms: `plain` (no SE), `se` (`inject_se` defaults: identity start, 2·sigmoid gate, last layer at 0), "
+        "`se_paper` (`identity_init=False`, the CLI's `--paper-init`: sigmoid gate, ordinary init).",
+        "",
+        "| arm | test acc, mean ± std | per seed | half-way acc | final train loss | diff to plain | w / l / t | sign p | t p |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for arm, e in scratch["arms"].items():
+        d = e.get("paired_vs_plain")
+        tail = "- | - | - | -" if d is None else (
+            f"{_diff(d)} | {d['wins']} / {d['losses']} / {d['ties']} | {_p(d['sign_p'])} | {_p(d['t_p'])}")
+        lines.append(
+            f"| `{arm}` | {_pm(e['mean'], e['std'])} | {', '.join(f'{a:.4f}' for a in e['final_acc'])} | "
+            f"{np.mean(e['half_acc']):.4f} | {np.mean(e['final_train_loss']):.3f} | {tail} |")
+    if "se" in scratch["arms"] and "step0_logits_equal_plain" in scratch["arms"]["se"]:
+        same = all(scratch["arms"]["se"]["step0_logits_equal_plain"])
+        lines += ["", f"At step 0, `se`'s test logits equal `plain`'s (`torch.equal`, every seed): {'yes' if same else 'NO'}."]
+    if scratch.get("pairs"):
+        lines += ["", *_pairs_table(scratch["pairs"])]
+    return lines + [""]
 
 
 def _stage_table(stages: list[dict[str, Any]]) -> list[str]:
@@ -155,7 +204,7 @@ def _summary(result: dict[str, Any]) -> list[str]:
             continue
         d = arms["se"]["paired_vs_plain"]
         line = (
-            f"- {sp['target']}, {sp['budget_per_class']} per class: {_diff(d)} "
+            f"- {sp['target']}, {sp['budget_per_class']} per class{' (round 1)' if setting.get('round') == 1 else ''}: {_diff(d)} "
             f"({d['wins']} better / {d['losses']} worse / {d['ties']} tied, paired t p = {_p(d['t_p'])})"
         )
         if arms["se"]["lr"] != arms["plain"]["lr"]:
@@ -170,6 +219,8 @@ def _summary(result: dict[str, Any]) -> list[str]:
 def render_markdown(result: dict[str, Any], plots: list[str], quick: bool) -> str:
     """The report: protocol, one table per setting, gate statistics per stage, plots."""
     p = result["protocol"]
+    if not result.get("settings"):  # --part scratch alone
+        return "\n".join(["# Does SE help? From-scratch experiment", "", *_scratch_section(result["scratch"])]) + "\n"
     lines = [
         "# Does retrofitting SE help? Transfer experiment" + (" (--quick: CI smoke run, not a result)" if quick else ""),
         "",
@@ -178,12 +229,14 @@ def render_markdown(result: dict[str, Any], plots: list[str], quick: bool) -> st
         f"- Backbone: {p['backbone']}, pretrained here on {p['source']} "
         f"(source test accuracy {p['pretrain_source_test_acc']:.4f}).",
         f"- Fine-tuning: {p['steps']} steps of {p['batch']} images, {p['optimizer']} (weight decay {p['weight_decay']}), "
-        f"{p['schedule']}. Learning rate per arm from the grid {p['lr_grid']} by {p['lr_selection']}; "
-        f"SE learning rate = {p['se_lr_multiplier']:g} x the base learning rate.",
+        f"{p['schedule']}. Learning rate per arm by {p['lr_selection']}; "
+        f"SE learning rate = {p['se_lr_multiplier']:g} x the base learning rate. Frozen-backbone arms keep "
+        f"BatchNorm layers in eval mode (statistics of the backbone).",
         f"- Seeds {p['seeds']}, paired across arms (labelled subset, head init, data order, augmentation). "
         f"A fifth of each class's labelled images is the validation split; test images are never used to choose.",
         f"- {p['threads']} torch thread(s), {p['machine']}, torch {p['torch']}, timm {p['timm']}; "
-        f"whole run {p['wall_seconds'] / 60:.1f} min.",
+        f"runs took {p['wall_seconds'] / 60:.1f} min in all (parts added; some ran side by side, sharing the cores).",
+        *_round_note(result),
         "",
         "Arms: " + "; ".join(f"`{a}`: {t}" for a, t in ARM_TEXT.items()) + ".",
         "",
@@ -194,13 +247,18 @@ def render_markdown(result: dict[str, Any], plots: list[str], quick: bool) -> st
     ]
     for i, setting in enumerate(result["settings"]):
         sp = setting["protocol"]
+        old = setting.get("round") == 1
         lines += [
-            f"## {'Primary: ' if i == 0 else ''}{sp['target']}, {sp['budget_per_class']} labelled per class",
+            f"## {'Primary: ' if i == 0 else ''}{sp['target']}, {sp['budget_per_class']} labelled per class"
+            + (" (round 1)" if old else ""),
             "",
+            *([f"Round-1 numbers (five arms, grid {sp['lr_grid']}), not run again in round 2: see "
+               "`efficacy_round1.md`.", ""] if old else []),
             f"{sp['val_per_class']} of them per class for validation; test: {sp['test_images']} images.",
             "",
             *_arm_table(setting),
             "",
+            *([f"Paired per seed, {sp['setting']}:", "", *_pairs_table(setting["pairs"]), ""] if setting.get("pairs") else []),
             "Gates after fine-tuning (all blocks and seeds, on the test images):",
             "",
             *_gate_arm_table(setting),
@@ -211,8 +269,11 @@ def render_markdown(result: dict[str, Any], plots: list[str], quick: bool) -> st
                       _dead_stages(setting["stages"]), ""]
     if result.get("study"):
         lines += [
-            "## SE learning rate, optimizer and warm-up (primary setting, every seed)",
+            "## SE learning rate, optimizer and warm-up (primary setting, every seed)"
+            + (" (round 1)" if result.get("study_round") == 1 else ""),
             "",
+            *(["Round-1 numbers, not run again in round 2: the learning rates named are round 1's choices "
+               "(grid 3e-4..3e-3).", ""] if result.get("study_round") == 1 else []),
             "Each recipe changes one thing against the arm it is paired with; a learning rate not in the grid was "
             "chosen for that optimizer beforehand. Last column: the last stage's gate mean, the share of "
             "saturated gates (within 0.02 of 0 or 2) and of gates within 0.02 of 1, over all seeds.",
@@ -220,8 +281,23 @@ def render_markdown(result: dict[str, Any], plots: list[str], quick: bool) -> st
             *_study_table(result["study"]),
             "",
         ]
+    if result.get("scratch"):
+        lines += _scratch_section(result["scratch"])
     lines += [f"![{name}]({name})" for name in plots]
     return "\n".join(lines) + "\n"
+
+
+def _round_note(result: dict[str, Any]) -> list[str]:
+    """Which parts are round 1's numbers (not run again), if any."""
+    old = [s["protocol"]["setting"] for s in result.get("settings", []) if s.get("round") == 1]
+    parts = ([f"settings {', '.join(old)}"] if old else []) + (
+        ["the SE learning-rate study"] if result.get("study_round") == 1 else [])
+    if not parts:
+        return []
+    return ["- Round 2 ran every setting not marked (round 1) with every arm and the searched grids"
+            + (", and the from-scratch part" if result.get("scratch") else "")
+            + f"; {' and '.join(parts)}: round 1's numbers (five arms, grid 3e-4..3e-3), marked (round 1), "
+            "not run again for lack of machine time."]
 
 
 def _png(fig: Any, path: Path) -> Path:
@@ -238,11 +314,46 @@ def write_plots(result: dict[str, Any], out: Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
-    return [_accuracy_plot(result, out / "efficacy.png"), _gate_plot(result, out / "efficacy_gates.png")]
+    paths = []
+    if result.get("settings"):  # a --part scratch run has no transfer settings
+        paths += [_accuracy_plot(result, out / "efficacy.png"), _gate_plot(result, out / "efficacy_gates.png")]
+    if any("trainable_params" in e for e in result.get("arms", {}).values()):
+        paths.append(_budget_plot(result, out / "efficacy_budget.png"))
+    return paths
+
+
+def _colour(arm: str, arms: list[str]) -> str:
+    """The arm's colour; LoRA arms (any rank) C7, C8, C9 in order."""
+    if arm in _COLOURS:
+        return _COLOURS[arm]
+    lora = [a for a in arms if a.startswith("lora_r")]
+    return f"C{7 + lora.index(arm) % 3}" if arm in lora else "black"
+
+
+def _budget_plot(result: dict[str, Any], path: Path) -> Path:
+    """Primary setting: test accuracy against trained parameters (log x), one point per arm, bars = seed sd."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for arm, e in result["arms"].items():
+        if "trainable_params" not in e:
+            continue
+        ax.errorbar(e["trainable_params"], e["mean"], yerr=e["std"], fmt="o", ms=5, capsize=3,
+                    color=_colour(arm, list(result["arms"])), label=arm)
+        ax.annotate(arm, (e["trainable_params"], e["mean"]), textcoords="offset points", xytext=(5, -10), fontsize=7)
+    ax.set_xscale("log")
+    ax.set(xlabel="trained parameters (log scale)", ylabel="test accuracy (mean ± sd over seeds)")
+    p = result["protocol"]
+    ax.set_title(f"{p['target']}, {p['budget_per_class']} labelled per class: accuracy against budget", fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return _png(fig, path)
 
 
 #: One colour per arm in every panel.
-_COLOURS = {"plain": "C0", "se": "C1", "se_naive": "C2", "se_adapter": "C3", "head_only": "C4"}
+_COLOURS = {"plain": "C0", "se": "C1", "se_naive": "C2", "se_adapter": "C3", "head_only": "C4", "bn_tune": "C5",
+            "se_bn": "C6"}
 #: Arms whose paired differences get the zoomed lower panels (the adapters are ~10 points lower).
 _CLOSE = ("se", "se_naive")
 
@@ -258,7 +369,7 @@ def _accuracy_plot(result: dict[str, Any], path: Path) -> Path:
         for x, arm in enumerate(arms):
             e = setting["arms"][arm]
             jitter = np.linspace(-0.15, 0.15, len(e["final_acc"]))
-            top.scatter(x + jitter, e["final_acc"], s=14, alpha=0.8, color=_COLOURS.get(arm))
+            top.scatter(x + jitter, e["final_acc"], s=14, alpha=0.8, color=_colour(arm, arms))
             top.hlines(e["mean"], x - 0.3, x + 0.3, color="black", lw=1)
         close = [a for a in _CLOSE if "paired_vs_plain" in setting["arms"].get(a, {})]
         for x, arm in enumerate(close):

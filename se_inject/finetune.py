@@ -5,7 +5,7 @@ in a name: timm's ``seresnet*`` and EfficientNets have ``.se.`` modules of their
 belong to the backbone. Typical use::
 
     model = inject_se(timm.create_model("resnet50", pretrained=True, num_classes=10))
-    freeze_except_se(model, head=True)            # train SE blocks and the classifier only
+    freeze_except_se(model, head=True)            # train SE blocks, norm affine parameters and the classifier
     optimizer = torch.optim.AdamW(param_groups(model, lr=1e-4))   # SE at the same lr: see param_groups
     ...
     remove_se(model)                              # back to the original blocks, exactly
@@ -28,6 +28,8 @@ __all__ = [
     "se_state_dict_keys",
     "find_head",
     "freeze_except_se",
+    "norm_modules",
+    "NORM_TYPES",
     "param_groups",
 ]
 
@@ -35,6 +37,17 @@ __all__ = [
 #: ``get_classifier`` (torchvision: ``fc`` for ResNets, ``classifier`` for MobileNets and
 #: EfficientNets, ``heads`` for ViT, ``head`` for Swin).
 _HEAD_ATTRS = ("fc", "classifier", "heads", "head", "last_linear")
+
+
+#: Normalisation layers whose affine parameters ``freeze_except_se(norms=True)`` trains: batch, group,
+#: layer, instance and RMS norms (timm's ``BatchNormAct2d``, ``LayerNorm2d`` and ``GroupNorm1`` subclass
+#: these). Selected by type, like the SE blocks.
+NORM_TYPES: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._NormBase,
+    nn.GroupNorm,
+    nn.LayerNorm,
+    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
+)
 
 
 class HeadNotFoundError(SEInjectError, LookupError):
@@ -123,24 +136,37 @@ def _resolve_head(model: nn.Module, head: nn.Module | str | bool | None) -> nn.M
     raise TypeError(f"head must be a module, a module path, True or None, got {type(head).__name__}")
 
 
-def freeze_except_se(model: nn.Module, *, head: nn.Module | str | bool | None = None) -> nn.Module:
-    """Set ``requires_grad`` so only SE blocks (and the head, if asked) train; changes ``model`` in place.
+def norm_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The normalisation layers (:data:`NORM_TYPES`) with their module paths, selected by type."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, NORM_TYPES)]
 
-    Only ``requires_grad`` changes: BatchNorm layers in ``train()`` mode still update their
-    running statistics; call ``.eval()`` on them as well to freeze those too.
+
+def freeze_except_se(
+    model: nn.Module, *, head: nn.Module | str | bool | None = None, norms: bool = True
+) -> nn.Module:
+    """Set ``requires_grad`` so only SE blocks, norm affine parameters (and the head, if asked) train.
+
+    Training the norms' scale and shift with the SE blocks is the default because it beat the SE
+    blocks alone on every seed of ``benchmarks/efficacy.py`` (``se_bn`` against ``se_adapter``) for
+    a few thousand parameters more; ``norms=False`` trains the SE blocks (and head) alone. Changes
+    ``model`` in place and only ``requires_grad``: BatchNorm layers in ``train()`` mode still update
+    their running statistics; call ``.eval()`` on them as well to freeze those too.
 
     Args:
         model: a model with SE blocks inserted.
         head: also train this module: ``True`` for the model's classifier (see :func:`find_head`),
             a module path such as ``"fc"``, or the module itself.
+        norms: also train the affine parameters (weight and bias) of every normalisation layer
+            (:data:`NORM_TYPES`: BatchNorm, GroupNorm, LayerNorm, InstanceNorm, RMSNorm).
 
     Returns:
         ``model``.
 
     Example:
         >>> freeze_except_se(model, head=True)
-        >>> {n for n, p in model.named_parameters() if p.requires_grad} <= {*se_keys, "fc.weight", "fc.bias"}
+        >>> {n for n, p in model.named_parameters() if p.requires_grad} <= {*se_keys, *norm_keys, "fc.weight", "fc.bias"}
         True
+        >>> freeze_except_se(model, head=True, norms=False)   # SE blocks and head only
 
     Raises:
         HeadNotFoundError: ``head=True`` or a path, and no such head exists.
@@ -156,6 +182,9 @@ def freeze_except_se(model: nn.Module, *, head: nn.Module | str | bool | None = 
     model.requires_grad_(False)
     for _, block in blocks:
         block.requires_grad_(True)
+    if norms:
+        for _, norm in norm_modules(model):
+            norm.requires_grad_(True)  # weight and bias; running statistics are buffers, untouched
     if head_module is not None:
         head_module.requires_grad_(True)
     return model

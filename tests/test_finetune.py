@@ -16,6 +16,7 @@ from se_inject.finetune import (
     HeadNotFoundError,
     find_head,
     freeze_except_se,
+    norm_modules,
     param_groups,
     se_modules,
     se_parameters,
@@ -63,8 +64,12 @@ def test_param_groups_give_se_its_own_learning_rate():
     optimizer = torch.optim.SGD(groups, lr=0.5, momentum=0.9)
     assert [g["lr"] for g in optimizer.param_groups] == [1e-2, 1e-3]
     # after freezing, frozen parameters are left out
-    freeze_except_se(model)
+    freeze_except_se(model, norms=False)
     assert [g["name"] for g in param_groups(model, se_lr=1e-2)] == ["se"]
+    freeze_except_se(model)  # the default also trains the norms' affine parameters: in the base group
+    se_group, base = param_groups(model, se_lr=1e-2)
+    norm_ids = {id(p) for _, m in norm_modules(model) for p in m.parameters()}
+    assert norm_ids and {id(p) for p in base["params"]} == norm_ids
 
 
 def test_param_groups_default_se_lr_is_the_base_lr():
@@ -86,16 +91,23 @@ def test_param_groups_default_se_lr_is_the_base_lr():
     ],
     ids=["timm-resnet10t", "tv-resnet18", "tv-mobilenet_v3_small"],
 )
-def test_freeze_except_se_and_head_trains_only_those(make, head_attr):
+@pytest.mark.parametrize("norms", [None, True, False], ids=["default", "norms", "no-norms"])
+def test_freeze_except_se_and_head_trains_only_those(make, head_attr, norms):
     torch.manual_seed(0)
     model, _ = _inject(make().eval())
     head = getattr(model, head_attr)
     assert find_head(model) is head
-    freeze_except_se(model, head=True)
+    if norms is None:
+        freeze_except_se(model, head=True)  # default: norms=True (benchmarks/results/efficacy.md, se_bn vs se_adapter)
+    else:
+        freeze_except_se(model, head=True, norms=norms)
     se_ids = {id(p) for p in se_parameters(model)}
     head_ids = {id(p) for p in head.parameters()}
+    norm_ids = {id(p) for _, m in norm_modules(model) for p in m.parameters()}
+    assert norm_ids and all(isinstance(m, nn.BatchNorm2d) for _, m in norm_modules(model))
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
-    assert trainable == se_ids | head_ids
+    assert trainable == se_ids | head_ids | (norm_ids if norms is not False else set())
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
 
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
@@ -111,6 +123,23 @@ def test_freeze_except_se_and_head_trains_only_those(make, head_attr):
     # the zero-initialised last SE layer is what moves first
     assert any(not torch.equal(m.fc2.weight, before[f"{n}.fc2.weight"]) for n, m in se_modules(model))
     assert any(not torch.equal(p, before[n]) for n, p in head.named_parameters(prefix=head_attr))
+    norm_moved = any(not torch.equal(p, before[f"{name}.{k}"]) for name, m in norm_modules(model)
+                     for k, p in m.named_parameters())
+    assert norm_moved == (norms is not False)
+    # running statistics are buffers: only requires_grad changed, train() mode still updates them
+    assert any(not torch.equal(b, buffers[n]) for n, b in model.named_buffers() if n.endswith("running_mean"))
+
+
+def test_freeze_norms_covers_layer_and_group_norms():
+    # ConvNeXt-style LayerNorm2d (timm) and GroupNorm are norms too; their affine parameters train
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), timm.layers.LayerNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3),
+                          nn.GroupNorm(2, 8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    model.add_module("se", SEBlock(8, 2))
+    freeze_except_se(model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"1.weight", "1.bias", "4.weight", "4.bias"} | {f"se.{n}" for n, _ in model.se.named_parameters()}
+    freeze_except_se(model, norms=False)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {f"se.{n}" for n, _ in model.se.named_parameters()}
 
 
 def test_freeze_head_options():
