@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .analysis.owners import OwnerTraces
+from .analysis.sandbox import preserved_state
 from .block import SEConfig
 from .plan import Plan
 from .rewrite import apply_plan, build_blocks, install, remove_se
@@ -140,7 +141,9 @@ def _plan(
         identity_init=identity_init,
         placement=placement,
     )
-    with _collection_paused():
+    # Analysis runs the user's modules on fake tensors and proxies: what their forwards cache
+    # on ``self`` (and the eval mode analysis sets) is put back, so the model is as it was.
+    with _collection_paused(), preserved_state(model):
         return build_plan(
             model,
             config,
@@ -240,8 +243,9 @@ def inject_se(
             rebuilt = build_blocks(model, plan, traces=traces)
             # Post-build check (a plan is a promise): each rebuilt block must compute what its
             # original computes on the example input, before anything is swapped in.
-            calls = record_owner_calls(model, list(rebuilt), _check_args(model, example_input))
-            check_rebuilt(rebuilt, calls)
+            with preserved_state(model):  # a real forward: its caches, counters and RNG use are undone
+                calls = record_owner_calls(model, list(rebuilt), _check_args(model, example_input))
+                check_rebuilt(rebuilt, calls)
             return install(model, plan, rebuilt)
     warnings.warn(
         f"no SE site found in {type(model).__name__} ({len(plan.skipped)} skipped); the model is unchanged",

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .analysis.sandbox import preserved_state
 from .block import SEBlock
 
 __all__ = ["SECost", "Count", "Complexity", "count_params", "count", "compare"]
@@ -137,14 +138,11 @@ def count_params(model: nn.Module) -> int:
 
 @contextmanager
 def _eval_mode(model: nn.Module) -> Iterator[None]:
-    # Batch-1 BatchNorm in training mode fails on 1x1 maps; restore each module's own flag after.
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
+    # Batch-1 BatchNorm in training mode fails on 1x1 maps. The sandbox restores each module's
+    # own flag after, and whatever the counting forwards cached on the modules.
+    with preserved_state(model):
+        model.eval()
         yield
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -171,7 +169,7 @@ def count(model: nn.Module, input_size: Sequence[int]) -> Count:
     """Count parameters, multiply-adds and per-SE-block costs of ``model`` for one input.
 
     ``input_size`` excludes the batch (``(3, 224, 224)``). The model is not changed (its
-    train/eval flags are restored). When neither a fake nor a real forward pass works, ``macs``
+    train/eval flags, attributes, caches and the RNG state are restored). When neither a fake nor a real forward pass works, ``macs``
     is ``None`` and a :class:`UserWarning` says why.
 
     Example:

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .analysis.sandbox import preserved_state
 from .block import GATES, SEBlock, _squeeze
 from .plan import PLAN_ATTR
 
@@ -98,10 +99,11 @@ def gate_statistics(model: nn.Module, batches: Iterable[Any], *, tol: float = 0.
         recorded[name].append(_gates(block, args[0]).float().cpu())
 
     handles = [b.register_forward_pre_hook(lambda m, a, name=name: hook(m, a, name)) for name, b in blocks]
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
     try:
-        with torch.no_grad():
+        # A measurement: train/eval flags and what the forwards cache on the modules are put back
+        # (not the RNG state: the batches may draw on it as they are made).
+        with preserved_state(model, rng=False), torch.no_grad():
+            model.eval()
             for batch in batches:
                 inputs, y = _split(batch)
                 model(inputs)
@@ -110,8 +112,6 @@ def gate_statistics(model: nn.Module, batches: Iterable[Any], *, tol: float = 0.
     finally:
         for handle in handles:
             handle.remove()
-        for module, training in modes:
-            module.training = training
     y_all = torch.cat(labels) if labels else None
     return [_summarise(name, block, stages.get(name), recorded[name], y_all, tol) for name, block in blocks]
 

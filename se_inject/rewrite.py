@@ -26,6 +26,7 @@ from torch import nn
 
 from .analysis.names import locate
 from .analysis.owners import OwnerTraces, inline_paths, owner_args
+from .analysis.sandbox import preserved_state
 from .block import SEBlock, check_se_weights
 from .errors import PlanMismatchError
 from .plan import PLAN_ATTR, Plan, Site
@@ -385,7 +386,13 @@ def build_blocks(model: nn.Module, plan: Plan, *, traces: OwnerTraces | None = N
 
 def install(model: nn.Module, plan: Plan, rebuilt: dict[str, RebuiltBlock]) -> nn.Module:
     """Swap the rebuilt blocks into ``model`` (outermost first) and record ``plan`` on it;
-    returns ``model``, or the rebuilt root when the root owns a site."""
+    returns ``model``, or the rebuilt root when the root owns a site. A swap that fails
+    part-way leaves ``model`` as it was."""
+    with preserved_state(model, on_error_only=True):
+        return _install(model, plan, rebuilt)
+
+
+def _install(model: nn.Module, plan: Plan, rebuilt: dict[str, RebuiltBlock]) -> nn.Module:
     for path in sorted(rebuilt, key=lambda p: (p.count("."), p) if p else (-1, p)):
         if path:
             _replace_module(model, path, rebuilt[path])

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..block import SEBlock
 from .calls import PLAIN, VAR_KINDS, CallRecord, arg_kind
+from .sandbox import preserved_state
 
 __all__ = ["SETracer", "Traced", "trace", "mode_dependent_leaves", "training_mode"]
 
@@ -249,9 +250,6 @@ class Traced(NamedTuple):
     read_mode: bool = True
 
 
-_MISSING = object()
-
-
 def trace(
     module: nn.Module,
     *,
@@ -268,22 +266,16 @@ def trace(
     The tracer stores tensor constants as attributes of the traced root; they are removed from
     ``module`` again and returned, so tracing never changes the user's model.
     """
-    # Forwards that set attributes lazily (torchvision's MultiScaleRoIAlign caches its scales)
-    # would keep proxies: every module's attributes are put back as they were.
-    saved = [(m, dict(m.__dict__)) for m in module.modules()]
+    # Forwards that set attributes lazily (torchvision's MultiScaleRoIAlign caches its scales,
+    # timm's LeViT fills a dict of attention biases) would keep proxies: the sandbox puts every
+    # module back as it was, keeping only the constants the tracer added to the root.
     before = set(module.__dict__)
     tracer = SETracer(inline=inline, var_positional=var_positional, opaque=opaque)
     reads: list[str] = []
-    try:
+    with preserved_state(module, rng=False):
         with training_mode(module, training), _watch_mode_reads(module, reads):
             graph = tracer.trace(module, concrete_args=concrete_args)
-    finally:
         added = {k: module.__dict__[k] for k in set(module.__dict__) - before}
-        for m, attrs in saved:
-            now = m.__dict__
-            if len(now) != len(attrs) or any(now.get(k, _MISSING) is not v for k, v in attrs.items()):
-                now.clear()
-                now.update(attrs)
     _restore_parameter_names(graph, concrete_args or {})
     return Traced(graph, added, tracer.module_calls, bool(reads))
 

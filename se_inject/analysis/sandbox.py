@@ -1,0 +1,141 @@
+"""A sandbox for the forwards analysis runs on the user's modules.
+
+Planning, the post-build check and the counts run the user's modules forward on meta or fake
+tensors, fx proxies or one real sample. Modules that cache on ``self`` during forward keep
+what such a run put there: a YOLO head's ``self.anchors`` (then fake tensors), a buffer
+reassigned in forward (``torch.save(model.state_dict())`` fails), a call counter, a LeViT-style
+attention-bias dict filled in eval mode (fx proxies as values, or tensors of the current
+weights that go stale after ``load_state_dict``). :func:`preserved_state` puts every
+submodule back as it was: its attribute dictionary, the dicts, lists and sets found in it
+(in place, so references to them stay valid), its class, its buffers' values and its
+train/eval flag; and torch's random number generators.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["preserved_state"]
+
+_CONTAINERS = (dict, list, set)
+#: How deep nested containers are copied (``self.cache = {"cpu": [...]}`` is depth 2).
+_DEPTH = 3
+
+
+class _Snapshot:
+    """What :func:`preserved_state` restores: per module its class and a shallow copy of its
+    ``__dict__``; per container found in one (any depth up to ``_DEPTH``) a shallow copy of
+    its contents; per buffer its values and version counter."""
+
+    __slots__ = ("modules", "containers", "buffers")
+
+    def __init__(self, model: nn.Module) -> None:
+        self.modules: list[tuple[nn.Module, type, dict[str, Any]]] = []
+        self.containers: dict[int, tuple[Any, Any]] = {}
+        self.buffers: dict[int, tuple[torch.Tensor, int, torch.Tensor]] = {}
+        for m in model.modules():
+            attrs = dict(m.__dict__)
+            self.modules.append((m, type(m), attrs))
+            for value in attrs.values():
+                if isinstance(value, _CONTAINERS):
+                    self._keep(value, _DEPTH)
+            for b in m._buffers.values():
+                if isinstance(b, torch.Tensor) and id(b) not in self.buffers and not b.is_inference():
+                    with torch.no_grad():
+                        self.buffers[id(b)] = (b, b._version, b.detach().clone())
+
+    def _keep(self, container: Any, depth: int) -> None:
+        if id(container) in self.containers:
+            return
+        copied = dict(container) if isinstance(container, dict) else type(container).copy(container)
+        self.containers[id(container)] = (container, copied)
+        if depth > 1:
+            for value in container.values() if isinstance(container, dict) else container:
+                if isinstance(value, _CONTAINERS):
+                    self._keep(value, depth - 1)
+
+    def restore(self) -> None:
+        for container, copied in self.containers.values():
+            if _changed(container, copied):
+                if isinstance(container, list):
+                    container[:] = copied
+                else:
+                    container.clear()
+                    container.update(copied)
+        for m, cls, attrs in self.modules:
+            if type(m) is not cls:
+                m.__class__ = cls
+            if _changed(m.__dict__, attrs):
+                m.__dict__.clear()
+                m.__dict__.update(attrs)
+        for tensor, version, values in self.buffers.values():
+            if tensor._version != version:  # changed in place (``self.calls += 1`` on a buffer)
+                with torch.no_grad():
+                    tensor.copy_(values)
+
+
+def _changed(now: Any, then: Any) -> bool:
+    """Whether ``now`` holds other objects than its copy ``then`` (identity, not equality)."""
+    if len(now) != len(then):
+        return True
+    if isinstance(now, dict):
+        missing = object()
+        return any(now.get(k, missing) is not v for k, v in then.items())
+    if isinstance(now, list):
+        return any(a is not b for a, b in zip(now, then, strict=True))
+    return now != then
+
+
+@contextmanager
+def _rng_preserved() -> Iterator[None]:
+    cpu = torch.random.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        torch.random.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
+@contextmanager
+def preserved_state(model: nn.Module, *, rng: bool = True, on_error_only: bool = False) -> Iterator[None]:
+    """Run the body, then put ``model`` back exactly as it was (also when the body raises).
+
+    Restored for every submodule: the entries of its ``__dict__`` (attributes, train/eval
+    flags, and the ``_parameters``/``_buffers``/``_modules`` dicts, so reassigned buffers and
+    added children come undone), the contents of the dicts, lists and sets it holds (caches
+    filled in place), its class, and the values of buffers changed in place; with ``rng``,
+    torch's CPU (and initialised CUDA) random number generator states. Parameters changed in
+    place are not restored (no analysis forward writes to them). With ``on_error_only`` the
+    model is restored only when the body raises (a failed call leaves the model as it was; a
+    successful one keeps what it installed), and the generators are left alone.
+
+    Example:
+        >>> with preserved_state(model):
+        ...     record_module_inputs(model, [x])  # forwards on fake tensors, caches and all
+    """
+    snapshot = _Snapshot(model)
+    if on_error_only:
+        try:
+            yield
+        except BaseException:
+            snapshot.restore()
+            raise
+        return
+    if not rng:
+        try:
+            yield
+        finally:
+            snapshot.restore()
+        return
+    with _rng_preserved():
+        try:
+            yield
+        finally:
+            snapshot.restore()
