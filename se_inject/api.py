@@ -12,6 +12,7 @@ from torch import nn
 
 from .analysis.owners import OwnerTraces
 from .block import SEConfig
+from .errors import ConfigError
 from .plan import Plan
 from .rewrite import apply_plan, build_blocks, install, remove_se
 from .sites import build_plan, example_args
@@ -25,9 +26,12 @@ __all__ = [
 ]
 
 
+_DEFAULT_REDUCTION = 16  # the paper's r, when neither reduction nor hidden is given
+
+
 def find_sites(
     model: nn.Module,
-    reduction: float = 16,
+    reduction: float | None = None,
     *,
     identity_init: bool = True,
     bias: bool = True,
@@ -70,7 +74,7 @@ def find_sites(
     ``apply_plan(..., traces=)`` so the owners are not traced again.
 
     Raises:
-        ConfigError: an option has a bad value.
+        ConfigError: an option has a bad value, or both ``reduction`` and ``hidden`` are given.
         SelectionError: ``stages``/``resolutions`` name none of the model's (listed).
     """
     return _plan(
@@ -111,7 +115,7 @@ def _collection_paused() -> Iterator[None]:
 
 def _plan(
     model: nn.Module,
-    reduction: float,
+    reduction: float | None,
     *,
     identity_init: bool,
     bias: bool,
@@ -130,8 +134,13 @@ def _plan(
     example_input: torch.Tensor | tuple[torch.Tensor, ...] | None,
     traces: OwnerTraces | None = None,
 ) -> Plan:
+    if reduction is not None and hidden is not None:
+        raise ConfigError(
+            f"give reduction or hidden, not both (reduction={reduction!r}, hidden={hidden!r}): "
+            "hidden fixes every SE block's width, reduction sets it from the channels"
+        )
     config = SEConfig(
-        reduction=reduction,
+        reduction=_DEFAULT_REDUCTION if reduction is None else reduction,
         min_hidden=min_hidden,
         hidden=hidden,
         bias=bias,
@@ -173,7 +182,7 @@ def _check_args(model: nn.Module, example_input: object) -> tuple[object, ...]:
 
 def inject_se(
     model: nn.Module,
-    reduction: float = 16,
+    reduction: float | None = None,
     *,
     identity_init: bool = True,
     bias: bool = True,
@@ -209,7 +218,7 @@ def inject_se(
     SE blocks passing their input through; otherwise nothing is changed.
 
     Raises:
-        ConfigError: an option has a bad value.
+        ConfigError: an option has a bad value, or both ``reduction`` and ``hidden`` are given.
         SelectionError: ``stages``/``resolutions`` name none of the model's (listed).
         UnfaithfulRebuildError: a rebuilt block computes something else than the original
             (its ``owner`` is named); the model is unchanged.
