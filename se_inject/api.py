@@ -6,12 +6,14 @@ import gc
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
 
 from .analysis.owners import OwnerTraces
 from .block import SEConfig
+from .diagnostics import no_sites_warning, unanalysed_warning
 from .errors import ConfigError
 from .plan import Plan
 from .rewrite import apply_plan, build_blocks, install, remove_se
@@ -224,10 +226,7 @@ def inject_se(
             (its ``owner`` is named); the model is unchanged.
     """
     traces = OwnerTraces()
-    plan = _plan(
-        model,
-        reduction,
-        traces=traces,
+    options: dict[str, Any] = dict(
         identity_init=identity_init,
         bias=bias,
         min_hidden=min_hidden,
@@ -244,6 +243,8 @@ def inject_se(
         tokens=tokens,
         example_input=example_input,
     )
+    plan = _plan(model, reduction, traces=traces, **options)
+    name = type(model).__name__
     if plan.sites:
         with _collection_paused():
             rebuilt = build_blocks(model, plan, traces=traces)
@@ -251,10 +252,15 @@ def inject_se(
             # original computes on the example input, before anything is swapped in.
             calls = record_owner_calls(model, list(rebuilt), _check_args(model, example_input))
             check_rebuilt(rebuilt, calls)
-            return install(model, plan, rebuilt)
-    warnings.warn(
-        f"no SE site found in {type(model).__name__} ({len(plan.skipped)} skipped); the model is unchanged",
-        UserWarning,
-        stacklevel=2,
-    )
+            injected = install(model, plan, rebuilt)
+        thin = unanalysed_warning(name, plan)
+        if thin is not None:
+            warnings.warn(thin, UserWarning, stacklevel=2)
+        return injected
+    alternatives = {
+        f"{flag}=True": (lambda flag=flag: _plan(model, reduction, **{**options, flag: True}))
+        for flag in ("plain", "tokens")
+        if not options[flag]
+    }
+    warnings.warn(no_sites_warning(name, plan, alternatives), UserWarning, stacklevel=2)
     return model
