@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from .errors import CheckpointError as CheckpointError
     from .errors import ConfigError as ConfigError
     from .errors import GateMismatchError as GateMismatchError
+    from .errors import InputError as InputError
     from .errors import NoSitesError as NoSitesError
     from .errors import OutputPathError as OutputPathError
     from .errors import PlanMismatchError as PlanMismatchError
@@ -64,6 +65,7 @@ _EXPORTS: dict[str, str] = {
     "SEInjectError": "errors",
     "ConfigError": "errors",
     "GateMismatchError": "errors",
+    "InputError": "errors",
     "SelectionError": "errors",
     "NoSitesError": "errors",
     "PlanMismatchError": "errors",

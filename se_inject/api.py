@@ -6,6 +6,7 @@ import gc
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
@@ -13,6 +14,8 @@ from torch import nn
 from .analysis.owners import OwnerTraces
 from .analysis.sandbox import preserved_state
 from .block import SEConfig
+from .diagnostics import no_sites_warning, unanalysed_warning
+from .errors import ConfigError
 from .plan import Plan
 from .rewrite import apply_plan, build_blocks, install, remove_se
 from .sites import build_plan, example_args
@@ -26,9 +29,12 @@ __all__ = [
 ]
 
 
+_DEFAULT_REDUCTION = 16  # the paper's r, when neither reduction nor hidden is given
+
+
 def find_sites(
     model: nn.Module,
-    reduction: float = 16,
+    reduction: float | None = None,
     *,
     identity_init: bool = True,
     bias: bool = True,
@@ -71,7 +77,7 @@ def find_sites(
     ``apply_plan(..., traces=)`` so the owners are not traced again.
 
     Raises:
-        ConfigError: an option has a bad value.
+        ConfigError: an option has a bad value, or both ``reduction`` and ``hidden`` are given.
         SelectionError: ``stages``/``resolutions`` name none of the model's (listed).
     """
     return _plan(
@@ -112,7 +118,7 @@ def _collection_paused() -> Iterator[None]:
 
 def _plan(
     model: nn.Module,
-    reduction: float,
+    reduction: float | None,
     *,
     identity_init: bool,
     bias: bool,
@@ -131,8 +137,13 @@ def _plan(
     example_input: torch.Tensor | tuple[torch.Tensor, ...] | None,
     traces: OwnerTraces | None = None,
 ) -> Plan:
+    if reduction is not None and hidden is not None:
+        raise ConfigError(
+            f"give reduction or hidden, not both (reduction={reduction!r}, hidden={hidden!r}): "
+            "hidden fixes every SE block's width, reduction sets it from the channels"
+        )
     config = SEConfig(
-        reduction=reduction,
+        reduction=_DEFAULT_REDUCTION if reduction is None else reduction,
         min_hidden=min_hidden,
         hidden=hidden,
         bias=bias,
@@ -176,7 +187,7 @@ def _check_args(model: nn.Module, example_input: object) -> tuple[object, ...]:
 
 def inject_se(
     model: nn.Module,
-    reduction: float = 16,
+    reduction: float | None = None,
     *,
     identity_init: bool = True,
     bias: bool = True,
@@ -212,16 +223,13 @@ def inject_se(
     SE blocks passing their input through; otherwise nothing is changed.
 
     Raises:
-        ConfigError: an option has a bad value.
+        ConfigError: an option has a bad value, or both ``reduction`` and ``hidden`` are given.
         SelectionError: ``stages``/``resolutions`` name none of the model's (listed).
         UnfaithfulRebuildError: a rebuilt block computes something else than the original
             (its ``owner`` is named); the model is unchanged.
     """
     traces = OwnerTraces()
-    plan = _plan(
-        model,
-        reduction,
-        traces=traces,
+    options: dict[str, Any] = dict(
         identity_init=identity_init,
         bias=bias,
         min_hidden=min_hidden,
@@ -238,6 +246,8 @@ def inject_se(
         tokens=tokens,
         example_input=example_input,
     )
+    plan = _plan(model, reduction, traces=traces, **options)
+    name = type(model).__name__
     if plan.sites:
         with _collection_paused():
             rebuilt = build_blocks(model, plan, traces=traces)
@@ -246,10 +256,15 @@ def inject_se(
             with preserved_state(model):  # a real forward: its caches, counters and RNG use are undone
                 calls = record_owner_calls(model, list(rebuilt), _check_args(model, example_input))
                 check_rebuilt(rebuilt, calls)
-            return install(model, plan, rebuilt)
-    warnings.warn(
-        f"no SE site found in {type(model).__name__} ({len(plan.skipped)} skipped); the model is unchanged",
-        UserWarning,
-        stacklevel=2,
-    )
+            injected = install(model, plan, rebuilt)
+        thin = unanalysed_warning(name, plan)
+        if thin is not None:
+            warnings.warn(thin, UserWarning, stacklevel=2)
+        return injected
+    alternatives = {
+        f"{flag}=True": (lambda flag=flag: _plan(model, reduction, **{**options, flag: True}))
+        for flag in ("plain", "tokens")
+        if not options[flag]
+    }
+    warnings.warn(no_sites_warning(name, plan, alternatives), UserWarning, stacklevel=2)
     return model

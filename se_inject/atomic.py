@@ -1,48 +1,151 @@
-"""Atomic file writes: a failed write leaves an existing file as it was and no partial file."""
+"""Atomic file writes: a failed or interrupted write leaves an existing file as it was and no
+partial file.
+
+Torch's zip writer turns an ``OSError`` (disk full, file-size limit) or a Ctrl-C raised inside it
+into a ``RuntimeError``; so the handle given to the writer records the ``OSError`` its ``write``
+met, and a SIGINT handler records the interrupt, and the cause is reported, not the wrapping.
+"""
 
 from __future__ import annotations
 
 import os
+import signal
+import stat
 import tempfile
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from .errors import OutputPathError, SEInjectError
 
-__all__ = ["atomic_write"]
+__all__ = ["atomic_write", "output_target"]
+
+_NOT_REGULAR = (
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def output_target(path: str | os.PathLike[str]) -> Path:
+    """The regular file a write to ``path`` replaces: ``path`` itself, or a symlink's target.
+
+    Raises:
+        OutputPathError: ``path`` is (or links to) a device, FIFO or socket, which a write must
+            never replace, or a folder.
+    """
+    file = Path(os.path.realpath(path)) if Path(path).is_symlink() else Path(path)
+    try:
+        mode = file.stat().st_mode
+    except OSError:
+        return file  # nothing there yet: a new regular file
+    for is_kind, kind in _NOT_REGULAR:
+        if is_kind(mode):
+            raise OutputPathError(
+                f"cannot write {os.fspath(path)!r}: it is {kind}, not a regular file; give a file name such as model.pt"
+            )
+    if stat.S_ISDIR(mode):
+        raise OutputPathError(f"cannot write {os.fspath(path)!r}: it is a directory; give a file name such as model.pt")
+    return file
+
+
+class _RecordingHandle:
+    """A binary file handle that remembers the ``OSError`` its writes raised."""
+
+    def __init__(self, handle: BinaryIO) -> None:
+        self._handle = handle
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self._handle.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._handle, name)
+
+
+class _Interrupts:
+    """SIGINT while writing: ``seen`` is set, and the interrupt is raised (``defer=False``) or
+    held until the end of the block (``defer=True``, for the move into place)."""
+
+    def __init__(self) -> None:
+        self.seen = False
+        self.defer = False
+
+    @contextmanager
+    def watching(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield  # signal handlers can only be set in the main thread
+            return
+
+        def handler(signum: int, frame: Any) -> None:
+            self.seen = True
+            if not self.defer:
+                raise KeyboardInterrupt
+
+        previous = signal.signal(signal.SIGINT, handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
 
 def atomic_write(file: Path, write: Callable[[BinaryIO], object]) -> Path:
-    """Call ``write`` on a temporary file in ``file``'s folder, then move it into place.
+    """Call ``write`` on a temporary file beside ``file``'s target, then move it into place.
 
-    The data is flushed to disk before ``os.replace``; the new file gets the mode a plain
-    ``open()`` would give it (``mkstemp`` creates 0600).
+    ``file`` may be a symlink: its target is replaced and the link kept. The data is flushed to
+    disk before ``os.replace``; the new file gets the mode a plain ``open()`` would give it
+    (``mkstemp`` creates 0600).
 
     Raises:
-        OutputPathError: the file cannot be written; an existing ``file`` is left untouched and
-            no temporary file remains.
+        OutputPathError: the file cannot be written (also disk full midway); an existing file
+            is left untouched and no temporary file remains.
+        KeyboardInterrupt: Ctrl-C during the write, with a message that says the existing file
+            is unchanged.
     """
+    target = output_target(file)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{file.name}.", suffix=".tmp", dir=file.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     except OSError as e:
         raise OutputPathError(f"cannot write {str(file)!r}: {e.strerror or e}") from e
+    interrupts = _Interrupts()
+    recorder: _RecordingHandle | None = None
     try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, _new_file_mode(file))
-        os.replace(tmp, file)
+        with interrupts.watching():
+            with os.fdopen(fd, "wb") as handle:
+                recorder = _RecordingHandle(handle)
+                write(recorder)  # type: ignore[arg-type]
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.chmod(tmp, _new_file_mode(target))
+            interrupts.defer = True
+            os.replace(tmp, target)
     except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        if isinstance(e, OSError) and not isinstance(e, SEInjectError):
-            raise OutputPathError(f"cannot write {str(file)!r}: {e.strerror or e}") from e
+        _remove(tmp)
+        if interrupts.seen or isinstance(e, KeyboardInterrupt):
+            raise KeyboardInterrupt(f"writing {str(file)!r} stopped: the existing file is unchanged") from None
+        if isinstance(e, SEInjectError):
+            raise
+        cause = recorder.error if recorder is not None and recorder.error is not None else e
+        if isinstance(cause, OSError):
+            raise OutputPathError(f"cannot write {str(file)!r}: {cause.strerror or cause}") from e
         raise
+    if interrupts.seen:  # Ctrl-C while moving the finished file into place: it is written
+        raise KeyboardInterrupt(f"interrupted after {str(file)!r} was written")
     return file
+
+
+def _remove(tmp: str) -> None:
+    try:
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass
 
 
 def _new_file_mode(existing: Path) -> int:

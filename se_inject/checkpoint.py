@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from .api import apply_plan, remove_se
-from .atomic import atomic_write
+from .atomic import atomic_write, output_target
 from .block import SEBlock
 from .errors import (
     CheckpointError,
@@ -89,17 +89,16 @@ def check_output_path(path: str | os.PathLike[str]) -> Path:
         PosixPath('runs/model.pt')
 
     Raises:
-        OutputPathError: the folder does not exist, ``path`` is a folder, nothing can be
-            written there, or the name ends in ``.safetensors`` (a checkpoint is a torch file).
+        OutputPathError: the folder does not exist, ``path`` is a folder, a device, a FIFO or a
+            socket (never replaced), nothing can be written there, or the name ends in
+            ``.safetensors`` (a checkpoint is a torch file). A symlink's target is checked.
     """
     file = Path(path)
     if file.suffix == ".safetensors":
         raise OutputPathError(
             f"cannot write {str(file)!r}: checkpoints are torch files (they hold the plan too); use a .pt name"
         )
-    if file.is_dir():
-        raise OutputPathError(f"cannot write {str(file)!r}: it is a directory; give a file name such as model.pt")
-    folder = file.parent
+    folder = output_target(file).parent
     if not folder.is_dir():
         raise OutputPathError(f"cannot write {str(file)!r}: folder {str(folder)!r} does not exist")
     try:

@@ -90,6 +90,7 @@ class _Command(TyperCommand):
         standalone_mode: bool = True,
         **extra: Any,
     ) -> Any:
+        self._interrupted_while = ""
         try:
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except _USAGE_ERRORS as e:  # bad option values, missing MODEL, unknown options
@@ -99,15 +100,29 @@ class _Command(TyperCommand):
             _error_line(str(e))
             code = 1
         except (KeyboardInterrupt, typer.Abort):
-            _error_line("interrupted")
+            _error_line(self._interrupt_line())
             code = 130
         else:
             code = rv if isinstance(rv, int) else 0
             if code == 130:  # typer turns an interrupt into a silent exit code 130
-                _error_line("interrupted")
+                _error_line(self._interrupt_line())
         if standalone_mode:
             sys.exit(code)
         return code
+
+
+    def invoke(self, ctx: Any) -> Any:
+        # typer turns KeyboardInterrupt into a bare exit code; keep what it said (for example
+        # that an interrupted write left the old file unchanged) for the error line.
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as e:
+            self._interrupted_while = str(e)
+            raise
+
+    def _interrupt_line(self) -> str:
+        detail = getattr(self, "_interrupted_while", "")
+        return f"interrupted: {detail}" if detail else "interrupted"
 
 
 def _error_line(message: str) -> None:

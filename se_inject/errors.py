@@ -37,6 +37,11 @@ class ConfigError(SEInjectError, ValueError):
     """An option has a bad value (reduction < 1, unknown gate, malformed glob, ...)."""
 
 
+class InputError(ConfigError):
+    """The analysis input does not fit the model (wrong channel count, no batch dimension, a
+    structure the model does not take): the message says what the model's first layer expects."""
+
+
 class SelectionError(ConfigError):
     """A selection names stages or resolutions the model does not have (the message lists
     the ones it has)."""

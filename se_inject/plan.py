@@ -167,6 +167,8 @@ class Plan:
     skipped: tuple[Skipped, ...]
     unanalysed: tuple[Unanalysed, ...] = ()
     config: SEConfig = field(default_factory=SEConfig)
+    #: what the analysis ran the model on (``Tensor[2, 3, 224, 224]``, ``list[Tensor[3, 64, 64]]``)
+    input: str = ""
 
     def __len__(self) -> int:
         return len(self.sites)
@@ -183,7 +185,7 @@ class Plan:
 
     def merged(self, later: Plan) -> Plan:
         """This plan followed by ``later`` (a second injection into the same model)."""
-        return Plan(self.sites + later.sites, later.skipped, later.unanalysed, later.config)
+        return Plan(self.sites + later.sites, later.skipped, later.unanalysed, later.config, later.input)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -201,6 +203,7 @@ class Plan:
             "skipped": [{**asdict(s), "reason": str(s.reason)} for s in self.skipped],
             "unanalysed": [asdict(u) for u in self.unanalysed],
             "config": self.config.to_dict(),
+            "input": self.input,
         }
 
     @classmethod
@@ -226,7 +229,7 @@ class Plan:
             unanalysed = tuple(_unanalysed(raw) for raw in data.get("unanalysed", ()))
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"malformed plan: {e}") from e
-        return cls(sites, skipped, unanalysed, config)
+        return cls(sites, skipped, unanalysed, config, str(data.get("input", "")))
 
 
 def _unanalysed(raw: Any) -> Unanalysed:

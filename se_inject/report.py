@@ -144,6 +144,7 @@ class Report:
                 for s in self.plan.skipped
             ],
             "unanalysed": [{"path": u.path, "reason": u.reason} for u in self.plan.unanalysed],
+            "analysed_input": self.plan.input,
             **self.complexity.to_dict(),
             "dry_run": self.dry_run,
             "output": self.output,

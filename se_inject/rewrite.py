@@ -254,9 +254,11 @@ def _init_copy(res: RebuiltBlock, fake_mod: nn.Module, graph: fx.Graph) -> None:
         eval_graph, train_graph = fx.Graph(), None
         eval_graph.output(None)
     RebuiltBlock.__init__(res, original, eval_graph, train_graph, se_blocks, constants)
-    for key in ("_se_sites", "_se_stale"):
+    for key in ("_se_sites", "_se_stale", PLAN_ATTR):
         if key in body:
             res.__dict__[key] = body[key]
+    if PLAN_ATTR in body:  # the model's root: its copy checks SE weights on load as it does
+        _guard_loads(res)
     if "_se_stale" in body:
         res.register_forward_pre_hook(_refuse_stale)
     res.training = body["training"]
@@ -393,9 +395,13 @@ def install(model: nn.Module, plan: Plan, rebuilt: dict[str, RebuiltBlock]) -> n
 
 
 def _install(model: nn.Module, plan: Plan, rebuilt: dict[str, RebuiltBlock]) -> nn.Module:
+    aliases = _alias_paths(model)
     for path in sorted(rebuilt, key=lambda p: (p.count("."), p) if p else (-1, p)):
         if path:
-            _replace_module(model, path, rebuilt[path])
+            # A block registered under several names (``m.block`` and ``m.path[0]``) is
+            # replaced under all, so hooks and freezing through any name reach the rebuilt one.
+            for alias in aliases.get(id(model.get_submodule(path)), [path]):
+                _replace_module(model, alias, rebuilt[path])
     result = rebuilt.get("", model)
     earlier = getattr(model, PLAN_ATTR, None)
     recorded = earlier.merged(plan) if isinstance(earlier, Plan) else plan
@@ -409,6 +415,15 @@ def _guard_loads(root: nn.Module) -> None:
     hooks = root.__dict__.get("_load_state_dict_pre_hooks", {})
     if not any(getattr(h, "hook", h) is check_se_weights for h in hooks.values()):
         root.register_load_state_dict_pre_hook(check_se_weights)
+
+
+def _alias_paths(model: nn.Module) -> dict[int, list[str]]:
+    """Every name of every submodule, by object (``named_modules`` gives each object once)."""
+    paths: dict[int, list[str]] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        if path:
+            paths.setdefault(id(module), []).append(path)
+    return paths
 
 
 def _replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
@@ -441,9 +456,12 @@ def remove_se(model: nn.Module, *, include: Sequence[str] | None = None) -> nn.M
 
     plan = getattr(model, PLAN_ATTR, None)
     removed: set[str] = set()
+    aliases = _alias_paths(model)
     for path, module in sorted(model.named_modules(), key=lambda item: -item[0].count(".")):
         if isinstance(module, RebuiltBlock) and path and chosen(path, module):
-            _replace_module(model, path, module.restore())
+            original = module.restore()
+            for alias in aliases[id(module)]:
+                _replace_module(model, alias, original)
             removed.add(path)
     if isinstance(model, RebuiltBlock) and chosen("", model):
         model = model.restore()

@@ -152,7 +152,7 @@ def _plan(
     try:
         plan = find_sites(
             net,
-            config.reduction,
+            None if config.hidden is not None else config.reduction,
             identity_init=config.identity_init,
             bias=config.bias,
             min_hidden=config.min_hidden,

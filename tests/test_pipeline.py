@@ -35,9 +35,15 @@ def _exact(model: nn.Module, x: torch.Tensor, **options) -> nn.Module:
     plan = find_sites(model, example_input=x, **options)
     with torch.no_grad():
         before = model(x)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no retry, no "skipping" warning
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         injected = inject_se(model, example_input=x, **options)
+    # No retry, no "skipping" warning: at most the one line that counts unanalysed modules.
+    messages = [str(w.message) for w in caught]
+    if plan.unanalysed:
+        assert len(messages) == 1 and f"; {len(plan.unanalysed)} module" in messages[0], messages
+    else:
+        assert messages == [], messages
     assert _built(injected) == sorted(s.name for s in plan.sites)
     with torch.no_grad():
         assert torch.equal(injected(x), before)

@@ -19,6 +19,8 @@ def _is_tensor_value(value: Any) -> bool:
         return True
     if isinstance(value, (list, tuple)):
         return any(_is_tensor_value(v) for v in value)
+    if isinstance(value, dict):  # a dict of tensors passed as the model's input
+        return any(_is_tensor_value(v) for v in value.values())
     return False
 
 

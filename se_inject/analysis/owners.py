@@ -70,6 +70,18 @@ def block_signature(module: nn.Module) -> tuple[Any, ...] | None:
     return tuple(items)
 
 
+class SideEffectError(RuntimeError):
+    """The owner's forward assigns attributes: a rebuilt graph would silently drop that."""
+
+
+def _refuse_side_effects(owner: nn.Module, effects: tuple[str, ...]) -> None:
+    if effects:
+        shown = ", ".join(f"self.{e}" for e in effects[:3]) + (f" and {len(effects) - 3} more" if len(effects) > 3 else "")
+        raise SideEffectError(
+            f"its forward assigns {shown}, a side effect the rebuilt block would drop"
+        )
+
+
 class OwnerTraces:
     """Traces of owners, shared between blocks with the same signature.
 
@@ -120,10 +132,12 @@ class OwnerTraces:
         # Both modes unless the eval trace read no ``training`` flag: code that reads one may
         # differ in train mode, and a missed difference would silently train with the eval graph.
         traced = trace(owner, training=False, inline=inline, concrete_args=concrete)
+        _refuse_side_effects(owner, traced.side_effects)
         graphs[False] = traced.graph
         constants.update(traced.constants)
         if traced.read_mode:
             traced = trace(owner, training=True, inline=inline, concrete_args=concrete)
+            _refuse_side_effects(owner, traced.side_effects)
             constants.update(traced.constants)
             if graphs[False].python_code("self").src != traced.graph.python_code("self").src:
                 graphs[True] = traced.graph

@@ -14,9 +14,9 @@ from torch import nn
 from ..analysis.owners import OwnerTraces
 from ..block import SEConfig, hidden_width
 from ..errors import ConfigError
-from ..input_size import example_input as _default_example_input
 from ..plan import Plan, Site, SiteKind, Skipped, SkipReason, Unanalysed
 from .concatenation import concatenation
+from .inputs import check_input_fits, describe_input, example_args
 from .plain import plain
 from .rebuild import drop_conflicting_owners, rebuildable
 from .records import Candidate, Context, Policy, Rule, Unit, skip
@@ -66,6 +66,7 @@ def build_plan(
         ConfigError: a selection option has a bad value.
         SelectionError: ``stages`` or ``resolutions`` name none of the model's (the message
             lists them).
+        InputError: the input does not fit the model (its forward reached none of its parts).
     """
     selection = Selection(
         check_globs("include", include),
@@ -80,6 +81,7 @@ def build_plan(
     units: list[Unit] = []
     unanalysed: list[Unanalysed] = []
     analyse(model, "", args, units, unanalysed, {})
+    check_input_fits(model, args, units, unanalysed, given=example_input is not None)
     policy = Policy(config.placement, tokens)
     candidates = _candidates(units, RULES, policy)
     _mark_nested(candidates)
@@ -87,24 +89,7 @@ def build_plan(
     if plain and not any(c.skip is None for c in candidates):
         candidates += _candidates(units, PLAIN_RULES, policy)
     sites, skipped = _finalise(model, candidates, config, selection, OwnerTraces() if traces is None else traces)
-    return Plan(tuple(sites), tuple(skipped), tuple(unanalysed), config)
-
-
-def example_args(model: nn.Module, example_input: Any = None) -> tuple[Any, ...]:
-    """The inputs to analyse with: the user's, else an empty tensor of the model's declared
-    input size (``input_size.model_input_size``), batch 2; only shapes matter.
-
-    Raises:
-        ConfigError: no input was given and the model does not say what it reads.
-    """
-    if example_input is not None:
-        return tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
-    built = _default_example_input(model)
-    if built is None:
-        raise ConfigError(
-            f"cannot guess an input for {type(model).__name__}; pass example_input=torch.randn(...)"
-        )
-    return (built,)
+    return Plan(tuple(sites), tuple(skipped), tuple(unanalysed), config, describe_input(args))
 
 
 #: The placement rules, asked in this order for every live node of every unit; the first

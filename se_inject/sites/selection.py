@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from ..analysis.axes import channel_axis
 from ..analysis.ops import tensor_shape
 from ..errors import ConfigError, SelectionError
 from ..plan import SkipReason
@@ -73,7 +74,10 @@ def _stage_spatial(cand: Candidate) -> tuple[int, ...]:
     shape = tensor_shape(cand.anchor)
     if shape is None or len(shape) != len(cand.shape):
         return _spatial(cand)
-    axis = cand.axis % len(shape)
+    # The block's sum may be in another layout than the site (EdgeNeXt: a channels-last branch
+    # joins an NCHW trunk), so its own channel axis is asked for, not the site's.
+    anchor_axis = channel_axis(cand.anchor, cand.unit.flow)
+    axis = (cand.axis if anchor_axis is None else anchor_axis) % len(shape)
     return tuple(size for d, size in enumerate(shape) if d not in (0, axis))
 
 

@@ -20,6 +20,7 @@ from ..analysis.owners import block_signature
 from ..analysis.shapes import RecordedInputs, propagate_shapes, record_module_inputs
 from ..analysis.tracing import trace
 from ..plan import Unanalysed
+from .inputs import NOT_REACHED
 from .records import Unit
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,16 @@ def analyse(
     return frozenset()
 
 
+def _holds_tensors(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
+    if isinstance(value, dict):
+        return bool(value) and all(_holds_tensors(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return bool(value) and all(_holds_tensors(v) for v in value)
+    return False
+
+
 def _within(path: str, ancestor: str) -> bool:
     return path == ancestor or path.startswith(ancestor + ".") or not ancestor
 
@@ -127,7 +138,9 @@ def _trace_unit(
     )
     graph, constants, calls = traced.graph, traced.constants, traced.calls
     propagate_shapes(module, args, graph=graph, constants=constants)
-    record = tuple(("tensor" if isinstance(a, torch.Tensor) else type(a).__name__, a) for a in args)
+    # A list or dict of tensors (a detector's images, a dict batch) is a placeholder of the
+    # trace as a tensor is, so the rebuilt forward takes it the same way.
+    record = tuple(("tensor" if _holds_tensors(a) else type(a).__name__, a) for a in args)
     if extra_keywords:
         issue = f"called with keyword arguments its rebuilt forward would not take ({', '.join(extra_keywords)})"
     elif not standalone_call(module, record, ()):
@@ -249,9 +262,9 @@ def _analyse_parts(
                 if probe.reason is None and not probe.needs_inputs:
                     continue  # traced without inputs: nothing in it can be a site
                 if probe.reason is None or not any(_may_hold_sites(c) for c in child.children()):
-                    unanalysed.append(Unanalysed(child_path, "not reached by the forward pass on the example input"))
+                    unanalysed.append(Unanalysed(child_path, NOT_REACHED))
                     continue
-                unanalysed.append(Unanalysed(child_path, probe.reason))
+                unanalysed.append(Unanalysed(child_path, f"{NOT_REACHED}; alone: {probe.reason}"))
                 opaque.add(child_path)
             visit(child, child_rel)  # an iterated container, or a module not reached as a whole
 
