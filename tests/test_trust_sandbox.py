@@ -26,7 +26,8 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 import se_inject.api
 import se_inject.rewrite
-from se_inject import UnfaithfulRebuildError, find_sites, inject_se
+from se_inject import UnfaithfulRebuildError, find_sites, gate_statistics, inject_se
+from se_inject.complexity import count
 from se_inject.plan import PLAN_ATTR
 from se_inject.rewrite import RebuiltBlock
 
@@ -129,6 +130,9 @@ class BiasAttention(nn.Module):
 
 
 class CacheNet(nn.Module):
+    """Pads odd inputs to an even size: that test does not trace, so analysis runs the whole
+    model on fake tensors (in eval mode) to find its blocks' inputs."""
+
     def __init__(self) -> None:
         super().__init__()
         self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1)
@@ -137,6 +141,8 @@ class CacheNet(nn.Module):
         self.fc = nn.Linear(8, 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] % 2:
+            x = F.pad(x, (0, 1, 0, 1))
         return self.fc(self.attn(self.block(self.stem(x))).mean((2, 3)))
 
 
@@ -234,9 +240,9 @@ MODELS = {
 def _build(name: str) -> nn.Module:
     torch.manual_seed(0)
     model = MODELS[name]()
-    with torch.no_grad():  # one real call first: caches hold real values, as in a user's model
+    with torch.no_grad():  # one real call first: the head's anchors, the counters hold real values
         model(torch.randn(1, 3, SIZE, SIZE))
-    if name == "train-mode-cache":
+    if isinstance(model, CacheNet):  # the bias cache empty, as before a first eval call
         model.attn.cache.clear()
     return model
 
@@ -257,6 +263,7 @@ def test_find_sites_leaves_the_model_as_it_found_it(name: str) -> None:
     _same_outputs(model, reference, torch.randn(1, 3, SIZE, SIZE))
 
 
+@pytest.mark.filterwarnings("ignore:SE inserted at")  # the untraceable heads and tops are named
 @pytest.mark.parametrize("name", list(MODELS))
 def test_inject_se_keeps_the_user_state(name: str) -> None:
     model = _build(name)
@@ -311,3 +318,24 @@ def test_failed_check_leaves_the_model_as_it_was(name: str, monkeypatch: pytest.
     _saves(model)
     assert _state(model) == before
     _same_outputs(model, reference, torch.randn(1, 3, SIZE, SIZE))
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_counting_leaves_the_model_as_it_found_it(name: str) -> None:
+    model = _build(name)
+    reference = copy.deepcopy(model)
+    before, rng = _state(model), torch.random.get_rng_state()
+    assert count(model, (3, SIZE // 2, SIZE // 2)).macs  # another size: the head makes new anchors
+    assert torch.equal(torch.random.get_rng_state(), rng)
+    assert _leaks(model) == []
+    assert _state(model) == before
+    _same_outputs(model, reference, torch.randn(1, 3, SIZE, SIZE))
+
+
+@pytest.mark.filterwarnings("ignore:SE inserted at")
+def test_gate_statistics_leave_a_train_mode_model_as_they_found_it() -> None:
+    model = inject_se(_build("train-mode-cache"), example_input=torch.randn(2, 3, SIZE, SIZE))
+    before = _user_state(model)
+    stats = gate_statistics(model, [torch.randn(2, 3, SIZE, SIZE)])
+    assert stats and all(m.training for m in model.modules())
+    assert model.attn.original.cache == {} and _user_state(model) == before
