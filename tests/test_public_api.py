@@ -16,8 +16,8 @@ PACKAGE = Path(se_inject.__file__).parent
 MODULES = ("api", "atomic", "block", "checkpoint", "complexity", "diagnostics", "errors", "files", "finetune", "gates", "input_size", "listing",
            "names", "plan", "render", "report", "rewrite", "verify", "weights", "workflow", "zoo",
            "analysis.attention", "analysis.axes", "analysis.calls", "analysis.dataflow", "analysis.names",
-           "analysis.indexing", "analysis.opaque", "analysis.ops", "analysis.owners", "analysis.shapes",
-           "analysis.shortcuts", "analysis.tracing",
+           "analysis.indexing", "analysis.opaque", "analysis.ops", "analysis.owners", "analysis.sandbox",
+           "analysis.shapes", "analysis.shortcuts", "analysis.tracing",
            "sites", "sites.concatenation", "sites.driver", "sites.fit", "sites.gates", "sites.inputs", "sites.linear", "sites.plain",
            "sites.rebuild", "sites.records", "sites.residual", "sites.selection", "sites.units")
 

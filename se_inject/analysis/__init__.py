@@ -7,5 +7,6 @@ changes a model (``se_inject.rewrite``).
 - ``names``: owner-local qualified node names (the planner's and the rewriter's one implementation);
 - ``dataflow``: data edges, dominators, regions, parametric path costs;
 - ``ops``: op tables and predicates; ``axes``: channel axes and channel slices;
-- ``attention``: existing channel attention; ``owners``: owner traces shared by planner and rewriter.
+- ``attention``: existing channel attention; ``owners``: owner traces shared by planner and rewriter;
+- ``sandbox``: ``preserved_state``, which puts the user's modules back as they were after a forward.
 """
