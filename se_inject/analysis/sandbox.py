@@ -13,6 +13,7 @@ train/eval flag; and torch's random number generators.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -25,43 +26,56 @@ __all__ = ["preserved_state"]
 _CONTAINERS = (dict, list, set)
 #: How deep nested containers are copied (``self.cache = {"cpu": [...]}`` is depth 2).
 _DEPTH = 3
+#: ``nn.Module``'s own dicts: their values are modules, tensors, hooks, never containers.
+_TORCH_DICTS = frozenset({
+    "_parameters", "_buffers", "_modules", "_non_persistent_buffers_set", "_backward_pre_hooks",
+    "_backward_hooks", "_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+    "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_state_dict_hooks", "_state_dict_pre_hooks",
+    "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
+})
 
 
 class _Snapshot:
     """What :func:`preserved_state` restores: per module its class and a shallow copy of its
     ``__dict__``; per container found in one (any depth up to ``_DEPTH``) a shallow copy of
-    its contents; per buffer its values and version counter."""
+    its contents (``None`` for an empty one: most of a module's hook dicts); per buffer its
+    values and version counter."""
 
     __slots__ = ("modules", "containers", "buffers")
 
     def __init__(self, model: nn.Module) -> None:
         self.modules: list[tuple[nn.Module, type, dict[str, Any]]] = []
-        self.containers: dict[int, tuple[Any, Any]] = {}
+        self.containers: list[tuple[Any, Any]] = []
         self.buffers: dict[int, tuple[torch.Tensor, int, torch.Tensor]] = {}
-        for m in model.modules():
-            attrs = dict(m.__dict__)
-            self.modules.append((m, type(m), attrs))
-            for value in attrs.values():
-                if isinstance(value, _CONTAINERS):
-                    self._keep(value, _DEPTH)
-            for b in m._buffers.values():
-                if isinstance(b, torch.Tensor) and id(b) not in self.buffers and not b.is_inference():
-                    with torch.no_grad():
+        keep = self.containers.append
+        with torch.no_grad():
+            for m in model.modules():
+                attrs = dict(m.__dict__)
+                self.modules.append((m, type(m), attrs))
+                for key, value in attrs.items():
+                    if not isinstance(value, _CONTAINERS):
+                        continue
+                    if key in _TORCH_DICTS:
+                        keep((value, _copy(value) if value else None))
+                    else:
+                        self._keep(value, _DEPTH)
+                for b in m._buffers.values():
+                    if b is not None and id(b) not in self.buffers and not b.is_inference():
                         self.buffers[id(b)] = (b, b._version, b.detach().clone())
 
     def _keep(self, container: Any, depth: int) -> None:
-        if id(container) in self.containers:
-            return
-        copied = dict(container) if isinstance(container, dict) else type(container).copy(container)
-        self.containers[id(container)] = (container, copied)
+        self.containers.append((container, _copy(container) if container else None))
         if depth > 1:
             for value in container.values() if isinstance(container, dict) else container:
                 if isinstance(value, _CONTAINERS):
                     self._keep(value, depth - 1)
 
     def restore(self) -> None:
-        for container, copied in self.containers.values():
-            if _changed(container, copied):
+        for container, copied in self.containers:
+            if copied is None:
+                if container:
+                    container.clear()
+            elif _changed(container, copied):
                 if isinstance(container, list):
                     container[:] = copied
                 else:
@@ -79,15 +93,19 @@ class _Snapshot:
                     tensor.copy_(values)
 
 
+def _copy(container: Any) -> Any:
+    return dict(container) if isinstance(container, dict) else type(container).copy(container)
+
+
 def _changed(now: Any, then: Any) -> bool:
-    """Whether ``now`` holds other objects than its copy ``then`` (identity, not equality)."""
+    """Whether ``now`` holds other objects than its copy ``then`` (identity, not equality; a
+    key deleted and added again counts as a change)."""
     if len(now) != len(then):
         return True
     if isinstance(now, dict):
-        missing = object()
-        return any(now.get(k, missing) is not v for k, v in then.items())
+        return now.keys() != then.keys() or not all(map(operator.is_, now.values(), then.values()))
     if isinstance(now, list):
-        return any(a is not b for a, b in zip(now, then, strict=True))
+        return not all(map(operator.is_, now, then))
     return now != then
 
 
