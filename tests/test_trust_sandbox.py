@@ -339,3 +339,28 @@ def test_gate_statistics_leave_a_train_mode_model_as_they_found_it() -> None:
     stats = gate_statistics(model, [torch.randn(2, 3, SIZE, SIZE)])
     assert stats and all(m.training for m in model.modules())
     assert model.attn.original.cache == {} and _user_state(model) == before
+
+
+class _Nested(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.cache: dict[str, list[torch.Tensor]] = {"seen": []}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.cache["seen"].append(x)
+        self.extra = nn.Identity()  # a child added in forward
+        return x
+
+
+def test_preserved_state_restores_nested_containers_also_on_errors() -> None:
+    from se_inject.analysis.sandbox import preserved_state
+
+    model = nn.Sequential(_Nested()).train()
+    held, before, rng = model[0].cache["seen"], _state(model), torch.random.get_rng_state()
+    with pytest.raises(RuntimeError, match="stop"), preserved_state(model):
+        model.eval()
+        model(torch.ones(1))
+        torch.rand(3)
+        raise RuntimeError("stop")
+    assert model[0].cache["seen"] is held and held == [] and _state(model) == before
+    assert torch.equal(torch.random.get_rng_state(), rng)
