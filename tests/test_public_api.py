@@ -13,7 +13,7 @@ import se_inject
 from se_inject import errors
 
 PACKAGE = Path(se_inject.__file__).parent
-MODULES = ("api", "atomic", "block", "checkpoint", "complexity", "errors", "files", "finetune", "gates", "input_size", "listing",
+MODULES = ("api", "atomic", "block", "checkpoint", "complexity", "errors", "files", "finetune", "gates", "input_size", "listing", "model_args", "signature",
            "names", "plan", "render", "report", "rewrite", "verify", "weights", "workflow", "zoo",
            "analysis.attention", "analysis.axes", "analysis.calls", "analysis.dataflow", "analysis.names",
            "analysis.indexing", "analysis.opaque", "analysis.ops", "analysis.owners", "analysis.shapes",
