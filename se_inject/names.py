@@ -197,10 +197,10 @@ def model_origin(model: nn.Module) -> ModelSpec | None:
 
 def tag_origin(model: nn.Module, spec: ModelSpec, args: Mapping[str, object] | None = None) -> nn.Module:
     """Record on ``model`` the registry name it was built from and the constructor arguments it
-    was given (read back by :func:`model_origin` and :func:`origin_args`)."""
+    was given (read back by :func:`model_origin` and :func:`origin_args`; ``None``: unknown)."""
     # Plain attributes: not parameters or buffers, so state_dict keys are unchanged.
     object.__setattr__(model, _ORIGIN_ATTR, spec)
-    object.__setattr__(model, _ARGS_ATTR, dict(args or {}))
+    object.__setattr__(model, _ARGS_ATTR, None if args is None else dict(args))
     return model
 
 
