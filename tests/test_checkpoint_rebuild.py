@@ -178,3 +178,40 @@ def test_a_one_channel_timm_model_is_analysed_on_one_channel() -> None:
 )
 def test_model_arg_values_are_python_literals_else_strings(text: str, expected) -> None:
     assert parse_model_arg(text) == expected
+
+
+# --- older files and recorded arguments that no longer build -----------------------------------
+
+
+def _strip(path, *keys: str) -> None:
+    data = torch.load(path, weights_only=True)
+    for key in keys:
+        data.pop(key)
+    torch.save(data, path)
+
+
+def test_a_file_without_signature_or_arguments_still_loads(tmp_path) -> None:
+    injected = _perturb(se_inject.inject_se(timm.create_model(NAME).eval(), example_input=_x()[:1]))
+    path = save(injected, tmp_path / "m.pt")
+    _strip(path, "architecture", "model_args")  # as an older se-inject wrote it
+    assert _same(load(path), injected, _x())
+
+
+def test_a_missing_key_on_a_rebuilt_model_says_to_pass_base_model(tmp_path) -> None:
+    injected = se_inject.inject_se(timm.create_model(NAME, num_classes=0).eval(), example_input=_x()[:1])
+    path = save(injected, tmp_path / "m.pt")
+    _strip(path, "architecture")  # no signature to refuse it by: the tensors do not fit
+    with pytest.raises(se_inject.WeightsError, match=r"2 missing: fc\.weight, fc\.bias; if the model was created "
+                       r"with other arguments, rebuild it so and pass base_model="):
+        load(path)
+
+
+def test_recorded_arguments_the_model_no_longer_takes_are_refused_naming_base_model(tmp_path) -> None:
+    path = tmp_path / "m.pt"
+    inject_named(f"timm:{NAME}", weights="random", input_size=(SIDE,), output=path, model_args={"drop_rate": 0.1})
+    data = torch.load(path, weights_only=True)
+    data["model_args"] = repr({"drop_rate": 0.1, "gone_in_this_version": 1})
+    torch.save(data, path)
+    with pytest.raises(se_inject.CheckpointError, match=r"created with drop_rate=0\.1, gone_in_this_version=1, "
+                       r"which cannot be rebuilt here .*pass base_model="):
+        load(path)

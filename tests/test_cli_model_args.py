@@ -98,3 +98,12 @@ def test_bad_model_arg_texts_are_exit_2(tmp_path) -> None:
 
 def test_without_model_arguments_the_report_records_none() -> None:
     assert report(*TIMM_SMALL, "--dry-run")["model_args"] == {}
+
+
+def test_a_fine_tuned_weights_file_records_its_class_count_with_the_other_arguments(tmp_path) -> None:
+    torch.save(timm.create_model("resnet10t", num_classes=7, global_pool="max").state_dict(), tmp_path / "ft.pt")
+    data = report(*TIMM_SMALL[:1], "--weights", "ft.pt", "--input-size", "64", "--model-arg", "global_pool=max",
+                  "-o", "model.pt")
+    assert data["model_args"] == {"global_pool": "max", "num_classes": 7}
+    rebuilt = se_inject.load(tmp_path / "model.pt")
+    assert rebuilt.fc.out_features == 7 and rebuilt.global_pool.pool_type == "max"
