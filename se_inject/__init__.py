@@ -21,10 +21,12 @@ if TYPE_CHECKING:
     from .block import SEConfig as SEConfig
     from .checkpoint import load as load
     from .checkpoint import save as save
+    from .errors import ArchitectureMismatchError as ArchitectureMismatchError
     from .errors import CheckpointError as CheckpointError
     from .errors import ConfigError as ConfigError
     from .errors import GateMismatchError as GateMismatchError
     from .errors import InputError as InputError
+    from .errors import ModelArgsError as ModelArgsError
     from .errors import NoSitesError as NoSitesError
     from .errors import OutputPathError as OutputPathError
     from .errors import PlanMismatchError as PlanMismatchError
@@ -76,6 +78,8 @@ _EXPORTS: dict[str, str] = {
     "UnsafeCheckpointError": "errors",
     "OutputPathError": "errors",
     "UnfaithfulRebuildError": "errors",
+    "ModelArgsError": "errors",
+    "ArchitectureMismatchError": "errors",
     "HeadNotFoundError": "finetune",
     "gate_statistics": "gates",
     "find_head": "finetune",

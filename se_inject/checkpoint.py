@@ -6,6 +6,8 @@ A checkpoint is a dict of plain values and tensors, never pickled classes::
         "format": "se-inject", "format_version": 1,
         "se_inject_version": "0.1.0", "torch_version": "2.14.1",
         "model": {"source": "timm", "name": "resnet50"},    # None for a custom model
+        "model_args": "{'drop_path_rate': 0.1}",            # constructor kwargs as a Python literal; None: unknown
+        "architecture": {"digest": "...", "modules": [...]}, # the base model's layers (se_inject.signature)
         "weights": {"kind": "pretrained", "detail": "..."},  # what the base weights were
         "se_only": False,
         "base": {"params": 25557032, "digest": "..."},      # the base model under the SE blocks
@@ -19,8 +21,12 @@ modules only, selected by type, never by a name such as ``"se"`` (timm's ``seres
 ``.se.`` modules of their own).
 
 :func:`load` replays the saved plan with :func:`~se_inject.apply_plan` (no graph analysis) on a
-base model rebuilt from the recorded registry name with random init (nothing is downloaded),
-or on the ``base_model`` you pass, then loads the saved tensors strictly.
+base model rebuilt from the recorded registry name and constructor arguments with random init
+(nothing is downloaded), or on the ``base_model`` you pass, then loads the saved tensors
+strictly. A rebuilt base must have the recorded architecture signature (every module's class
+and hyper-parameters): one that differs (a timm model created with ``global_pool='max'``
+outside se-inject, whose arguments timm does not keep) is refused with
+:class:`~se_inject.errors.ArchitectureMismatchError`, never loaded silently.
 
 Writes are atomic: the file is written next to its destination under a temporary name and
 moved into place with ``os.replace``, so a failure leaves an existing file untouched and no
@@ -45,14 +51,18 @@ from .api import apply_plan, remove_se
 from .atomic import atomic_write, output_target
 from .block import SEBlock
 from .errors import (
+    ArchitectureMismatchError,
     CheckpointError,
+    ModelArgsError,
     OutputPathError,
     UnknownModelError,
     WeightsError,
 )
 from .files import key_problems, load_strict, read_pickle
-from .names import ModelSpec, Source, model_origin, resolve_name, tag_origin
+from .model_args import args_from_literal, args_literal, args_text
+from .names import ModelSpec, Source, model_origin, origin_args, resolve_name, tag_origin
 from .plan import PLAN_ATTR, Plan
+from .signature import architecture_signature, signature_difference
 from .weights import WeightsInfo, WeightsKind, create_model, pretrained_from_cache
 from .zoo import create_model_for_state
 
@@ -184,6 +194,7 @@ def checkpoint_dict(
     se_only: bool = False,
     origin: ModelSpec | None = None,
     weights: WeightsInfo | None = None,
+    model_args: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The plain-data checkpoint of an injected model (what :func:`save` writes).
 
@@ -195,6 +206,8 @@ def checkpoint_dict(
         raise CheckpointError(
             f"{type(model).__name__} has no recorded SE plan; pass plan= (the Plan it was injected with)"
         )
+    if model_args is None and (origin is None or origin == model_origin(model)):
+        model_args = origin_args(model)  # known for models built by se-inject only
     origin = origin if origin is not None else model_origin(model)
     state = se_state_dict(model) if se_only else model.state_dict()
     return _plain({
@@ -203,6 +216,8 @@ def checkpoint_dict(
         "se_inject_version": _version(),
         "torch_version": str(torch.__version__),
         "model": None if origin is None else {"source": str(origin.source), "name": origin.name},
+        "model_args": None if model_args is None else args_literal(model_args),
+        "architecture": architecture_signature(model),
         "weights": None if weights is None else weights.to_dict(),
         "se_only": se_only,
         "base": base_fingerprint(model),
@@ -244,13 +259,17 @@ def save(
     plan: Plan | None = None,
     origin: ModelSpec | None = None,
     weights: WeightsInfo | None = None,
+    model_args: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write an injected model (or only its SE weights) as a ``weights_only``-loadable checkpoint.
 
     The model is not changed. The plan is the one recorded on the model by ``inject_se`` /
     ``apply_plan`` unless ``plan`` is given; the registry name comes from models built by
     :mod:`se_inject.zoo` and from timm's ``pretrained_cfg`` unless ``origin`` is given (without
-    one, :func:`load` needs a ``base_model``).
+    one, :func:`load` needs a ``base_model``). The constructor arguments are recorded when they
+    are known: those of models built by se-inject, or ``model_args`` (what you passed to
+    ``timm.create_model``); the architecture signature always is, so :func:`load` refuses a
+    rebuild that differs.
 
     Example:
         >>> model = inject_se(timm.create_model("resnet50"))
@@ -262,7 +281,7 @@ def save(
         OutputPathError: the file cannot be written (an existing file is left untouched), or
             its name ends in ``.safetensors``.
     """
-    data = checkpoint_dict(model, plan=plan, se_only=se_only, origin=origin, weights=weights)
+    data = checkpoint_dict(model, plan=plan, se_only=se_only, origin=origin, weights=weights, model_args=model_args)
     return atomic_save(data, path)
 
 
@@ -318,28 +337,81 @@ def _spec(data: Mapping[str, Any], where: str) -> ModelSpec:
         raise CheckpointError(f"{where} was saved from {source}:{recorded['name']}, which is not installed here: {e}") from e
 
 
-def _se_only_base(spec: ModelSpec, data: Mapping[str, Any], where: str) -> nn.Module:
+def _recorded_args(data: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The recorded constructor arguments, or ``None`` when the checkpoint does not know them."""
+    text = data.get("model_args")
+    if not isinstance(text, str):
+        return None
+    try:
+        return args_from_literal(text)
+    except (ValueError, SyntaxError):
+        return None
+
+
+def _created(spec: ModelSpec, args: Mapping[str, Any] | None) -> str:
+    if args is None:
+        return (f"{spec} created with arguments the checkpoint does not record (a model built outside se-inject; "
+                "timm models do not keep their arguments)")
+    return f"{spec} created with {args_text(args)}"
+
+
+def _se_only_base(spec: ModelSpec, data: Mapping[str, Any], where: str, args: Mapping[str, Any] | None) -> nn.Module:
     # SE weights were trained on top of specific base weights: reuse the library's pretrained
     # ones when that is what they were and they are cached; never download.
     weights = data.get("weights") or {}
     if weights.get("kind") == WeightsKind.PRETRAINED:
-        found = pretrained_from_cache(spec)
+        found = pretrained_from_cache(spec, args=args)
         if found is not None:
             return found[0]
     warnings.warn(
         f"{where} holds SE weights only; the rebuilt {spec} base has RANDOM weights "
         f"(saved on top of: {weights.get('detail', 'unknown weights')}); pass base_model= to attach them to yours",
         UserWarning,
-        stacklevel=3,
+        stacklevel=4,
     )
-    return create_model(spec)
+    return create_model(spec, args=args)
+
+
+def _rebuild_base(data: Mapping[str, Any], where: str) -> tuple[nn.Module, ModelSpec]:
+    """The base model rebuilt from the recorded name and arguments, checked against the recorded
+    architecture signature.
+
+    Raises:
+        ArchitectureMismatchError: the rebuilt model has other layers or hyper-parameters.
+        CheckpointError: no registry name, or the recorded arguments are refused here.
+    """
+    spec = _spec(data, where)
+    args = _recorded_args(data)
+    state: Mapping[str, torch.Tensor] = data["state_dict"]
+    try:
+        if data.get("se_only"):
+            model = _se_only_base(spec, data, where, args)
+        else:
+            model = create_model_for_state(spec, state, args)
+    except ModelArgsError as e:
+        raise CheckpointError(
+            f"{where} was saved from {_created(spec, args)}, which cannot be rebuilt here ({e}); "
+            "rebuild the model as you created it and pass base_model=..."
+        ) from e
+    saved = data.get("architecture")
+    if isinstance(saved, Mapping) and saved.get("digest"):
+        different = signature_difference(saved, model)
+        if different is not None:
+            raise ArchitectureMismatchError(
+                f"{where} was saved from {_created(spec, args)}; the model rebuilt from it is a different "
+                f"architecture ({different}). Rebuild the model as you created it and pass base_model=..., "
+                "e.g. se_inject.load(path, base_model=timm.create_model(name, **your_arguments))"
+            )
+    return model, spec
 
 
 def load(path: str | os.PathLike[str], base_model: nn.Module | None = None, *, force: bool = False) -> nn.Module:
     """Rebuild an injected model from a checkpoint written by :func:`save` or ``se-inject -o``.
 
-    Without ``base_model`` the base is rebuilt from the recorded registry name with random init
-    (nothing is downloaded); a full checkpoint then overwrites every tensor. With ``base_model``
+    Without ``base_model`` the base is rebuilt from the recorded registry name and constructor
+    arguments with random init (nothing is downloaded); a full checkpoint then overwrites every
+    tensor. The rebuilt base must match the recorded architecture signature (each module's class
+    and hyper-parameters), else it is refused: a model is rebuilt the same, or not at all. With ``base_model``
     (a model with no registry name, or your own pretrained base for an SE-only file) the plan is
     applied to it, in place. Either way the saved tensors are loaded strictly.
 
@@ -355,6 +427,8 @@ def load(path: str | os.PathLike[str], base_model: nn.Module | None = None, *, f
     Raises:
         CheckpointError: missing, corrupt or foreign file, no way to rebuild the base model, or
             an SE-only file saved on another base model (without ``force``).
+        ArchitectureMismatchError: the base rebuilt without ``base_model`` is not the recorded
+            architecture (a model created with arguments the checkpoint does not record).
         UnsafeCheckpointError: the file would run code when unpickled (refused; nothing ran).
         PlanMismatchError: the saved plan does not fit ``base_model``.
         WeightsError: the saved tensors do not fit the rebuilt model (names a few keys).
@@ -374,19 +448,24 @@ def load(path: str | os.PathLike[str], base_model: nn.Module | None = None, *, f
                 "was saved on, or pass force=True to load it anyway"
             )
     else:
-        spec = _spec(data, where)
-        model = _se_only_base(spec, data, where) if se_only else create_model_for_state(spec, state)
+        model, spec = _rebuild_base(data, where)
     injected = apply_plan(model, plan)  # changes nothing if the plan does not fit
     try:
         if se_only:
             _load_se_only(injected, state, where)
         else:
             load_strict(injected, state, where)
-    except BaseException:
+    except WeightsError as e:
         remove_se(injected)  # the base model as it was: same blocks, no SE, no recorded plan
+        if spec is None or type(e) is not WeightsError:
+            raise
+        raise WeightsError(f"{e}; if the model was created with other arguments, rebuild it so and pass "
+                           "base_model=...") from e
+    except BaseException:
+        remove_se(injected)
         raise
     if spec is not None:
-        tag_origin(injected, spec)
+        tag_origin(injected, spec, origin_args(model))
     return injected
 
 

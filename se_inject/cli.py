@@ -225,6 +225,40 @@ def _globs(values: list[str] | None) -> list[str] | None:
     return values
 
 
+def _model_args(values: list[str] | None) -> list[tuple[str, Any]] | None:
+    """``--model-arg KEY=VALUE``: the value as a Python literal, else the plain string."""
+    if not values:
+        return None
+    from .model_args import parse_model_arg
+
+    try:
+        return [parse_model_arg(v) for v in values]
+    except ConfigError as e:
+        raise typer.BadParameter(str(e)) from None
+
+
+def _drop_path(value: float | None) -> float | None:
+    if value is not None and not (math.isfinite(value) and 0 <= value < 1):
+        raise typer.BadParameter(f"must be a rate in [0, 1), got {_number(value)}")
+    return value
+
+
+def _creation_args(named: dict[str, tuple[str, Any]], given: list[tuple[str, Any]] | None) -> dict[str, Any]:
+    """The model constructor's kwargs from the named options (``flag -> (key, value)``) and
+    ``--model-arg``; a key given twice is a bad command line."""
+    args: dict[str, Any] = {}
+    flags: dict[str, str] = {}
+    for flag, (key, value) in named.items():
+        if value is not None:
+            args[key], flags[key] = value, flag
+    for key, value in given or []:
+        if key in flags:
+            raise typer.BadParameter(f"{key} is given twice ({flags[key]} and --model-arg {key}=...); give it once",
+                                     param_hint="'--model-arg'")
+        args[key], flags[key] = value, "--model-arg"
+    return args
+
+
 def _number(value: float) -> float | int:
     return int(value) if float(value).is_integer() else value
 
@@ -283,6 +317,19 @@ def inject(
         show_default=False)] = None,
     weights: Annotated[str, typer.Option(
         metavar="WEIGHTS", help="auto | pretrained | random | PATH to a state dict (.pt/.pth/.safetensors).")] = "auto",
+    num_classes: Annotated[int | None, typer.Option(
+        min=0, metavar="N", show_default=False,
+        help="Model argument num_classes (0: no classifier, timm).")] = None,
+    drop_path: Annotated[float | None, typer.Option(
+        "--drop-path", metavar="R", callback=_drop_path, show_default=False,
+        help="Model argument drop_path_rate (timm's stochastic depth).")] = None,
+    in_chans: Annotated[int | None, typer.Option(
+        min=1, metavar="C", show_default=False,
+        help="Model argument in_chans, input channels (timm); the analysis input follows.")] = None,
+    model_arg: Annotated[list[str] | None, typer.Option(
+        "--model-arg", metavar="KEY=VALUE", callback=_model_args, show_default=False,
+        help="Keyword argument for the model's constructor (timm.create_model, a torchvision builder); VALUE is "
+        "read as a Python literal, else as a string. Repeat for several. Recorded in the checkpoint.")] = None,
     weights_ema: Annotated[bool, typer.Option(
         "--weights-ema", help="With --weights PATH: a training checkpoint's EMA weights (state_dict_ema).")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the plan and projected totals; write no model.")] = False,
@@ -347,6 +394,9 @@ def inject(
         err.print("[yellow]warning:[/] --dry-run: --output is ignored, nothing is written")
     if se_only and output is None:
         err.print("[yellow]warning:[/] --se-only has no effect without --output")
+    model_args = _creation_args({"--num-classes": ("num_classes", num_classes),
+                                 "--drop-path": ("drop_path_rate", drop_path),
+                                 "--in-chans": ("in_chans", in_chans)}, model_arg)  # type: ignore[arg-type]
     from .report import Selection
 
     selection = Selection(
@@ -363,7 +413,7 @@ def inject(
         warnings.showwarning = _warning_printer(err)
         report = _run(err, model, weights=weights, config=config, selection=selection,
                       input_size=input_size, output=output, se_only=se_only, dry_run=dry_run,
-                      weights_ema=weights_ema)
+                      weights_ema=weights_ema, model_args=model_args)
     if plot is not None:
         report = _draw(err, report, plot)
     if json_output:
@@ -384,6 +434,7 @@ def _warning_printer(err: Console) -> Callable[..., None]:
 
 
 def _run(err: Console, model: str, **options: Any) -> Report:
+    from .errors import ModelArgsError
     from .workflow import inject_named
 
     def progress(text: str) -> None:
@@ -392,11 +443,19 @@ def _run(err: Console, model: str, **options: Any) -> Report:
 
     try:
         return inject_named(model, progress=progress, **options).report
+    except ModelArgsError as e:  # a key or value the model's constructor refuses: a bad command line
+        raise typer.BadParameter(str(e), param_hint=_args_hint(options["model_args"])) from None
     except NoSitesError as e:
         if e.plan is None:
             raise
         selection = options["selection"]
         raise NoSitesError(_no_sites_message(model, e.plan, selection.plain, selection), e.plan) from None
+
+
+def _args_hint(args: dict[str, Any]) -> str:
+    flags = {"num_classes": "--num-classes", "drop_path_rate": "--drop-path", "in_chans": "--in-chans"}
+    used = dict.fromkeys(flags.get(key, "--model-arg") for key in args)
+    return " / ".join(f"'{flag}'" for flag in used) or "'--model-arg'"
 
 
 def _draw(err: Console, report: Report, plot: Path) -> Report:

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 __all__ = [
     "SEInjectError",
     "ConfigError",
+    "InputError",
     "SelectionError",
     "NoSitesError",
     "PlanMismatchError",
@@ -26,6 +27,8 @@ __all__ = [
     "OutputPathError",
     "UnfaithfulRebuildError",
     "UnknownTagError",
+    "ModelArgsError",
+    "ArchitectureMismatchError",
 ]
 
 
@@ -101,3 +104,14 @@ class UnfaithfulRebuildError(PlanMismatchError):
 class UnknownTagError(UnknownModelError):
     """A timm ``arch.tag`` name whose architecture exists but has no such pretrained tag (the
     message lists the tags it has)."""
+
+
+class ModelArgsError(ConfigError):
+    """Model constructor arguments the model does not take (an unknown key, a value it refuses),
+    or one its library has no such argument for (``in_chans`` for torchvision)."""
+
+
+class ArchitectureMismatchError(CheckpointError):
+    """The model rebuilt from a checkpoint is not the architecture it was saved from (same keys
+    and shapes, other layers or hyper-parameters): it was refused, not loaded. Rebuild the model
+    as it was created and pass ``base_model=``."""

@@ -3,7 +3,9 @@
 Analysis only needs shapes, but shapes decide resolutions, stages and which concatenations
 join different scales, so a model is analysed at the size it was made for when it says so:
 
-1. timm: ``pretrained_cfg['input_size']``;
+1. timm: ``pretrained_cfg['input_size']``, with the model's own channel count (its ``in_chans``,
+   else its ``first_conv``'s input channels): a model created with ``in_chans=1`` reads 1 channel,
+   though its ``pretrained_cfg`` still says 3;
 2. transformers: ``config.image_size`` (and ``config.num_channels``);
 3. torchvision: the crop size of the DEFAULT weights of the builder that makes this
    architecture (``efficientnet_b7`` 600, ``vit_h_14`` 518, ``swin_v2_t`` 256,
@@ -83,7 +85,28 @@ def _first_layer(model: nn.Module) -> nn.Module | None:
 def _timm_size(model: nn.Module) -> tuple[int, ...] | None:
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
     if isinstance(cfg, Mapping) and cfg.get("input_size"):
-        return tuple(int(s) for s in cfg["input_size"])
+        size = tuple(int(s) for s in cfg["input_size"])
+        channels = _timm_channels(model, cfg)
+        return (channels, *size[1:]) if channels is not None and len(size) >= 2 else size
+    return None
+
+
+def _timm_channels(model: nn.Module, cfg: Mapping[str, Any]) -> int | None:
+    """The input channels of a timm model: its ``in_chans`` attribute (timm models keep it), else
+    its first convolution's (``first_conv`` names it; not first: TResNet's space-to-depth stem
+    gives that convolution 16 times the image's channels); None when it says neither."""
+    channels = getattr(model, "in_chans", None)
+    if isinstance(channels, int) and not isinstance(channels, bool) and channels > 0:
+        return channels
+    first = cfg.get("first_conv")
+    names = [first] if isinstance(first, str) else list(first) if isinstance(first, (tuple, list)) else []
+    for name in names:
+        try:
+            conv = model.get_submodule(str(name))
+        except AttributeError:
+            continue
+        if isinstance(conv, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            return int(conv.in_channels)
     return None
 
 

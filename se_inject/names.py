@@ -30,13 +30,15 @@ from torch import nn
 from .errors import UnknownModelError, UnknownTagError
 
 __all__ = ["HUB_PREFIX", "Source", "ModelSpec", "resolve_name", "suggest", "model_origin", "tag_origin",
-           "is_hub_name"]
+           "is_hub_name", "origin_args"]
 
 #: timm's prefix for Hugging Face hub models (``hf_hub:`` is accepted too, as timm does).
 HUB_PREFIX = "hf-hub:"
 
 #: Attribute set on models made here, so ``save`` can record where a model came from.
 _ORIGIN_ATTR = "_se_inject_origin"
+#: Attribute set next to it: the keyword arguments the model's constructor was given.
+_ARGS_ATTR = "_se_inject_model_args"
 
 
 class Source(enum.StrEnum):
@@ -193,8 +195,19 @@ def model_origin(model: nn.Module) -> ModelSpec | None:
     return None
 
 
-def tag_origin(model: nn.Module, spec: ModelSpec) -> nn.Module:
-    """Record on ``model`` the registry name it was built from (read back by :func:`model_origin`)."""
-    # A plain attribute: not a parameter or buffer, so state_dict keys are unchanged.
+def tag_origin(model: nn.Module, spec: ModelSpec, args: Mapping[str, object] | None = None) -> nn.Module:
+    """Record on ``model`` the registry name it was built from and the constructor arguments it
+    was given (read back by :func:`model_origin` and :func:`origin_args`; ``None``: unknown)."""
+    # Plain attributes: not parameters or buffers, so state_dict keys are unchanged.
     object.__setattr__(model, _ORIGIN_ATTR, spec)
+    object.__setattr__(model, _ARGS_ATTR, None if args is None else dict(args))
     return model
+
+
+def origin_args(model: nn.Module) -> dict[str, object] | None:
+    """The constructor arguments of a model built here (``{}``: the defaults), or ``None`` when
+    they are unknown (a model built elsewhere: timm models do not keep their arguments)."""
+    args = getattr(model, _ARGS_ATTR, None)
+    if isinstance(args, dict) and isinstance(getattr(model, _ORIGIN_ATTR, None), ModelSpec):
+        return dict(args)
+    return None

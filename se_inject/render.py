@@ -58,6 +58,10 @@ def _header(console: Console, report: Report) -> None:
     given = report.requested.startswith(f"{source}:") or report.requested == str(report.model)  # hf-hub:...
     note = "" if given else f" (name found in {source})"
     console.print(f"[bold]se-inject[/] {report.model}{note}")
+    if report.model_args:
+        from .model_args import args_text
+
+        console.print(f"model arguments: {args_text(report.model_args)}", soft_wrap=True, markup=False)
     weights = report.weights
     loud = str(weights.kind) == "random" and report.requested_weights != "random"
     console.print(f"weights: [bold red]{weights.detail}[/]" if loud else f"weights: {weights.detail}", soft_wrap=True)

@@ -8,8 +8,8 @@ no absolute paths beyond those given), so the reports of two variants diff clean
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from .complexity import Complexity
@@ -117,6 +117,7 @@ class Report:
     replaced: bool = False  # the checkpoint replaced an existing file
     se_only: bool = False  # the checkpoint holds SE weights and the plan only
     plot: str | None = None  # the chart written, if any
+    model_args: Mapping[str, Any] = field(default_factory=dict)  # the constructor's keyword arguments
 
     @property
     def sites(self) -> list[dict[str, Any]]:
@@ -134,6 +135,7 @@ class Report:
             "model": self.model.name,
             "source": str(self.model.source),
             "requested": self.requested,
+            "model_args": _json_args(self.model_args),
             "weights": {**self.weights.to_dict(), "requested": self.requested_weights},
             "config": self.plan.config.to_dict(),
             "selection": self.selection.to_dict(),
@@ -154,6 +156,21 @@ class Report:
         }
 
 
+def _json_args(args: Mapping[str, Any]) -> dict[str, Any]:
+    """Constructor arguments as JSON values (tuples as lists; anything else as its repr)."""
+
+    def plain(value: Any) -> Any:
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, Mapping):
+            return {str(k): plain(v) for k, v in value.items()}
+        return repr(value)
+
+    return {str(k): plain(v) for k, v in args.items()}
+
+
 def build_report(
     spec: ModelSpec,
     weights: WeightsInfo,
@@ -168,6 +185,7 @@ def build_report(
     replaced: bool = False,
     se_only: bool = False,
     plot: str | None = None,
+    model_args: Mapping[str, Any] | None = None,
 ) -> Report:
     """The :class:`Report` of a plan and its counts.
 
@@ -189,4 +207,5 @@ def build_report(
         replaced=replaced and not dry_run,
         se_only=se_only,
         plot=plot,
+        model_args=dict(model_args or {}),
     )

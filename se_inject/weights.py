@@ -25,7 +25,7 @@ import sys
 import threading
 import urllib.request
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,8 @@ from urllib.parse import urlparse
 
 from torch import nn
 
-from .errors import WeightsError
+from .errors import ModelArgsError, WeightsError
+from .model_args import args_text, library_kwargs
 from .names import HUB_PREFIX, ModelSpec, Source, is_hub_name, tag_origin
 
 __all__ = [
@@ -190,37 +191,68 @@ def _create_timm(name: str, spec: ModelSpec, **kwargs: Any) -> nn.Module:
         raise WeightsError(f"{spec} could not be built from the hub: {first}") from e
 
 
-def create_model(spec: ModelSpec, *, num_classes: int | None = None, network: Network | None = None) -> nn.Module:
+#: What a constructor raises for arguments it does not take or values it refuses.
+_REJECTED = (TypeError, ValueError, AssertionError, KeyError, NotImplementedError)
+
+
+def _construct(spec: ModelSpec, args: Mapping[str, Any], build: Callable[[], nn.Module]) -> nn.Module:
+    """``build()``; with model arguments, what the constructor raises for them becomes a
+    :class:`~se_inject.errors.ModelArgsError` (one line, naming the arguments)."""
+    if not args:
+        return build()
+    try:
+        return build()
+    except _REJECTED as e:
+        lines = str(e).strip().splitlines()
+        why = f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+        raise ModelArgsError(f"{spec} does not take the model arguments {args_text(args)} ({why})") from e
+
+
+def create_model(
+    spec: ModelSpec,
+    *,
+    num_classes: int | None = None,
+    network: Network | None = None,
+    args: Mapping[str, Any] | None = None,
+) -> nn.Module:
     """Build ``spec`` with the library's random initialisation; never downloads weights.
+
+    ``args`` are the constructor's keyword arguments (``timm.create_model`` kwargs, a
+    torchvision builder's); ``num_classes`` is one more. The model records them
+    (:func:`~se_inject.names.origin_args`), so a checkpoint can rebuild it the same.
 
     torchvision detection and segmentation builders default to a pretrained backbone; that
     default is turned off here. A hub model (``hf-hub:org/name``) needs its ``config.json``:
     from the hub cache, else fetched (``network`` decides whether that is tried).
 
     Example:
-        >>> model = create_model(resolve_name("torchvision:resnet18"))
+        >>> model = create_model(resolve_name("timm:resnet18"), args={"global_pool": "max"})
 
     Raises:
         WeightsError: a hub model's config is neither cached nor reachable.
+        ModelArgsError: the constructor does not take ``args`` (an unknown key, a refused value),
+            or torchvision has no such argument (``in_chans``).
     """
+    given = dict(args or {})
+    if num_classes is not None:
+        given["num_classes"] = num_classes
+    kwargs = library_kwargs(str(spec.source), given)
     if spec.source is Source.TIMM:
-        kwargs: dict[str, Any] = {} if num_classes is None else {"num_classes": num_classes}
         name = spec.name
         if is_hub_name(name):
             name = _hub_architecture(spec, network if network is not None else default_network())
-        return tag_origin(_create_timm(name, spec, pretrained=False, **kwargs), spec)
+        model = _construct(spec, given, lambda: _create_timm(name, spec, pretrained=False, **kwargs))
+        return tag_origin(model, spec, given)
     import torchvision
 
     builder = torchvision.models.get_model_builder(spec.name)
-    kwargs = {"weights": None}
+    kwargs["weights"] = None
     if "weights_backbone" in inspect.signature(builder).parameters:
         kwargs["weights_backbone"] = None
-    if num_classes is not None:
-        kwargs["num_classes"] = num_classes
     with warnings.catch_warnings():
         # inception_v3 / googlenet warn that their default init will change; not ours to act on.
         warnings.filterwarnings("ignore", category=FutureWarning)
-        return tag_origin(builder(**kwargs), spec)
+        return tag_origin(_construct(spec, given, lambda: builder(**kwargs)), spec, given)
 
 
 @dataclass(frozen=True)
@@ -289,16 +321,22 @@ def _stdout_to_stderr() -> Iterator[None]:
 
 
 def create_pretrained(
-    spec: ModelSpec, *, download: bool = True, network: Network | None = None
+    spec: ModelSpec, *, download: bool = True, network: Network | None = None, args: Mapping[str, Any] | None = None
 ) -> tuple[nn.Module, WeightsInfo]:
     """Build ``spec`` with its default pretrained weights, from the cache or (``download``) a download.
+
+    ``args`` are constructor arguments, as for :func:`create_model` (timm adapts the pretrained
+    classifier and first convolution to ``num_classes`` and ``in_chans``).
 
     Example:
         >>> model, info = create_pretrained(resolve_name("resnet18"), network=OFFLINE)
 
     Raises:
         WeightsError: no pretrained weights exist, or they are not cached and cannot be fetched.
+        ModelArgsError: the constructor does not take ``args``.
     """
+    given = dict(args or {})
+    kwargs = library_kwargs(str(spec.source), given)  # refused before anything is looked for
     network = network if network is not None else default_network()
     if spec.source is Source.TIMM:
         where = _hub_pretrained(spec, network) if is_hub_name(spec.name) else _timm_pretrained(spec.name, network)
@@ -317,34 +355,36 @@ def create_pretrained(
         origin = "from the local cache"
     try:
         with _stdout_to_stderr():
-            model = _build_pretrained(spec, where)
-    except WeightsError:
+            model = _construct(spec, given, lambda: _build_pretrained(spec, where, kwargs))
+    except (WeightsError, ModelArgsError):
         raise
     except Exception as e:  # network, hash and format failures all mean "no pretrained weights"
         raise WeightsError(f"pretrained weights for {spec} ({where.label}) could not be loaded: {e}") from e
-    return tag_origin(model, spec), WeightsInfo(WeightsKind.PRETRAINED, f"pretrained {where.label} ({origin})")
+    return tag_origin(model, spec, given), WeightsInfo(WeightsKind.PRETRAINED, f"pretrained {where.label} ({origin})")
 
 
-def _build_pretrained(spec: ModelSpec, where: _Pretrained) -> nn.Module:
+def _build_pretrained(spec: ModelSpec, where: _Pretrained, kwargs: Mapping[str, Any]) -> nn.Module:
     if spec.source is Source.TIMM and is_hub_name(spec.name):
         name = f"local-dir:{where.cached}" if where.cached else spec.name
-        return _create_timm(name, spec, pretrained=True)
+        return _create_timm(name, spec, pretrained=True, **kwargs)
     if spec.source is Source.TIMM:
         import timm
 
         overlay = {"file": where.cached} if where.cached else None
-        return timm.create_model(spec.name, pretrained=True, pretrained_cfg_overlay=overlay)
+        return timm.create_model(spec.name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
     import torchvision
 
-    return torchvision.models.get_model(spec.name, weights=_torchvision_default_weights(spec.name))
+    return torchvision.models.get_model(spec.name, weights=_torchvision_default_weights(spec.name), **kwargs)
 
 
-def pretrained_from_cache(spec: ModelSpec, *, network: Network | None = None) -> tuple[nn.Module, WeightsInfo] | None:
+def pretrained_from_cache(
+    spec: ModelSpec, *, network: Network | None = None, args: Mapping[str, Any] | None = None
+) -> tuple[nn.Module, WeightsInfo] | None:
     """``spec`` with its default pretrained weights if they are in the local cache, else ``None``.
 
     Never touches the network.
     """
     try:
-        return create_pretrained(spec, download=False, network=network)
+        return create_pretrained(spec, download=False, network=network, args=args)
     except WeightsError:
         return None

@@ -17,9 +17,10 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -189,12 +190,15 @@ def inject_named(
     progress: Progress | None = None,
     network: Network | None = None,
     weights_ema: bool = False,
+    model_args: Mapping[str, Any] | None = None,
 ) -> Injection:
     """Build ``name``, plan and insert SE blocks, count before and after, and save to ``output``.
 
     A dry run applies the plan to the in-memory model too, so its totals are measured, not
     estimated; it writes nothing and also answers for a model with no site (an empty plan with
-    every skipped place). Writing a model with no site is an error.
+    every skipped place). Writing a model with no site is an error. ``model_args`` go to the
+    model's constructor (``timm.create_model`` kwargs, a torchvision builder's); the report and
+    the checkpoint record them, so ``se_inject.load`` rebuilds the same model.
 
     Example:
         >>> done = inject_named("resnet50", weights="random", dry_run=True)
@@ -204,6 +208,7 @@ def inject_named(
     Raises:
         UnknownModelError, WeightsError, UnsafeCheckpointError: the model or its weights.
         ConfigError: a bad input size, or stages / resolutions the model does not have.
+        ModelArgsError: the model's constructor does not take ``model_args``.
         NoSitesError: not a dry run and the plan has no site (``error.plan`` holds the plan).
         OutputPathError: ``output`` cannot be written.
     """
@@ -215,7 +220,7 @@ def inject_named(
         check_output_path(output)
         replaced = Path(output).exists()
     say(f"building {name} (weights: {weights})...")
-    loaded = load_model(name, weights, network=network, ema=weights_ema)
+    loaded = load_model(name, weights, network=network, ema=weights_ema, model_args=model_args)
     net, spec = loaded.model, loaded.spec
     size = resolve_input_size(input_size, default_input_size(spec, net), model=str(spec))
     say(f"counting the base model at {size_text(size)}...")
@@ -235,7 +240,7 @@ def inject_named(
     after = count(net, size) if plan.sites else before
     if output is not None and not dry_run:
         say(f"writing {output}...")
-        save(net, output, se_only, plan=plan, origin=spec, weights=loaded.weights)
+        save(net, output, se_only, plan=plan, origin=spec, weights=loaded.weights, model_args=loaded.args)
     report = build_report(
         spec,
         loaded.weights,
@@ -248,5 +253,6 @@ def inject_named(
         output=None if output is None else str(output),
         replaced=replaced,
         se_only=se_only,
+        model_args=loaded.args,
     )
     return Injection(report, net)

@@ -19,15 +19,16 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
-from .errors import ConfigError, WeightsError
+from .errors import ConfigError, ModelArgsError, WeightsError
 from .files import WeightsFile, load_strict, read_weights_file
 from .input_size import DEFAULT_SIDE, model_input_size
-from .names import ModelSpec, resolve_name
+from .names import ModelSpec, origin_args, resolve_name
 from .weights import Network, WeightsInfo, WeightsKind, create_model, create_pretrained
 
 __all__ = [
@@ -45,6 +46,8 @@ class LoadedModel:
     model: nn.Module
     spec: ModelSpec
     weights: WeightsInfo
+    #: The constructor arguments the model was built with (a fine-tuned file's ``num_classes`` too).
+    args: dict[str, Any] = field(default_factory=dict)
 
 
 def default_input_size(spec: ModelSpec, model: nn.Module | None = None) -> tuple[int, ...]:
@@ -87,8 +90,11 @@ def _classifier_width(model: nn.Module, state: Mapping[str, torch.Tensor]) -> in
     return widths.pop() if len(widths) == 1 else None
 
 
-def create_model_for_state(spec: ModelSpec, state: Mapping[str, torch.Tensor]) -> nn.Module:
-    """Random-init ``spec`` whose classifier width fits ``state`` (fine-tuned checkpoints).
+def create_model_for_state(
+    spec: ModelSpec, state: Mapping[str, torch.Tensor], args: Mapping[str, Any] | None = None
+) -> nn.Module:
+    """Random-init ``spec`` (with constructor ``args``) whose classifier width fits ``state``
+    (fine-tuned checkpoints); a ``num_classes`` in ``args`` is kept as given.
 
     Nothing is loaded and nothing is downloaded; keys that do not fit are left for
     :func:`~se_inject.files.load_strict` to report.
@@ -98,12 +104,13 @@ def create_model_for_state(spec: ModelSpec, state: Mapping[str, torch.Tensor]) -
         >>> create_model_for_state(resolve_name("torchvision:resnet18"), state).fc.out_features
         10
     """
-    model = create_model(spec)
-    width = _classifier_width(model, state)
+    args = dict(args or {})
+    model = create_model(spec, args=args)
+    width = None if "num_classes" in args else _classifier_width(model, state)
     if width is not None:
         try:
-            model = create_model(spec, num_classes=width)
-        except (TypeError, ValueError):  # a builder without num_classes: report the shapes instead
+            model = create_model(spec, args={**args, "num_classes": width})
+        except (TypeError, ValueError, ModelArgsError):  # a builder without num_classes: report the shapes instead
             pass
     return model
 
@@ -122,7 +129,12 @@ def _file_detail(weights: str | os.PathLike[str], read: WeightsFile, requested_e
 
 
 def load_model(
-    name: str, weights: str | os.PathLike[str] = "auto", *, network: Network | None = None, ema: bool = False
+    name: str,
+    weights: str | os.PathLike[str] = "auto",
+    *,
+    network: Network | None = None,
+    ema: bool = False,
+    model_args: Mapping[str, Any] | None = None,
 ) -> LoadedModel:
     """Resolve ``name`` and build the model with the requested weights.
 
@@ -135,6 +147,9 @@ def load_model(
             caches only); the default honours ``SE_INJECT_OFFLINE``.
         ema: read a training checkpoint's EMA weights (``state_dict_ema``) rather than its
             plain ones; the returned :class:`WeightsInfo` names the state dict read either way.
+        model_args: keyword arguments for the model's constructor (``timm.create_model``
+            kwargs such as ``num_classes``, ``drop_path_rate``, ``in_chans``; a torchvision
+            builder's); the model and :attr:`LoadedModel.args` record them.
 
     Example:
         >>> loaded = load_model("torchvision:resnet18", weights="random")
@@ -147,25 +162,31 @@ def load_model(
             missing, corrupt or does not fit the architecture.
         UnsafeCheckpointError: the weights file would run code when unpickled.
         ConfigError: ``ema`` without a weights file.
+        ModelArgsError: the constructor does not take ``model_args``.
     """
     if ema and weights in ("auto", "pretrained", "random"):
         raise ConfigError(f"EMA weights are read from a training checkpoint file; weights={weights!r} is none")
     spec = resolve_name(name)
+    args = dict(model_args or {})
     if weights == "random":
         info = WeightsInfo(WeightsKind.RANDOM, "random init (by request)")
-        return LoadedModel(create_model(spec, network=network), spec, info)
+        return _loaded(create_model(spec, network=network, args=args), spec, info)
     if weights in ("auto", "pretrained"):
         try:
-            model, info = create_pretrained(spec, network=network)
+            model, info = create_pretrained(spec, network=network, args=args)
         except WeightsError as e:
             if weights == "pretrained":
                 raise
-            model = create_model(spec, network=network)  # first: a hub model may not even build
+            model = create_model(spec, network=network, args=args)  # first: a hub model may not even build
             warnings.warn(f"{e}; using RANDOM init instead", UserWarning, stacklevel=2)
             info = WeightsInfo(WeightsKind.RANDOM, f"random init (pretrained unavailable: {e})")
-            return LoadedModel(model, spec, info)
-        return LoadedModel(model, spec, info)
+            return _loaded(model, spec, info)
+        return _loaded(model, spec, info)
     read = read_weights_file(weights, ema=ema)
-    model = create_model_for_state(spec, read.state)
+    model = create_model_for_state(spec, read.state, args)
     load_strict(model, read.state, f"weights file {str(weights)!r}")
-    return LoadedModel(model, spec, WeightsInfo(WeightsKind.FILE, _file_detail(weights, read, ema)))
+    return _loaded(model, spec, WeightsInfo(WeightsKind.FILE, _file_detail(weights, read, ema)))
+
+
+def _loaded(model: nn.Module, spec: ModelSpec, info: WeightsInfo) -> LoadedModel:
+    return LoadedModel(model, spec, info, origin_args(model) or {})

@@ -14,6 +14,7 @@ from se_inject import errors
 
 PACKAGE = Path(se_inject.__file__).parent
 MODULES = ("api", "atomic", "block", "checkpoint", "complexity", "diagnostics", "errors", "files", "finetune", "gates", "input_size", "listing",
+           "model_args", "signature",
            "names", "plan", "render", "report", "rewrite", "verify", "weights", "workflow", "zoo",
            "analysis.attention", "analysis.axes", "analysis.calls", "analysis.dataflow", "analysis.names",
            "analysis.indexing", "analysis.opaque", "analysis.ops", "analysis.owners", "analysis.sandbox",

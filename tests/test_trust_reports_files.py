@@ -4,6 +4,7 @@ Ctrl-C and a full disk during the write, and reduction-or-hidden."""
 from __future__ import annotations
 
 import os
+import re
 import resource
 import signal
 import stat
@@ -74,18 +75,33 @@ def test_output_onto_a_fifo_is_refused_and_the_fifo_kept(tmp_path) -> None:
     assert stat.S_ISFIFO(os.lstat(tmp_path / "pipe").st_mode)
 
 
+def _device(folder: Path) -> Path:
+    """A character device to write onto: a private copy of /dev/null where the test may make
+    one (root), so a regression replaces that copy, never the system's; else /dev/null itself,
+    which a user without root cannot replace anyway."""
+    node = folder / "null"
+    try:
+        os.mknod(node, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    except (PermissionError, OSError):
+        return Path("/dev/null")
+    return node
+
+
 def test_output_onto_a_device_is_refused_and_the_device_kept(tmp_path) -> None:
-    before = os.lstat("/dev/null")
-    fails(run(*SMALL, "-o", "/dev/null"), r"cannot write '/dev/null': it is a character device", tmp_path)
-    after = os.lstat("/dev/null")
+    device = _device(tmp_path)
+    before = os.lstat(device)
+    keep = ("null",) if device.parent == tmp_path else ()
+    fails(run(*SMALL, "-o", str(device)), rf"cannot write '{re.escape(str(device))}': it is a character device", tmp_path, keep=keep)
+    after = os.lstat(device)
     assert stat.S_ISCHR(after.st_mode) and (after.st_ino, after.st_rdev) == (before.st_ino, before.st_rdev)
 
 
 def test_save_onto_a_device_raises_output_path_error(tmp_path) -> None:
+    device = _device(tmp_path)
     model = se_inject.inject_se(torchvision.models.resnet18(), example_input=torch.randn(1, 3, 64, 64))
     with pytest.raises(se_inject.OutputPathError, match="character device"):
-        se_inject.save(model, "/dev/null")
-    assert stat.S_ISCHR(os.lstat("/dev/null").st_mode)
+        se_inject.save(model, device)
+    assert stat.S_ISCHR(os.lstat(device).st_mode)
 
 
 def test_output_through_a_symlink_replaces_its_target_and_keeps_the_link(tmp_path) -> None:

@@ -3,6 +3,7 @@ and the permutes, reshapes and slices since; channel slices and chunks of a tens
 
 from __future__ import annotations
 
+import types
 from typing import Any
 
 import torch
@@ -12,7 +13,7 @@ from torch import nn
 
 from .dataflow import DataFlow
 from .indexing import indexed_axis, reshaped_axis
-from .opaque import opaque_output_axes
+from .opaque import opaque_function_axes, opaque_output_axes
 from .ops import (
     SPATIAL_ONLY_FUNCTIONS,
     SPATIAL_ONLY_MODULES,
@@ -49,6 +50,12 @@ def channel_axis(node: fx.Node, flow: DataFlow, _memo: dict[fx.Node, int | None]
     return result
 
 
+def _is_library_function(target: object) -> bool:
+    """A plain Python function of a model library (not torch's, not an operator)."""
+    module = getattr(target, "__module__", None) or ""
+    return isinstance(target, types.FunctionType) and not module.startswith(("torch", "operator", "builtins", "_operator"))
+
+
 def _channel_axis(node: fx.Node, flow: DataFlow, memo: dict[fx.Node, int | None], depth: int) -> int | None:
     shape = tensor_shape(node)
     if shape is None or depth > 200:
@@ -66,6 +73,12 @@ def _channel_axis(node: fx.Node, flow: DataFlow, memo: dict[fx.Node, int | None]
         said = opaque_output_axes(node, module, lambda p: channel_axis(p, flow, memo, depth + 1))
         if said is not None and (isinstance(said.axes, int) or said.made_channels):
             return said.axes if isinstance(said.axes, int) else None
+    if node.op == "call_function" and _is_library_function(node.target):
+        # A helper the tracer kept as one call (timm's notrace functions): run it on meta
+        # tensors and follow the channel axis through its ops, as for an opaque module.
+        said = opaque_function_axes(node, lambda p: channel_axis(p, flow, memo, depth + 1))
+        if said is not None and isinstance(said.axes, int):
+            return said.axes
     if node.op == "call_function" and node.target in _CHANNEL_FIRST_FUNCTIONS:
         return 1
     if node.op == "call_function" and node.target in _CHANNEL_LAST_FUNCTIONS:

@@ -58,11 +58,28 @@ def opaque_output_axes(node: fx.Node, module: nn.Module, input_axis: Callable[[f
     channel axis of each input node (from the graph). ``None`` when the module does not run on
     meta tensors. Cached on the node."""
     if _CACHE_KEY not in node.meta:
-        node.meta[_CACHE_KEY] = _run(node, module, input_axis)
+        node.meta[_CACHE_KEY] = _run(node, _module_call(module), input_axis)
     return node.meta[_CACHE_KEY]
 
 
-def _run(node: fx.Node, module: nn.Module, input_axis: Callable[[fx.Node], int | None]) -> OpaqueAxes | None:
+def opaque_function_axes(node: fx.Node, input_axis: Callable[[fx.Node], int | None]) -> OpaqueAxes | None:
+    """As :func:`opaque_output_axes`, for a call of a Python function the tracer kept as one
+    call (timm's ``register_notrace_function`` helpers such as Swin's ``window_reverse``)."""
+    if _CACHE_KEY not in node.meta:
+        function = node.target
+        node.meta[_CACHE_KEY] = _run(node, lambda args, kwargs: function(*args, **kwargs), input_axis)  # type: ignore[operator]
+    return node.meta[_CACHE_KEY]
+
+
+def _module_call(module: nn.Module) -> Callable[[tuple[Any, ...], dict[str, Any]], Any]:
+    def call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        state = {k: meta_copy(v) for k, v in [*module.named_parameters(), *module.named_buffers()]}
+        return torch.func.functional_call(module, state, args, kwargs)
+
+    return call
+
+
+def _run(node: fx.Node, call: Any, input_axis: Callable[[fx.Node], int | None]) -> OpaqueAxes | None:
     if any("val" not in p.meta for p in node.all_input_nodes):
         return None
     mode = _AxisTracker()
@@ -75,10 +92,9 @@ def _run(node: fx.Node, module: nn.Module, input_axis: Callable[[fx.Node], int |
 
     args = fx.node.map_arg(node.args, meta_input)
     kwargs = fx.node.map_arg(node.kwargs, meta_input)
-    state = {k: meta_copy(v) for k, v in [*module.named_parameters(), *module.named_buffers()]}
     try:
         with torch.no_grad(), mode:
-            out = torch.func.functional_call(module, state, tuple(args), dict(kwargs))
+            out = call(tuple(args), dict(kwargs))
     except Exception as e:  # noqa: BLE001 - any failure means "the module does not say"
         log.debug("meta forward of opaque %s failed (%s); channel axis unknown", node.target, e)
         return None

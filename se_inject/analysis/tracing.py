@@ -8,6 +8,7 @@ import copy
 import dis
 import functools
 import inspect
+import operator
 import types
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -161,6 +162,12 @@ class _Proxy(fx.Proxy):
         if opname == "UNPACK_SEQUENCE":
             return (self[i] for i in range(argval))  # type: ignore[index]
         return self.tracer.iter(self)
+
+    def __setitem__(self, index: Any, value: Any) -> None:
+        # In-place writes into a traced tensor (Swin's attention mask built for the input's
+        # size: ``img_mask[:, h0:h1, w0:w1, :] = cnt``) are recorded as ``operator.setitem``,
+        # which fx keeps as a side-effectful call, in graph order.
+        self.tracer.create_proxy("call_function", operator.setitem, (self, index, value), {})
 
 
 class _PartsProxy(_Proxy):

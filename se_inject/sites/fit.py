@@ -25,7 +25,10 @@ def check_tensor(cand: Candidate, node: fx.Node, policy: Policy | None = None) -
     if axis is None:
         skip(cand, SkipReason.UNKNOWN_CHANNEL_AXIS, f"shape {list(shape)}")
         return False
-    if len(shape) == 3 and axis == 2:
+    flattened = _flattened_map(cand, shape) if len(shape) == 3 and axis == 2 else None
+    if flattened is not None:
+        cand.map_size = flattened
+    elif len(shape) == 3 and axis == 2:
         if policy is None or not policy.tokens:
             skip(cand, SkipReason.TOKEN_SEQUENCE, f"shape {list(shape)}, channels last")
             return False
@@ -36,3 +39,28 @@ def check_tensor(cand: Candidate, node: fx.Node, policy: Policy | None = None) -
     cand.shape, cand.channels = shape, shape[axis]
     cand.axis = 1 if axis == 1 else -1
     return True
+
+
+_FLATTENING = frozenset({"reshape", "view", "flatten"})
+
+
+def _flattened_map(cand: Candidate, shape: tuple[int, ...]) -> tuple[int, int] | None:
+    """The tokens ``[B, H*W, C]`` of a residual whose fork is a feature map ``[B, H, W, C]``
+    flattened in the same block (timm's Swin MLP): no class token, so squeezing over the tokens
+    is squeezing over the map, and the site is a spatial one as on the map itself."""
+    fork = cand.unit.flow.idom.get(cand.anchor)
+    while fork is not None and _name(fork) == "contiguous":
+        fork = fork.args[0] if isinstance(fork.args[0], fx.Node) else None
+    if fork is None or _name(fork) not in _FLATTENING or not isinstance(fork.args[0], fx.Node):
+        return None
+    source = tensor_shape(fork.args[0])
+    if source is None or len(source) != 4 or tensor_shape(fork) != shape:
+        return None
+    axis = channel_axis(fork.args[0], cand.unit.flow)
+    fits = axis == 3 and source[0] == shape[0] and source[1] * source[2] == shape[1] and source[3] == shape[2]
+    return (source[1], source[2]) if fits else None
+
+
+def _name(node: fx.Node) -> str:
+    target = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    return str(target)

@@ -148,6 +148,8 @@ class Candidate:
     shape: tuple[int, ...] = ()
     #: Class and distillation tokens left out of the squeeze (token sequences, ``tokens=True``).
     prefix_tokens: int = 0
+    #: ``(H, W)`` of the feature map a token sequence flattens (timm's Swin MLP), else empty.
+    map_size: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -71,6 +71,8 @@ def _spatial(cand: Candidate) -> tuple[int, ...]:
 def _stage_spatial(cand: Candidate) -> tuple[int, ...]:
     """Feature-map size of the site's block (its sum or concatenation), whatever the placement
     moves the SE to (``pre`` scales the fork, which may be at the previous resolution)."""
+    if cand.map_size:
+        return cand.map_size
     shape = tensor_shape(cand.anchor)
     if shape is None or len(shape) != len(cand.shape):
         return _spatial(cand)
