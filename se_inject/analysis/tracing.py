@@ -4,13 +4,11 @@
 from __future__ import annotations
 
 import bisect
-import copy
 import dis
 import functools
 import inspect
 import operator
 import types
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, NamedTuple
@@ -285,7 +283,7 @@ def trace(
     # timm's LeViT fills a dict of attention biases) would keep proxies: the sandbox puts every
     # module back as it was, keeping only the constants the tracer added to the root. What
     # changed is noted first: side effects a rebuilt block would lose.
-    saved = [(path, m, dict(m.__dict__), _contents(m)) for path, m in module.named_modules()]
+    saved = [(path, m, dict(m.__dict__), {k: dict(m.__dict__[k]) for k in _STATE_DICTS}) for path, m in module.named_modules()]
     before = set(module.__dict__)
     tracer = SETracer(inline=inline, var_positional=var_positional, opaque=opaque)
     reads: list[str] = []
@@ -294,45 +292,26 @@ def trace(
         with training_mode(module, training), _watch_mode_reads(module, reads):
             graph = tracer.trace(module, concrete_args=concrete_args)
         added = {k: module.__dict__[k] for k in set(module.__dict__) - before}
-        for path, m, attrs, contents in saved:
-            now = m.__dict__
+        for path, m, attrs, state in saved:
             made = added if m is module else {}
-            changed = [k for k in {*attrs, *now} if k not in made and now.get(k, _MISSING) is not attrs.get(k, _MISSING)]
-            filled = [k for k, held in contents.items() if _content_token(attrs[k]) != _content_token(held)]
-            # A parameter, buffer or child reassigned is a side effect; a plain dict or list
-            # filled in place is taken for a cache (LeViT's attention biases), which a graph
-            # recomputes: the sandbox empties it again, it is not reported.
-            changed += [name for k in filled if k in _STATE_DICTS for name in _rebound(contents[k], attrs[k])]
+            # An attribute, parameter, buffer or child (re)assigned is a side effect; a plain
+            # dict or list filled in place is taken for a cache (LeViT's attention biases),
+            # which a graph recomputes: the sandbox empties it again, it is not reported.
+            changed = [k for k in _rebound(attrs, m.__dict__) if k not in made]
+            changed += [name for k, held in state.items() for name in _rebound(held, attrs[k])]
             effects += [f"{path}.{k}" if path else k for k in sorted(set(changed)) if k != "training"]
     _restore_parameter_names(graph, concrete_args or {})
     return Traced(graph, added, tracer.module_calls, bool(reads), tuple(effects))
 
 
-def _content_token(value: Any) -> tuple[Any, ...]:
-    """What in-place mutation of a container attribute changes: its length and item identities."""
-    if isinstance(value, dict):
-        return tuple((k, id(v)) for k, v in value.items())
-    return tuple(id(v) for v in value)
-
-
 def _rebound(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """Keys of ``now`` bound to other objects than in its earlier copy ``before`` (or added, or gone)."""
     return [k for k in {*before, *now} if before.get(k, _MISSING) is not now.get(k, _MISSING)]
 
 
-def _contents(module: nn.Module) -> dict[str, Any]:
-    """Shallow copies of a module's container attributes (its parameter, buffer and child
-    dicts, and plain dicts, lists and sets), which a forward may fill in place."""
-    return {
-        k: copy.copy(v)
-        for k, v in module.__dict__.items()
-        if type(v) in (dict, list, set, OrderedDict) and k not in _TRACER_DICTS
-    }
-
-
-_STATE_DICTS = frozenset({"_parameters", "_buffers", "_modules"})
-
-# Dicts that torch's own hooks machinery fills lazily, not the forward.
-_TRACER_DICTS = frozenset({"_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs"})
+#: ``nn.Module``'s dicts of parameters, buffers and children: a forward reassigning one of
+#: those changes the module's state, not a cache.
+_STATE_DICTS = ("_parameters", "_buffers", "_modules")
 
 
 # While tracing, every module's class is swapped for a subclass whose ``training`` is a
