@@ -55,6 +55,18 @@ class Residual(nn.Module):
         return torch.relu(out)
 
 
+class PlainResidual(nn.Module):
+    """The barest residual block: ``x + conv2(relu(conv1(x)))``, no norms, ``c`` channels."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv2(F.relu(self.conv1(x)))
+
+
 class Inception(nn.Module):
     """Parallel branches of the same input, concatenated on channels (one may be a pool)."""
 

@@ -16,6 +16,7 @@ import timm
 import torch
 import torch.nn.functional as F
 import torchvision
+from nets import PlainResidual
 from torch import nn
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
@@ -36,24 +37,14 @@ def _equal(a, b) -> bool:
 # --- tiny modules, one rule each ---------------------------------------------------------------
 
 
-class _Block(nn.Module):
-    def __init__(self, c: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(c, c, 3, padding=1)
-        self.conv2 = nn.Conv2d(c, c, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.conv2(F.relu(self.conv1(x)))
-
-
 class _ControlFlowNet(nn.Module):
     """Residual blocks behind data-dependent control flow: the top level cannot be traced."""
 
     def __init__(self) -> None:
         super().__init__()
         self.stem = nn.Conv2d(3, 8, 3, padding=1)
-        self.block1 = _Block(8)
-        self.block2 = _Block(8)
+        self.block1 = PlainResidual(8)
+        self.block2 = PlainResidual(8)
         self.head = nn.Linear(8, 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -68,8 +59,8 @@ class _TinyFPN(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.c3 = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), _Block(8))
-        self.c4 = nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1), _Block(16))
+        self.c3 = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), PlainResidual(8))
+        self.c4 = nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1), PlainResidual(16))
         self.lateral3 = nn.Conv2d(8, 16, 1)
         self.smooth = nn.Conv2d(16, 16, 3, padding=1)
 

@@ -8,6 +8,7 @@ import io
 import pickle
 
 import torch
+from nets import RootResidual
 from torch import nn
 
 import se_inject
@@ -117,19 +118,6 @@ def test_every_name_of_a_block_points_to_the_rebuilt_block_and_back() -> None:
     assert list(restored.state_dict()) == list(reference.state_dict())
 
 
-class _RootResidual(nn.Module):
-    """A model whose own forward holds the residual sum: its root is rebuilt."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Conv2d(3, 8, 3, padding=1)
-        self.conv = nn.Conv2d(8, 8, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
-        return x + self.conv(x)
-
-
 def _pickled(model: nn.Module) -> nn.Module:
     return pickle.loads(pickle.dumps(model))
 
@@ -142,7 +130,7 @@ def _torch_saved(model: nn.Module) -> nn.Module:
 
 
 def test_copies_of_a_rebuilt_root_keep_the_plan_and_save(tmp_path) -> None:
-    model = se_inject.inject_se(_RootResidual().eval(), example_input=X)
+    model = se_inject.inject_se(RootResidual().eval(), example_input=X)
     with torch.no_grad():
         model.se.fc2.weight.normal_()  # trained SE: the copies must carry it
         expected = model(X)
@@ -150,6 +138,6 @@ def test_copies_of_a_rebuilt_root_keep_the_plan_and_save(tmp_path) -> None:
         duplicate = make(model)
         assert getattr(duplicate, PLAN_ATTR) == getattr(model, PLAN_ATTR)
         path = se_inject.save(duplicate, tmp_path / f"{make.__name__}.pt")
-        loaded = se_inject.load(path, base_model=_RootResidual())
+        loaded = se_inject.load(path, base_model=RootResidual())
         with torch.no_grad():
             assert torch.equal(loaded.eval()(X), expected), make.__name__

@@ -21,6 +21,7 @@ import pytest
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+from nets import PlainResidual
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
 
@@ -32,16 +33,6 @@ from se_inject.plan import PLAN_ATTR
 from se_inject.rewrite import RebuiltBlock
 
 SIZE = 64
-
-
-class _Block(nn.Module):
-    def __init__(self, c: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(c, c, 3, padding=1)
-        self.conv2 = nn.Conv2d(c, c, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.conv2(F.relu(self.conv1(x)))
 
 
 class AnchorHead(nn.Module):
@@ -69,8 +60,8 @@ class AnchorNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1)
-        self.block1 = _Block(8)
-        self.block2 = _Block(8)
+        self.block1 = PlainResidual(8)
+        self.block2 = PlainResidual(8)
         self.head = AnchorHead(8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -98,9 +89,9 @@ class TrackerNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1)
-        self.block1 = _Block(8)
+        self.block1 = PlainResidual(8)
         self.track = Tracker()
-        self.block2 = _Block(8)
+        self.block2 = PlainResidual(8)
         self.fc = nn.Linear(8, 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -136,7 +127,7 @@ class CacheNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1)
-        self.block = _Block(8)
+        self.block = PlainResidual(8)
         self.attn = BiasAttention(8)
         self.fc = nn.Linear(8, 4)
 
