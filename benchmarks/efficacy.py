@@ -68,7 +68,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from se_inject import freeze_except_se, gate_statistics, inject_se, param_groups, se_modules
-from se_inject.complexity import count
+from se_inject.report.complexity import count
 
 __all__ = [
     "ARMS",

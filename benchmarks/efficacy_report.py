@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from se_inject.atomic import atomic_write
+from se_inject.io.atomic import atomic_write
 
 __all__ = ["render_markdown", "write_plots", "ARM_TEXT", "STATIC"]
 

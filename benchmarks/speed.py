@@ -379,7 +379,7 @@ RESNET50_SE_SHAPES = ((256, 56), (512, 28), (1024, 14), (2048, 7))
 
 def reference_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """SEBlock's first implementation, the formula as written (``mean`` squeeze), for comparison."""
-    from se_inject.block import GATES, POOLS
+    from se_inject.se_block import GATES, POOLS
 
     axis = self.channel_axis % x.ndim
     squeeze_dims = tuple(d for d in range(1, x.ndim) if d != axis)
@@ -393,7 +393,7 @@ def reference_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def with_reference_blocks(model: nn.Module) -> nn.Module:
     """``model`` with every SEBlock computing ``reference_forward`` (same parameters and keys)."""
-    from se_inject.block import SEBlock
+    from se_inject.se_block import SEBlock
 
     class _ReferenceSE(SEBlock):
         forward = reference_forward
@@ -451,7 +451,7 @@ def _block_cases(
 ) -> list[Case]:
     from timm.layers import SEModule
 
-    from se_inject.block import SEBlock
+    from se_inject.se_block import SEBlock
 
     torch.manual_seed(0)
     ours = SEBlock(channels, channels // 16, identity_init=False, gate="sigmoid").to(device)

@@ -58,8 +58,8 @@ import torchvision
 from torch import nn
 
 from se_inject import SEBlock, find_sites, inject_se
-from se_inject.names import ModelSpec, Source
-from se_inject.weights import create_model
+from se_inject.models.names import ModelSpec, Source
+from se_inject.models.weights import create_model
 
 sys.path.insert(0, str(Path(__file__).parent))
 import other_libraries  # noqa: E402 - a sibling script, not a package

@@ -17,10 +17,6 @@ if TYPE_CHECKING:
     from .api import find_sites as find_sites
     from .api import inject_se as inject_se
     from .api import remove_se as remove_se
-    from .block import SEBlock as SEBlock
-    from .block import SEConfig as SEConfig
-    from .checkpoint import load as load
-    from .checkpoint import save as save
     from .errors import ArchitectureMismatchError as ArchitectureMismatchError
     from .errors import CheckpointError as CheckpointError
     from .errors import ConfigError as ConfigError
@@ -37,21 +33,25 @@ if TYPE_CHECKING:
     from .errors import UnknownTagError as UnknownTagError
     from .errors import UnsafeCheckpointError as UnsafeCheckpointError
     from .errors import WeightsError as WeightsError
-    from .finetune import HeadNotFoundError as HeadNotFoundError
-    from .finetune import find_head as find_head
-    from .finetune import freeze_except_se as freeze_except_se
-    from .finetune import param_groups as param_groups
-    from .finetune import se_modules as se_modules
-    from .finetune import se_parameters as se_parameters
-    from .finetune import se_state_dict_keys as se_state_dict_keys
-    from .gates import gate_statistics as gate_statistics
+    from .inject.finetune import HeadNotFoundError as HeadNotFoundError
+    from .inject.finetune import find_head as find_head
+    from .inject.finetune import freeze_except_se as freeze_except_se
+    from .inject.finetune import param_groups as param_groups
+    from .inject.finetune import se_modules as se_modules
+    from .inject.finetune import se_parameters as se_parameters
+    from .inject.finetune import se_state_dict_keys as se_state_dict_keys
+    from .io.checkpoint import load as load
+    from .io.checkpoint import save as save
     from .plan import Plan as Plan
     from .plan import Site as Site
     from .plan import SiteKind as SiteKind
     from .plan import Skipped as Skipped
     from .plan import SkipReason as SkipReason
     from .plan import Unanalysed as Unanalysed
-    from .report import Report as Report
+    from .report.gate_statistics import gate_statistics as gate_statistics
+    from .report.summary import Report as Report
+    from .se_block import SEBlock as SEBlock
+    from .se_block import SEConfig as SEConfig
     from .workflow import inject_named as inject_named
 
 #: Public name -> the module that defines it.
@@ -60,10 +60,10 @@ _EXPORTS: dict[str, str] = {
     "find_sites": "api",
     "inject_se": "api",
     "remove_se": "api",
-    "SEBlock": "block",
-    "SEConfig": "block",
-    "load": "checkpoint",
-    "save": "checkpoint",
+    "SEBlock": "se_block",
+    "SEConfig": "se_block",
+    "load": "io.checkpoint",
+    "save": "io.checkpoint",
     "SEInjectError": "errors",
     "ConfigError": "errors",
     "GateMismatchError": "errors",
@@ -80,21 +80,21 @@ _EXPORTS: dict[str, str] = {
     "UnfaithfulRebuildError": "errors",
     "ModelArgsError": "errors",
     "ArchitectureMismatchError": "errors",
-    "HeadNotFoundError": "finetune",
-    "gate_statistics": "gates",
-    "find_head": "finetune",
-    "freeze_except_se": "finetune",
-    "param_groups": "finetune",
-    "se_modules": "finetune",
-    "se_parameters": "finetune",
-    "se_state_dict_keys": "finetune",
+    "HeadNotFoundError": "inject.finetune",
+    "gate_statistics": "report.gate_statistics",
+    "find_head": "inject.finetune",
+    "freeze_except_se": "inject.finetune",
+    "param_groups": "inject.finetune",
+    "se_modules": "inject.finetune",
+    "se_parameters": "inject.finetune",
+    "se_state_dict_keys": "inject.finetune",
     "Plan": "plan",
     "Site": "plan",
     "SiteKind": "plan",
     "Skipped": "plan",
     "SkipReason": "plan",
     "Unanalysed": "plan",
-    "Report": "report",
+    "Report": "report.summary",
     "inject_named": "workflow",
 }
 

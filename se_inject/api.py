@@ -13,13 +13,13 @@ from torch import nn
 
 from .analysis.owners import OwnerTraces
 from .analysis.sandbox import preserved_state
-from .block import SEConfig
-from .diagnostics import no_sites_warning, unanalysed_warning
 from .errors import ConfigError
+from .inject.rewrite import apply_plan, build_blocks, install, remove_se
+from .inject.verify import check_rebuilt, record_owner_calls
 from .plan import Plan
-from .rewrite import apply_plan, build_blocks, install, remove_se
+from .se_block import SEConfig
 from .sites import build_plan, example_args
-from .verify import check_rebuilt, record_owner_calls
+from .sites.diagnostics import no_sites_warning, unanalysed_warning
 
 __all__ = [
     "find_sites",
@@ -71,7 +71,7 @@ def find_sites(
         (16, 'layer1.0.se')
 
     Without ``example_input`` the model is analysed at its declared input size
-    (:func:`se_inject.input_size.model_input_size`). Every listed site is one ``inject_se``
+    (:func:`se_inject.models.input_size.model_input_size`). Every listed site is one ``inject_se``
     builds: owners that cannot be rebuilt are skipped here as ``not-rewritable``. Pass an
     ``OwnerTraces`` as ``traces`` to keep the owner traces planning made, and the same object to
     ``apply_plan(..., traces=)`` so the owners are not traced again.

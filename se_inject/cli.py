@@ -3,7 +3,7 @@
 ``se-inject resnet50 --reduction 16 -o model.pt``
 
 The work is :func:`se_inject.workflow.inject_named`, which returns a
-:class:`~se_inject.report.Report`; this module parses options, calls it and renders the report
+:class:`~se_inject.report.summary.Report`; this module parses options, calls it and renders the report
 (a table grouped by stage, or ``--json``: the report's ``to_dict`` with sorted keys, no timings,
 so two runs with the same options are byte-identical). torch, timm and torchvision are imported
 only once a model is asked for, so ``--help`` and ``--version`` answer at once.
@@ -36,9 +36,9 @@ from .errors import ConfigError, NoSitesError, SEInjectError
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from .block import SEConfig
     from .plan import Plan
-    from .report import Report
+    from .report.summary import Report
+    from .se_block import SEConfig
 
 __all__ = ["app", "main", "parse_input_size", "GATE_CHOICES", "POOL_CHOICES", "PLACEMENT_CHOICES"]
 
@@ -140,7 +140,7 @@ def _version_callback(value: bool) -> None:
 
 def _list_callback(pattern: str | None) -> None:
     if pattern is not None:
-        from .listing import list_names, listing_lines
+        from .models.listing import list_names, listing_lines
 
         for line in listing_lines(list_names(pattern)):  # UnknownModelError: one line, exit 1
             typer.echo(line)
@@ -206,7 +206,7 @@ def _choice(choices: tuple[str, ...]) -> Callable[[str | None], str | None]:
         if value is None or value in choices:
             return value
         if choices is PLACEMENT_CHOICES:
-            from .block import TRUNK_PLACEMENTS
+            from .se_block import TRUNK_PLACEMENTS
 
             if value in TRUNK_PLACEMENTS:
                 raise typer.BadParameter(
@@ -229,7 +229,7 @@ def _model_args(values: list[str] | None) -> list[tuple[str, Any]] | None:
     """``--model-arg KEY=VALUE``: the value as a Python literal, else the plain string."""
     if not values:
         return None
-    from .model_args import parse_model_arg
+    from .models.arguments import parse_model_arg
 
     try:
         return [parse_model_arg(v) for v in values]
@@ -266,7 +266,7 @@ def _number(value: float) -> float | int:
 def _se_config(*, reduction: float | None, hidden: int | None, paper_init: bool, bias: bool, gate: str | None,
                pool: str, placement: str) -> SEConfig:
     """The SE configuration; options that do not go together are usage errors (exit 2)."""
-    from .block import GATES, SEConfig
+    from .se_block import GATES, SEConfig
 
     if reduction is not None and hidden is not None:
         raise typer.BadParameter(
@@ -286,7 +286,7 @@ def _se_config(*, reduction: float | None, hidden: int | None, paper_init: bool,
 
 
 def _check_plot_path(plot: Path, output: Path | None) -> None:
-    from .checkpoint import check_output_path
+    from .io.checkpoint import check_output_path
 
     if plot.suffix.lower() != ".png":
         raise typer.BadParameter(f"{str(plot)!r}: the chart is a PNG; give a name ending in .png", param_hint="'--plot'")
@@ -397,7 +397,7 @@ def inject(
     model_args = _creation_args({"--num-classes": ("num_classes", num_classes),
                                  "--drop-path": ("drop_path_rate", drop_path),
                                  "--in-chans": ("in_chans", in_chans)}, model_arg)  # type: ignore[arg-type]
-    from .report import Selection
+    from .report.summary import Selection
 
     selection = Selection(
         include=tuple(include) if include else None,
@@ -420,7 +420,7 @@ def inject(
         # Sorted keys, no timings: byte-identical for identical options, diffable across variants.
         typer.echo(json.dumps(report.to_dict(), indent=2, sort_keys=True))
     else:
-        from . import render
+        from .report import render
 
         render.render(Console(highlight=False), report)
 
@@ -459,8 +459,8 @@ def _args_hint(args: dict[str, Any]) -> str:
 
 
 def _draw(err: Console, report: Report, plot: Path) -> Report:
-    from .plot import StageBar, plot_stages
-    from .report import size_text
+    from .report.plot import StageBar, plot_stages
+    from .report.summary import size_text
 
     cfg = report.plan.config
     width = f"hidden {cfg.hidden}" if cfg.hidden is not None else f"r={_number(cfg.reduction)}"

@@ -12,8 +12,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from .block import SEConfig
 from .errors import CheckpointError
+from .se_block import SEConfig
 
 __all__ = ["SiteKind", "SkipReason", "REASON_TEXT", "Site", "Skipped", "Unanalysed", "Plan", "PLAN_ATTR"]
 

@@ -1,7 +1,7 @@
 """From a registry name to a report: build, count, plan, inject, count again, save.
 
 :func:`inject_named` is what ``se-inject MODEL ...`` does, as a library call that returns a
-:class:`~se_inject.report.Report` and the injected model; the CLI only parses options and
+:class:`~se_inject.report.summary.Report` and the injected model; the CLI only parses options and
 renders. Analysis runs on meta tensors, so the input size costs no real memory; sizes a model
 could never be run at are refused before anything is built.
 
@@ -27,16 +27,16 @@ from torch import nn
 
 from .analysis.owners import OwnerTraces
 from .api import apply_plan, find_sites
-from .block import SEConfig
-from .checkpoint import check_output_path, save
-from .complexity import compare, count
 from .errors import ConfigError, NoSitesError, SelectionError
-from .names import ModelSpec
+from .io.checkpoint import check_output_path, save
+from .models.loading import default_input_size, load_model
+from .models.names import ModelSpec
+from .models.weights import Network
 from .plan import Plan, SiteKind, SkipReason
-from .report import Report, Selection, build_report, size_text
+from .report.complexity import compare, count
+from .report.summary import Report, Selection, build_report, size_text
+from .se_block import SEConfig
 from .sites.selection import NOT_INCLUDED
-from .weights import Network
-from .zoo import default_input_size, load_model
 
 __all__ = ["MAX_SIDE", "Injection", "inject_named", "resolve_input_size", "no_sites_reason", "include_hint"]
 

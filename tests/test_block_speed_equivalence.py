@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.fx
 
-from se_inject.block import GATES, POOLS, SEBlock
+from se_inject.se_block import GATES, POOLS, SEBlock
 
 REF_GATES = {
     "scaled_sigmoid": lambda z: 2.0 * torch.sigmoid(z),

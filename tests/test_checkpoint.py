@@ -11,7 +11,6 @@ from torch import nn
 
 import se_inject
 from se_inject import SEBlock, find_sites
-from se_inject.checkpoint import FORMAT, FORMAT_VERSION, load, read_checkpoint, save, se_state_dict
 from se_inject.errors import (
     CheckpointError,
     OutputPathError,
@@ -19,8 +18,9 @@ from se_inject.errors import (
     UnsafeCheckpointError,
     WeightsError,
 )
-from se_inject.names import resolve_name
-from se_inject.weights import create_model
+from se_inject.io.checkpoint import FORMAT, FORMAT_VERSION, load, read_checkpoint, save, se_state_dict
+from se_inject.models.names import resolve_name
+from se_inject.models.weights import create_model
 
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 

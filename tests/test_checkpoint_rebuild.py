@@ -17,13 +17,13 @@ import torch
 from torch import nn
 
 import se_inject
-from se_inject.checkpoint import load, save
 from se_inject.errors import ArchitectureMismatchError, ModelArgsError
-from se_inject.input_size import model_input_size
-from se_inject.model_args import parse_model_arg
-from se_inject.names import resolve_name
-from se_inject.signature import architecture_signature
-from se_inject.weights import create_model
+from se_inject.io.checkpoint import load, save
+from se_inject.io.signature import architecture_signature
+from se_inject.models.arguments import parse_model_arg
+from se_inject.models.input_size import model_input_size
+from se_inject.models.names import resolve_name
+from se_inject.models.weights import create_model
 from se_inject.workflow import inject_named
 
 NAME = "resnet10t"

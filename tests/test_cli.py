@@ -279,11 +279,11 @@ def test_help_lists_the_choices_and_one_value_per_flag() -> None:
 
 
 def test_cli_choices_are_the_library_registries() -> None:
-    from se_inject import block, cli
+    from se_inject import cli, se_block
 
-    assert set(cli.GATE_CHOICES) == set(block.GATES)
-    assert set(cli.POOL_CHOICES) == set(block.POOLS)
-    assert set(cli.PLACEMENT_CHOICES) == set(block.PLACEMENTS)
+    assert set(cli.GATE_CHOICES) == set(se_block.GATES)
+    assert set(cli.POOL_CHOICES) == set(se_block.POOLS)
+    assert set(cli.PLACEMENT_CHOICES) == set(se_block.PLACEMENTS)
 
 
 @pytest.mark.parametrize(

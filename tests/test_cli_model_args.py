@@ -14,7 +14,7 @@ import torch
 from cli_helpers import _isolated, fails, ok, report, run  # noqa: F401 - _isolated is an autouse fixture
 
 import se_inject
-from se_inject.signature import architecture_signature
+from se_inject.io.signature import architecture_signature
 
 TIMM_SMALL = ["timm:resnet10t", "--weights", "random", "--input-size", "64"]
 

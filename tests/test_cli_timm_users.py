@@ -19,7 +19,7 @@ import torchvision
 from cli_helpers import SMALL, _isolated, fails, ok, report, run  # noqa: F401 - _isolated is an autouse fixture
 
 import se_inject
-from se_inject.names import resolve_name
+from se_inject.models.names import resolve_name
 
 # --- listing --------------------------------------------------------------------------------
 

@@ -260,7 +260,7 @@ def test_json_is_byte_identical_sorted_and_names_the_options() -> None:
 
 
 def test_plot_is_a_png_written_atomically(tmp_path, monkeypatch) -> None:
-    # reason: --plot imports se_inject.plot, which binds it on the package; put the package back
+    # reason: --plot imports se_inject.report.plot, which binds it on the package; put the package back
     # as it was, so test_public_api still sees only the names se_inject exports.
     monkeypatch.setattr(se_inject, "plot", getattr(se_inject, "plot", None), raising=False)
     result = run(*SMALL, "--dry-run", "--plot", "plan.png")
@@ -287,7 +287,7 @@ def test_plot_is_a_png_written_atomically(tmp_path, monkeypatch) -> None:
 
 def test_matplotlib_is_imported_only_for_plot() -> None:
     # Module-level imports of every se_inject module (an AST check: a fresh interpreter costs more
-    # than the rest of this file): neither matplotlib nor se_inject.plot is among them.
+    # than the rest of this file): neither matplotlib nor se_inject.report.plot is among them.
     import ast
 
     package = Path(se_inject.__file__).parent
@@ -298,6 +298,6 @@ def test_matplotlib_is_imported_only_for_plot() -> None:
         names |= {("." * n.level) + (n.module or "") for n in top if isinstance(n, ast.ImportFrom)}
         names |= {f".{a.name}" for n in top if isinstance(n, ast.ImportFrom) and n.level and not n.module
                   for a in n.names}
-        assert not {m for m in names if m.split(".")[0] == "matplotlib" or m in (".plot", "se_inject.plot")}, path
+        assert not {m for m in names if m.split(".")[0] == "matplotlib" or m in (".plot", "se_inject.report.plot")}, path
     plot_source = (package / "plot.py").read_text()
     assert "from matplotlib" in plot_source  # inside plot_stages only, as checked above

@@ -9,7 +9,7 @@ import torchvision
 from torch import nn
 
 from se_inject import inject_se
-from se_inject.complexity import compare, count, count_params
+from se_inject.report.complexity import compare, count, count_params
 
 
 @pytest.fixture(scope="module")

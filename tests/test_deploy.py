@@ -23,10 +23,10 @@ from torch import nn
 from torchvision.ops.misc import Permute
 
 from se_inject import inject_se, remove_se
-from se_inject.block import GATES, POOLS, SEBlock
 from se_inject.errors import PlanMismatchError
+from se_inject.inject.rewrite import RebuiltBlock
 from se_inject.plan import PLAN_ATTR
-from se_inject.rewrite import RebuiltBlock
+from se_inject.se_block import GATES, POOLS, SEBlock
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 ATOL, RTOL = 1e-5, 1e-4

@@ -44,7 +44,7 @@ def _injected_model():
 def _train(wrapped: torch.nn.Module, model: torch.nn.Module, rank: int) -> None:
     import torch.nn.functional as F
 
-    from se_inject.finetune import param_groups
+    from se_inject.inject.finetune import param_groups
 
     optimizer = torch.optim.SGD(param_groups(model, lr=0.01, se_lr=0.1), lr=0.01, momentum=0.9)
     data = torch.Generator().manual_seed(100 + rank)  # each rank sees different data
@@ -57,7 +57,7 @@ def _train(wrapped: torch.nn.Module, model: torch.nn.Module, rank: int) -> None:
 
 
 def _summary(model: torch.nn.Module, params: dict[str, torch.Tensor]) -> dict:
-    from se_inject.finetune import se_modules  # SE blocks by type, never by name
+    from se_inject.inject.finetune import se_modules  # SE blocks by type, never by name
 
     fc2 = [params[f"{name}.fc2.weight"] for name, _ in se_modules(model)]
     return {"params": params, "se_moved": any(v.abs().sum() > 0 for v in fc2), "n_se": len(fc2)}

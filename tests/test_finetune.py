@@ -12,7 +12,7 @@ from torch import nn
 
 from se_inject import SEBlock, apply_plan, find_sites, remove_se
 from se_inject.errors import SEInjectError
-from se_inject.finetune import (
+from se_inject.inject.finetune import (
     HeadNotFoundError,
     find_head,
     freeze_except_se,

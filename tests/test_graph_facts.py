@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from se_inject.analysis.dataflow import DataFlow
-from se_inject.analysis.names import locate, qualified_names
+from se_inject.analysis.node_names import locate, qualified_names
 from se_inject.analysis.tracing import trace
 from se_inject.errors import PlanMismatchError
 

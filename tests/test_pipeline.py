@@ -21,7 +21,7 @@ from torch import nn
 
 from se_inject import SEBlock, SkipReason, find_sites, inject_se, load, save
 from se_inject.errors import ConfigError, SelectionError
-from se_inject.input_size import model_input_size
+from se_inject.models.input_size import model_input_size
 from se_inject.plan import Plan, Unanalysed
 
 

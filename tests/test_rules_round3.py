@@ -197,7 +197,7 @@ def test_a_rebuild_that_tracing_specialised_is_refused_and_the_model_is_unchange
 
 def test_a_deliberately_unfaithful_rebuild_is_named_by_owner(monkeypatch) -> None:
     # A rebuild whose graph computes something else (one op changed) must not be installed.
-    import se_inject.rewrite as rewrite
+    import se_inject.inject.rewrite as rewrite
 
     real = rewrite._insert_sites
 

@@ -13,8 +13,8 @@ import timm
 import torch
 
 from se_inject import inject_se
-from se_inject.block import SEBlock
 from se_inject.errors import GateMismatchError, WeightsError
+from se_inject.se_block import SEBlock
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ from nets import RootResidual
 from torch import nn
 
 import se_inject
+from se_inject.inject.rewrite import RebuiltBlock
 from se_inject.plan import PLAN_ATTR
-from se_inject.rewrite import RebuiltBlock
 
 X = torch.randn(2, 3, 16, 16)
 

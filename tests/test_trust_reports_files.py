@@ -19,8 +19,8 @@ import torchvision
 from cli_helpers import SMALL, _isolated, fails, ok, run  # noqa: F401  (_isolated: autouse fixture)
 
 import se_inject
-from se_inject import checkpoint
 from se_inject.errors import ConfigError
+from se_inject.io import checkpoint
 
 # --- 4. channels-last blocks report (H, W) ---------------------------------------------------
 

@@ -26,11 +26,11 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
 
 import se_inject.api
-import se_inject.rewrite
+import se_inject.inject.rewrite
 from se_inject import UnfaithfulRebuildError, find_sites, gate_statistics, inject_se
-from se_inject.complexity import count
+from se_inject.inject.rewrite import RebuiltBlock
 from se_inject.plan import PLAN_ATTR
-from se_inject.rewrite import RebuiltBlock
+from se_inject.report.complexity import count
 
 SIZE = 64
 
@@ -273,7 +273,7 @@ def test_failed_install_leaves_the_model_as_it_was(monkeypatch: pytest.MonkeyPat
     reference = copy.deepcopy(model)
     before = _state(model)
     swapped = []
-    real = se_inject.rewrite._replace_module
+    real = se_inject.inject.rewrite._replace_module
 
     def fail_second(model: nn.Module, path: str, new: nn.Module) -> None:
         if swapped:
@@ -281,7 +281,7 @@ def test_failed_install_leaves_the_model_as_it_was(monkeypatch: pytest.MonkeyPat
         swapped.append(path)
         real(model, path, new)
 
-    monkeypatch.setattr(se_inject.rewrite, "_replace_module", fail_second)
+    monkeypatch.setattr(se_inject.inject.rewrite, "_replace_module", fail_second)
     with pytest.raises(RuntimeError, match="mid-install"):
         inject_se(model, example_input=torch.randn(2, 3, SIZE, SIZE))
     assert swapped  # one block had been swapped in before the failure

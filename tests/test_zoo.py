@@ -9,10 +9,10 @@ import safetensors.torch
 import torch
 import torchvision
 
-from se_inject import files, names, weights, zoo
 from se_inject.errors import UnknownModelError, UnsafeCheckpointError, WeightsError
-from se_inject.names import ModelSpec, Source
-from se_inject.weights import Network, WeightsKind
+from se_inject.models import loading, names, weight_files, weights
+from se_inject.models.names import ModelSpec, Source
+from se_inject.models.weights import Network, WeightsKind
 
 
 @pytest.fixture
@@ -66,7 +66,7 @@ def test_unknown_in_the_named_registry() -> None:
     ],
 )
 def test_default_input_size(name: str, size: tuple[int, ...]) -> None:
-    assert zoo.default_input_size(names.resolve_name(name)) == size
+    assert loading.default_input_size(names.resolve_name(name)) == size
 
 
 def test_random_init_never_downloads_a_detection_backbone(offline) -> None:
@@ -77,16 +77,16 @@ def test_random_init_never_downloads_a_detection_backbone(offline) -> None:
 
 def test_auto_falls_back_to_random_with_a_warning(offline) -> None:
     with pytest.warns(UserWarning, match="RANDOM init"):
-        loaded = zoo.load_model("torchvision:resnet18", "auto", network=offline)
+        loaded = loading.load_model("torchvision:resnet18", "auto", network=offline)
     assert loaded.weights.kind is WeightsKind.RANDOM
     assert "pretrained unavailable" in loaded.weights.detail
 
 
 def test_pretrained_fails_clearly_offline(offline) -> None:
     with pytest.raises(WeightsError, match="not in the local cache and download.pytorch.org cannot be reached"):
-        zoo.load_model("torchvision:resnet18", "pretrained", network=offline)
+        loading.load_model("torchvision:resnet18", "pretrained", network=offline)
     with pytest.raises(WeightsError, match="huggingface.co cannot be reached"):
-        zoo.load_model("timm:resnet18", "pretrained", network=offline)
+        loading.load_model("timm:resnet18", "pretrained", network=offline)
 
 
 def test_offline_is_decided_within_seconds() -> None:
@@ -123,7 +123,7 @@ def test_pretrained_from_the_torch_hub_cache(offline, tmp_path) -> None:
     cache = tmp_path / "torch_home" / "hub" / "checkpoints"
     cache.mkdir(parents=True)
     torch.save(reference.state_dict(), cache / url.rsplit("/", 1)[-1])
-    loaded = zoo.load_model("torchvision:resnet18", "auto", network=offline)
+    loaded = loading.load_model("torchvision:resnet18", "auto", network=offline)
     assert loaded.weights.kind is WeightsKind.PRETRAINED
     assert "local cache" in loaded.weights.detail
     assert torch.equal(loaded.model.conv1.weight, reference.conv1.weight)
@@ -136,7 +136,7 @@ def test_pretrained_from_the_hf_cache(tmp_path) -> None:
     file = tmp_path / "model.safetensors"
     safetensors.torch.save_file(reference.state_dict(), str(file))
     cached = Network(reachable=lambda host: False, hf_cached=lambda repo_id, filename: str(file))
-    loaded = zoo.load_model("resnet18", "pretrained", network=cached)
+    loaded = loading.load_model("resnet18", "pretrained", network=cached)
     assert loaded.weights.detail.startswith("pretrained timm/resnet18")
     assert torch.equal(loaded.model.fc.weight, reference.fc.weight)
 
@@ -145,7 +145,7 @@ def test_weights_file_unwraps_training_checkpoints(tmp_path) -> None:
     reference = torchvision.models.resnet18()
     wrapped = tmp_path / "ckpt.pth"
     torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in reference.state_dict().items()}}, wrapped)
-    loaded = zoo.load_model("torchvision:resnet18", str(wrapped))
+    loaded = loading.load_model("torchvision:resnet18", str(wrapped))
     assert loaded.weights.kind is WeightsKind.FILE
     assert torch.equal(loaded.model.conv1.weight, reference.conv1.weight)
 
@@ -155,7 +155,7 @@ def test_weights_file_of_a_fine_tuned_model(tmp_path) -> None:
     reference = torchvision.models.resnet18(num_classes=10)
     file = tmp_path / "ft.safetensors"
     safetensors.torch.save_file(reference.state_dict(), str(file))
-    loaded = zoo.load_model("torchvision:resnet18", str(file))
+    loaded = loading.load_model("torchvision:resnet18", str(file))
     assert loaded.model.fc.out_features == 10
 
 
@@ -181,14 +181,14 @@ def test_bad_weights_files(tmp_path, content, message: str) -> None:
     elif content is not None:
         torch.save(content, file)
     with pytest.raises(WeightsError, match=message):
-        zoo.load_model("torchvision:resnet18", str(file))
+        loading.load_model("torchvision:resnet18", str(file))
 
 
 def test_corrupt_safetensors(tmp_path) -> None:
     file = tmp_path / "w.safetensors"
     file.write_bytes(b"\x00" * 20)
     with pytest.raises(WeightsError, match="not a readable safetensors file"):
-        files.load_state_dict_file(file)
+        weight_files.load_state_dict_file(file)
 
 
 class _RunsCode:
@@ -206,7 +206,7 @@ def test_weights_file_that_would_run_code_is_refused(tmp_path) -> None:
     file = tmp_path / "evil.pt"
     torch.save({"conv1.weight": _RunsCode(str(marker))}, file)
     with pytest.raises(UnsafeCheckpointError, match="would import and run posix.mkdir"):
-        files.load_state_dict_file(file)
+        weight_files.load_state_dict_file(file)
     assert not marker.exists()
 
 
@@ -215,7 +215,7 @@ def test_compiled_and_data_parallel_prefixes_are_stripped(tmp_path) -> None:
     reference = torchvision.models.resnet18()
     file = tmp_path / "compiled.pt"
     torch.save({f"_orig_mod.module.{k}": v for k, v in reference.state_dict().items()}, file)
-    loaded = zoo.load_model("torchvision:resnet18", str(file))
+    loaded = loading.load_model("torchvision:resnet18", str(file))
     assert torch.equal(loaded.model.fc.weight, reference.fc.weight)
 
 
@@ -223,14 +223,14 @@ def test_a_text_file_is_named_as_not_a_torch_file(tmp_path) -> None:
     notes = tmp_path / "notes.txt"
     notes.write_text("hello\n")
     with pytest.raises(WeightsError, match=r"'.*notes.txt' is not a torch or safetensors file"):
-        zoo.load_model("torchvision:resnet18", str(notes))
+        loading.load_model("torchvision:resnet18", str(notes))
 
 
 def test_a_safetensors_file_under_another_name_still_loads(tmp_path) -> None:
     reference = torchvision.models.resnet18()
     file = tmp_path / "weights.bin"
     safetensors.torch.save_file(reference.state_dict(), str(file))
-    assert torch.equal(zoo.load_model("torchvision:resnet18", str(file)).model.fc.weight, reference.fc.weight)
+    assert torch.equal(loading.load_model("torchvision:resnet18", str(file)).model.fc.weight, reference.fc.weight)
 
 
 def test_offline_by_environment(monkeypatch, tmp_path) -> None:
@@ -238,4 +238,4 @@ def test_offline_by_environment(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     assert weights.default_network() is weights.OFFLINE
     with pytest.raises(WeightsError, match="cannot be reached"):
-        zoo.load_model("torchvision:resnet18", "pretrained")
+        loading.load_model("torchvision:resnet18", "pretrained")

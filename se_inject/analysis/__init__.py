@@ -1,5 +1,5 @@
 """Graph facts, one small module each; nothing here decides placement (``se_inject.sites``) or
-changes a model (``se_inject.rewrite``).
+changes a model (``se_inject.inject.rewrite``).
 
 - ``tracing``: the fx tracer and ``trace``; ``calls``: recorded calls and standalone-call checks;
 - ``shapes``: meta/fake shape propagation, inputs recorded in a forward pass; ``shortcuts``:

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 
 import torch.fx as fx
 
-from ..block import SEBlock
+from ..se_block import SEBlock
 from .axes import channel_axis
 from .dataflow import DataFlow
 from .ops import is_mul, module_of, tensor_shape

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..plan import Site
 from .calls import required_positional, standalone_concrete_args
-from .names import locate, qualified_names
+from .node_names import locate, qualified_names
 from .tracing import trace
 
 __all__ = ["OwnerTraces", "inline_paths", "owner_args", "block_signature"]

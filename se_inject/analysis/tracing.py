@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import torch.fx as fx
 from torch import nn
 
-from ..block import SEBlock
+from ..se_block import SEBlock
 from .calls import PLAIN, VAR_KINDS, CallRecord, arg_kind
 from .sandbox import preserved_state
 

@@ -12,11 +12,11 @@ from torch import nn
 from ..analysis.attention import gating_products
 from ..analysis.axes import channel_axis, channel_slice_of
 from ..analysis.dataflow import DataFlow
-from ..analysis.names import node_scope
+from ..analysis.node_names import node_scope
 from ..analysis.ops import cat_dim, is_add, is_cat, is_conv, is_layout, is_scaling, tensor_shape
 from ..plan import SiteKind, Skipped, SkipReason
+from .existing_attention import block_gates
 from .fit import check_tensor
-from .gates import block_gates
 from .linear import linear_block
 from .rebuild import common_owner, represent
 from .records import TRUNK_MAX_PARAMETRIC, Candidate, Context, Policy, Unit, skip

@@ -12,9 +12,9 @@ import torch.fx as fx
 from torch import nn
 
 from ..analysis.owners import OwnerTraces
-from ..block import SEConfig, hidden_width
 from ..errors import ConfigError
 from ..plan import Plan, Site, SiteKind, Skipped, SkipReason, Unanalysed
+from ..se_block import SEConfig, hidden_width
 from .concatenation import concatenation
 from .inputs import check_input_fits, describe_input, example_args
 from .plain import plain

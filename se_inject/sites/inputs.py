@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, InputError
-from ..input_size import example_input as _default_example_input
+from ..models.input_size import example_input as _default_example_input
 from ..plan import Unanalysed
 from .records import Unit
 

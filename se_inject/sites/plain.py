@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from ..analysis.names import node_scope
+from ..analysis.node_names import node_scope
 from ..analysis.ops import is_activation, is_add, is_cat, is_conv, is_norm, trailing_scaling_input
 from ..plan import SiteKind, SkipReason
 from .fit import check_tensor

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch.fx as fx
 from torch import nn
 
-from ..analysis.names import call_stack, input_name, node_scope, owner_local_name
+from ..analysis.node_names import call_stack, input_name, node_scope, owner_local_name
 from ..analysis.owners import OwnerTraces
 from ..plan import Site, Skipped, SkipReason
 from .records import Candidate, Unit, inside, skip

@@ -11,7 +11,7 @@ from torch import nn
 from ..analysis.attention import gating_products
 from ..analysis.calls import CallRecord, leading_tensors, standalone_call
 from ..analysis.dataflow import DataFlow
-from ..analysis.names import node_scope
+from ..analysis.node_names import node_scope
 from ..analysis.ops import cat_dim, is_cat, tensor_shape
 from ..plan import SiteKind, Skipped, SkipReason
 

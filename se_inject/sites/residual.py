@@ -7,7 +7,7 @@ import torch.fx as fx
 from ..analysis.attention import gating_products
 from ..analysis.axes import channel_slice_of
 from ..analysis.dataflow import DataFlow
-from ..analysis.names import node_scope
+from ..analysis.node_names import node_scope
 from ..analysis.ops import (
     is_add,
     is_layout,
@@ -18,8 +18,8 @@ from ..analysis.ops import (
     trailing_scaling_input,
 )
 from ..plan import SiteKind, SkipReason
+from .existing_attention import enclosing_gates
 from .fit import check_tensor
-from .gates import enclosing_gates
 from .linear import linear_block
 from .rebuild import represent
 from .records import TRUNK_MAX_PARAMETRIC, Candidate, Context, Unit, skip

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..analysis.calls import call_concrete_args, passes_var_positional, standalone_call
 from ..analysis.dataflow import DataFlow
-from ..analysis.names import call_stack, qualified_names
+from ..analysis.node_names import call_stack, qualified_names
 from ..analysis.ops import is_add, is_cat, is_conv
 from ..analysis.owners import block_signature
 from ..analysis.shapes import RecordedInputs, propagate_shapes, record_module_inputs

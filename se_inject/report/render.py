@@ -1,4 +1,4 @@
-"""The human report: rich tables of a :class:`~se_inject.report.Report`, for the CLI's stdout.
+"""The human report: rich tables of a :class:`~se_inject.report.summary.Report`, for the CLI's stdout.
 
 Module and node names are never shortened: when the site table is wider than the screen (80
 columns when piped), it switches to a compact layout (short headers, no vertical rules) so the
@@ -15,10 +15,10 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from .report import size_text
+from .summary import size_text
 
 if TYPE_CHECKING:
-    from .report import Report
+    from .summary import Report
 
 __all__ = ["render"]
 
@@ -59,7 +59,7 @@ def _header(console: Console, report: Report) -> None:
     note = "" if given else f" (name found in {source})"
     console.print(f"[bold]se-inject[/] {report.model}{note}")
     if report.model_args:
-        from .model_args import args_text
+        from ..models.arguments import args_text
 
         console.print(f"model arguments: {args_text(report.model_args)}", soft_wrap=True, markup=False)
     weights = report.weights

@@ -33,8 +33,8 @@ from urllib.parse import urlparse
 
 from torch import nn
 
-from .errors import ModelArgsError, WeightsError
-from .model_args import args_text, library_kwargs
+from ..errors import ModelArgsError, WeightsError
+from .arguments import args_text, library_kwargs
 from .names import HUB_PREFIX, ModelSpec, Source, is_hub_name, tag_origin
 
 __all__ = [
@@ -219,7 +219,7 @@ def create_model(
 
     ``args`` are the constructor's keyword arguments (``timm.create_model`` kwargs, a
     torchvision builder's); ``num_classes`` is one more. The model records them
-    (:func:`~se_inject.names.origin_args`), so a checkpoint can rebuild it the same.
+    (:func:`~se_inject.models.names.origin_args`), so a checkpoint can rebuild it the same.
 
     torchvision detection and segmentation builders default to a pretrained backbone; that
     default is turned off here. A hub model (``hf-hub:org/name``) needs its ``config.json``:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 
-from .plan import Plan
+from ..plan import Plan
 
 __all__ = ["unanalysed_summary", "no_sites_warning", "unanalysed_warning"]
 

@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .atomic import atomic_write
-from .errors import ConfigError
+from ..errors import ConfigError
+from ..io.atomic import atomic_write
 
 __all__ = ["StageBar", "plot_stages"]
 

@@ -24,12 +24,12 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .analysis.names import locate
-from .analysis.owners import OwnerTraces, inline_paths, owner_args
-from .analysis.sandbox import preserved_state
-from .block import SEBlock, check_se_weights
-from .errors import PlanMismatchError
-from .plan import PLAN_ATTR, Plan, Site
+from ..analysis.node_names import locate
+from ..analysis.owners import OwnerTraces, inline_paths, owner_args
+from ..analysis.sandbox import preserved_state
+from ..errors import PlanMismatchError
+from ..plan import PLAN_ATTR, Plan, Site
+from ..se_block import SEBlock, check_se_weights
 
 __all__ = ["apply_plan", "build_blocks", "install", "remove_se", "RebuiltBlock"]
 

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import SEInjectError, UnsafeCheckpointError, WeightsError
+from ..errors import SEInjectError, UnsafeCheckpointError, WeightsError
 
 __all__ = ["read_pickle", "load_state_dict_file", "read_weights_file", "WeightsFile", "clean_state_dict", "load_strict",
            "key_problems", "is_torch_file"]

@@ -11,7 +11,7 @@
 * A timm ``arch.tag`` must name one of the architecture's pretrained tags
   (:class:`~se_inject.errors.UnknownTagError` lists them).
 * ``hf-hub:org/name`` (timm's convention for Hugging Face hub models) is a timm model whose
-  architecture and weights come from the hub (:mod:`se_inject.weights` fetches or finds them).
+  architecture and weights come from the hub (:mod:`se_inject.models.weights` fetches or finds them).
 
 Lookups go through the libraries' registries (``timm.is_model``,
 ``torchvision.models.get_model_builder``); timm and torchvision are imported on the first
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .errors import UnknownModelError, UnknownTagError
+from ..errors import UnknownModelError, UnknownTagError
 
 __all__ = ["HUB_PREFIX", "Source", "ModelSpec", "resolve_name", "suggest", "model_origin", "tag_origin",
            "is_hub_name", "origin_args"]

@@ -17,7 +17,7 @@ import ast
 from collections.abc import Mapping
 from typing import Any
 
-from .errors import ModelArgsError
+from ..errors import ModelArgsError
 
 __all__ = ["parse_model_arg", "library_kwargs", "args_literal", "args_from_literal", "args_text"]
 

@@ -10,7 +10,7 @@ What is counted:
   and activations count as zero. The pass runs on fake tensors (shapes only, no arithmetic), so
   ResNet-152 at 224x224 takes well under a second; models whose forward depends on data values
   (detection heads) fall back to a real forward pass on zeros.
-* **SE costs**, per inserted :class:`~se_inject.block.SEBlock` and per sample:
+* **SE costs**, per inserted :class:`~se_inject.se_block.SEBlock` and per sample:
   ``fc_macs`` = ``C*h + h*C``, the two bottleneck layers (exactly what FlopCounterMode adds);
   ``pool_adds`` = one addition per input element (the squeeze); ``scale_muls`` = one
   multiplication per input element (the reweighting). The last two are element-wise, so
@@ -30,8 +30,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .analysis.sandbox import preserved_state
-from .block import SEBlock
+from ..analysis.sandbox import preserved_state
+from ..se_block import SEBlock
 
 __all__ = ["SECost", "Count", "Complexity", "count_params", "count", "compare"]
 

@@ -1,6 +1,6 @@
 """Fine-tuning helpers: select, freeze and train the inserted SE blocks.
 
-SE blocks are found by type (:class:`~se_inject.block.SEBlock`), never by the substring ``"se"``
+SE blocks are found by type (:class:`~se_inject.se_block.SEBlock`), never by the substring ``"se"``
 in a name: timm's ``seresnet*`` and EfficientNets have ``.se.`` modules of their own, and those
 belong to the backbone. Typical use::
 
@@ -18,8 +18,8 @@ from typing import Any
 
 from torch import nn
 
-from .block import SEBlock
-from .errors import NoSitesError, SEInjectError
+from ..errors import NoSitesError, SEInjectError
+from ..se_block import SEBlock
 
 __all__ = [
     "HeadNotFoundError",

@@ -3,7 +3,7 @@
 Reads only the registries (``timm.list_models`` / ``timm.list_pretrained`` and torchvision's
 ``list_models`` / weights enums); no model is built, so a listing takes about the time of
 importing the two libraries. The glob is matched case-insensitively against whole names, as
-:func:`se_inject.names.resolve_name` looks names up; a pattern with a ``.`` matches timm's
+:func:`se_inject.models.names.resolve_name` looks names up; a pattern with a ``.`` matches timm's
 ``arch.tag`` names instead, to list the tags themselves.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass
 
-from .errors import UnknownModelError
+from ..errors import UnknownModelError
 from .names import Source
 
 __all__ = ["Listed", "list_names", "listing_lines"]

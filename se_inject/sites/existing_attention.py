@@ -6,7 +6,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..analysis.dataflow import DataFlow
-from ..analysis.names import node_scope
+from ..analysis.node_names import node_scope
 from ..analysis.ops import is_add, tensor_shape
 from .records import Unit
 

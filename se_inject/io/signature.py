@@ -22,8 +22,8 @@ from typing import Any
 
 from torch import nn
 
-from .block import SEBlock
-from .rewrite import RebuiltBlock
+from ..inject.rewrite import RebuiltBlock
+from ..se_block import SEBlock
 
 __all__ = ["architecture_signature", "signature_difference"]
 

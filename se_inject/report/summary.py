@@ -12,10 +12,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..models.names import ModelSpec
+from ..models.weights import WeightsInfo
+from ..plan import Plan
 from .complexity import Complexity
-from .names import ModelSpec
-from .plan import Plan
-from .weights import WeightsInfo
 
 __all__ = ["Selection", "Report", "build_report", "stage_rows", "size_text"]
 

@@ -1,14 +1,14 @@
 """A registry name and a weights choice -> a model: the one entry point over names, weights and files.
 
-:func:`load_model` resolves the name (:mod:`se_inject.names`), then builds the model with the
+:func:`load_model` resolves the name (:mod:`se_inject.models.names`), then builds the model with the
 requested weights:
 
 * ``"random"``: the library's random initialisation; nothing is downloaded.
 * ``"pretrained"``: the library's default pretrained weights, cached or downloaded
-  (:mod:`se_inject.weights`); :class:`~se_inject.errors.WeightsError` if neither works.
+  (:mod:`se_inject.models.weights`); :class:`~se_inject.errors.WeightsError` if neither works.
 * ``"auto"`` (the default): ``"pretrained"`` if possible, else random init with a warning.
 * anything else is a path to a local state dict (``.pt`` / ``.pth`` read with
-  ``torch.load(weights_only=True)``, ``.safetensors`` through safetensors; :mod:`se_inject.files`),
+  ``torch.load(weights_only=True)``, ``.safetensors`` through safetensors; :mod:`se_inject.models.weight_files`),
   loaded strictly into a model whose classifier fits it.
 
 :func:`default_input_size` is the input analysis and counts use when none is given.
@@ -25,10 +25,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ConfigError, ModelArgsError, WeightsError
-from .files import WeightsFile, load_strict, read_weights_file
+from ..errors import ConfigError, ModelArgsError, WeightsError
 from .input_size import DEFAULT_SIDE, model_input_size
 from .names import ModelSpec, origin_args, resolve_name
+from .weight_files import WeightsFile, load_strict, read_weights_file
 from .weights import Network, WeightsInfo, WeightsKind, create_model, create_pretrained
 
 __all__ = [
@@ -53,7 +53,7 @@ class LoadedModel:
 def default_input_size(spec: ModelSpec, model: nn.Module | None = None) -> tuple[int, ...]:
     """Input size (without batch) used for analysis and to count multiply-adds.
 
-    The library's one rule (:func:`se_inject.input_size.model_input_size`: timm's
+    The library's one rule (:func:`se_inject.models.input_size.model_input_size`: timm's
     ``pretrained_cfg``, a transformers config, the crop of torchvision's default weights, else
     224 px) applied to ``model``, or to the named model built on the meta device.
 
@@ -97,7 +97,7 @@ def create_model_for_state(
     (fine-tuned checkpoints); a ``num_classes`` in ``args`` is kept as given.
 
     Nothing is loaded and nothing is downloaded; keys that do not fit are left for
-    :func:`~se_inject.files.load_strict` to report.
+    :func:`~se_inject.models.weight_files.load_strict` to report.
 
     Example:
         >>> state = torchvision.models.resnet18(num_classes=10).state_dict()
@@ -143,7 +143,7 @@ def load_model(
         weights: ``"auto"``, ``"pretrained"``, ``"random"`` or a path to a state dict file.
             ``"auto"`` falls back to random init with a :class:`UserWarning` when pretrained
             weights cannot be had; the returned :class:`WeightsInfo` says so too.
-        network: how pretrained weights are looked for (:data:`~se_inject.weights.OFFLINE`:
+        network: how pretrained weights are looked for (:data:`~se_inject.models.weights.OFFLINE`:
             caches only); the default honours ``SE_INJECT_OFFLINE``.
         ema: read a training checkpoint's EMA weights (``state_dict_ema``) rather than its
             plain ones; the returned :class:`WeightsInfo` names the state dict read either way.

@@ -7,7 +7,7 @@ A checkpoint is a dict of plain values and tensors, never pickled classes::
         "se_inject_version": "0.1.0", "torch_version": "2.14.1",
         "model": {"source": "timm", "name": "resnet50"},    # None for a custom model
         "model_args": "{'drop_path_rate': 0.1}",            # constructor kwargs as a Python literal; None: unknown
-        "architecture": {"digest": "...", "modules": [...]}, # the base model's layers (se_inject.signature)
+        "architecture": {"digest": "...", "modules": [...]}, # the base model's layers (se_inject.io.signature)
         "weights": {"kind": "pretrained", "detail": "..."},  # what the base weights were
         "se_only": False,
         "base": {"params": 25557032, "digest": "..."},      # the base model under the SE blocks
@@ -16,7 +16,7 @@ A checkpoint is a dict of plain values and tensors, never pickled classes::
     }
 
 A full checkpoint holds every tensor of the injected model; an SE-only checkpoint (the
-adapter-style option, a few MB) holds the tensors of the :class:`~se_inject.block.SEBlock`
+adapter-style option, a few MB) holds the tensors of the :class:`~se_inject.se_block.SEBlock`
 modules only, selected by type, never by a name such as ``"se"`` (timm's ``seresnet*`` have
 ``.se.`` modules of their own).
 
@@ -47,10 +47,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .api import apply_plan, remove_se
-from .atomic import atomic_write, output_target
-from .block import SEBlock
-from .errors import (
+from ..api import apply_plan, remove_se
+from ..errors import (
     ArchitectureMismatchError,
     CheckpointError,
     ModelArgsError,
@@ -58,13 +56,15 @@ from .errors import (
     UnknownModelError,
     WeightsError,
 )
-from .files import key_problems, load_strict, read_pickle
-from .model_args import args_from_literal, args_literal, args_text
-from .names import ModelSpec, Source, model_origin, origin_args, resolve_name, tag_origin
-from .plan import PLAN_ATTR, Plan
+from ..models.arguments import args_from_literal, args_literal, args_text
+from ..models.loading import create_model_for_state
+from ..models.names import ModelSpec, Source, model_origin, origin_args, resolve_name, tag_origin
+from ..models.weight_files import key_problems, load_strict, read_pickle
+from ..models.weights import WeightsInfo, WeightsKind, create_model, pretrained_from_cache
+from ..plan import PLAN_ATTR, Plan
+from ..se_block import SEBlock
+from .atomic import atomic_write, output_target
 from .signature import architecture_signature, signature_difference
-from .weights import WeightsInfo, WeightsKind, create_model, pretrained_from_cache
-from .zoo import create_model_for_state
 
 __all__ = [
     "FORMAT",
@@ -265,7 +265,7 @@ def save(
 
     The model is not changed. The plan is the one recorded on the model by ``inject_se`` /
     ``apply_plan`` unless ``plan`` is given; the registry name comes from models built by
-    :mod:`se_inject.zoo` and from timm's ``pretrained_cfg`` unless ``origin`` is given (without
+    :mod:`se_inject.models.loading` and from timm's ``pretrained_cfg`` unless ``origin`` is given (without
     one, :func:`load` needs a ``base_model``). The constructor arguments are recorded when they
     are known: those of models built by se-inject, or ``model_args`` (what you passed to
     ``timm.create_model``); the architecture signature always is, so :func:`load` refuses a

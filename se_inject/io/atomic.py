@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from .errors import OutputPathError, SEInjectError
+from ..errors import OutputPathError, SEInjectError
 
 __all__ = ["atomic_write", "output_target"]
 

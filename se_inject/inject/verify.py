@@ -19,8 +19,8 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
-from .block import SEBlock
-from .errors import UnfaithfulRebuildError
+from ..errors import UnfaithfulRebuildError
+from ..se_block import SEBlock
 
 __all__ = ["OwnerCalls", "record_owner_calls", "check_rebuilt"]
 

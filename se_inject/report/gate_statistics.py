@@ -1,6 +1,6 @@
 """What the inserted SE blocks do after training: gate statistics per block and per class.
 
-For each :class:`~se_inject.block.SEBlock` the gates (one per channel and image, after the gate
+For each :class:`~se_inject.se_block.SEBlock` the gates (one per channel and image, after the gate
 function: ``2 * sigmoid(z)`` by default, so 1.0 means "unchanged") are recorded on the given
 batches and summarised:
 
@@ -26,9 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .analysis.sandbox import preserved_state
-from .block import GATES, SEBlock, _squeeze
-from .plan import PLAN_ATTR
+from ..analysis.sandbox import preserved_state
+from ..plan import PLAN_ATTR
+from ..se_block import GATES, SEBlock, _squeeze
 
 __all__ = ["GateStats", "gate_statistics", "GATE_RANGE"]
 
