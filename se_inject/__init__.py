@@ -50,8 +50,9 @@ if TYPE_CHECKING:
     from .plan import Unanalysed as Unanalysed
     from .report.gate_statistics import gate_statistics as gate_statistics
     from .report.summary import Report as Report
+    from .request import SEConfig as SEConfig
+    from .request import Selection as Selection
     from .se_block import SEBlock as SEBlock
-    from .se_block import SEConfig as SEConfig
     from .workflow import inject_named as inject_named
 
 #: Public name -> the module that defines it.
@@ -61,7 +62,8 @@ _EXPORTS: dict[str, str] = {
     "inject_se": "api",
     "remove_se": "api",
     "SEBlock": "se_block",
-    "SEConfig": "se_block",
+    "SEConfig": "request",
+    "Selection": "request",
     "load": "io.checkpoint",
     "save": "io.checkpoint",
     "SEInjectError": "errors",

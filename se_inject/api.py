@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-import gc
 import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 from torch import nn
 
 from .analysis.owners import OwnerTraces
-from .analysis.sandbox import preserved_state
-from .errors import ConfigError
-from .inject.rewrite import apply_plan, build_blocks, install, remove_se
+from .analysis.sandbox import collection_paused, preserved_state
+from .inject import rewrite
+from .inject.rewrite import build_blocks, install, remove_se
 from .inject.verify import check_rebuilt, record_owner_calls
 from .plan import Plan
-from .se_block import SEConfig
+from .request import SEConfig, Selection, make_request
 from .sites import build_plan, example_args
 from .sites.diagnostics import no_sites_warning, unanalysed_warning
 
@@ -27,9 +25,6 @@ __all__ = [
     "apply_plan",
     "remove_se",
 ]
-
-
-_DEFAULT_REDUCTION = 16  # the paper's r, when neither reduction nor hidden is given
 
 
 def find_sites(
@@ -51,7 +46,8 @@ def find_sites(
     plain: bool = False,
     tokens: bool = False,
     example_input: torch.Tensor | tuple[torch.Tensor, ...] | None = None,
-    traces: OwnerTraces | None = None,
+    config: SEConfig | None = None,
+    selection: Selection | None = None,
 ) -> Plan:
     """Analyse ``model`` and return the plan ``inject_se`` would apply; the model is not changed.
 
@@ -70,18 +66,19 @@ def find_sites(
         >>> len(plan.sites), plan.sites[0].name
         (16, 'layer1.0.se')
 
+    The options can also come as the request's two objects, ``config=SEConfig(...)`` (the
+    block's options) and ``selection=Selection(...)`` (the rest); the plan records both.
+
     Without ``example_input`` the model is analysed at its declared input size
     (:func:`se_inject.models.input_size.model_input_size`). Every listed site is one ``inject_se``
-    builds: owners that cannot be rebuilt are skipped here as ``not-rewritable``. Pass an
-    ``OwnerTraces`` as ``traces`` to keep the owner traces planning made, and the same object to
-    ``apply_plan(..., traces=)`` so the owners are not traced again.
+    builds: owners that cannot be rebuilt are skipped here as ``not-rewritable``.
 
     Raises:
-        ConfigError: an option has a bad value, or both ``reduction`` and ``hidden`` are given.
+        ConfigError: an option has a bad value, both ``reduction`` and ``hidden`` are given, or
+            an object (``config``/``selection``) and keywords of its group.
         SelectionError: ``stages``/``resolutions`` name none of the model's (listed).
     """
-    return _plan(
-        model,
+    config, selection = make_request(
         reduction,
         identity_init=identity_init,
         bias=bias,
@@ -97,77 +94,10 @@ def find_sites(
         resolutions=resolutions,
         plain=plain,
         tokens=tokens,
-        example_input=example_input,
-        traces=traces,
+        config=config,
+        selection=selection,
     )
-
-
-@contextmanager
-def _collection_paused() -> Iterator[None]:
-    """Analysis makes hundreds of thousands of short-lived objects (fx nodes, proxies, fake
-    tensors); the cyclic collector's passes over them cost up to half of an injection's time
-    (measured on ResNet-152). Paused for the call, then restored as it was."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
-def _plan(
-    model: nn.Module,
-    reduction: float | None,
-    *,
-    identity_init: bool,
-    bias: bool,
-    min_hidden: int,
-    hidden: int | None,
-    gate: str | None,
-    pool: str,
-    placement: str,
-    include: Sequence[str] | None,
-    exclude: Sequence[str] | None,
-    min_channels: int,
-    stages: Sequence[int] | None,
-    resolutions: Sequence[int] | None,
-    plain: bool,
-    tokens: bool,
-    example_input: torch.Tensor | tuple[torch.Tensor, ...] | None,
-    traces: OwnerTraces | None = None,
-) -> Plan:
-    if reduction is not None and hidden is not None:
-        raise ConfigError(
-            f"give reduction or hidden, not both (reduction={reduction!r}, hidden={hidden!r}): "
-            "hidden fixes every SE block's width, reduction sets it from the channels"
-        )
-    config = SEConfig(
-        reduction=_DEFAULT_REDUCTION if reduction is None else reduction,
-        min_hidden=min_hidden,
-        hidden=hidden,
-        bias=bias,
-        gate=gate,
-        pool=pool,
-        identity_init=identity_init,
-        placement=placement,
-    )
-    # Analysis runs the user's modules on fake tensors and proxies: what their forwards cache
-    # on ``self`` (and the eval mode analysis sets) is put back, so the model is as it was.
-    with _collection_paused(), preserved_state(model):
-        return build_plan(
-            model,
-            config,
-            include=include,
-            exclude=exclude,
-            min_channels=min_channels,
-            stages=stages,
-            resolutions=resolutions,
-            plain=plain,
-            tokens=tokens,
-            example_input=example_input,
-            traces=traces,
-        )
+    return build_plan(model, config, selection, example_input=example_input)
 
 
 def _check_args(model: nn.Module, example_input: object) -> tuple[object, ...]:
@@ -204,14 +134,16 @@ def inject_se(
     plain: bool = False,
     tokens: bool = False,
     example_input: torch.Tensor | tuple[torch.Tensor, ...] | None = None,
+    config: SEConfig | None = None,
+    selection: Selection | None = None,
 ) -> nn.Module:
     """Insert SE blocks at the sites of ``find_sites(model, ...)``; changes ``model`` in place.
 
     Returns the same object, unless the root module itself owns a site (a model whose top-level
     ``forward`` performs the residual additions): then the root is rebuilt and the rebuilt module
     is returned. With ``identity_init`` (the default) the outputs are bit-for-bit unchanged.
-    It builds exactly the sites ``find_sites`` lists with the same options, reusing the
-    traces made while planning.
+    It builds exactly the sites ``find_sites`` lists with the same options (keywords, or the
+    ``config``/``selection`` objects), reusing the traces made while planning.
 
     Example:
         >>> model = inject_se(timm.create_model("resnet50"), reduction=16)
@@ -223,13 +155,14 @@ def inject_se(
     SE blocks passing their input through; otherwise nothing is changed.
 
     Raises:
-        ConfigError: an option has a bad value, or both ``reduction`` and ``hidden`` are given.
+        ConfigError: an option has a bad value, both ``reduction`` and ``hidden`` are given, or
+            an object (``config``/``selection``) and keywords of its group.
         SelectionError: ``stages``/``resolutions`` name none of the model's (listed).
         UnfaithfulRebuildError: a rebuilt block computes something else than the original
             (its ``owner`` is named); the model is unchanged.
     """
-    traces = OwnerTraces()
-    options: dict[str, Any] = dict(
+    config, selection = make_request(
+        reduction,
         identity_init=identity_init,
         bias=bias,
         min_hidden=min_hidden,
@@ -244,12 +177,14 @@ def inject_se(
         resolutions=resolutions,
         plain=plain,
         tokens=tokens,
-        example_input=example_input,
+        config=config,
+        selection=selection,
     )
-    plan = _plan(model, reduction, traces=traces, **options)
+    traces = OwnerTraces()
+    plan = build_plan(model, config, selection, example_input=example_input, traces=traces)
     name = type(model).__name__
     if plan.sites:
-        with _collection_paused():
+        with collection_paused():
             rebuilt = build_blocks(model, plan, traces=traces)
             # Post-build check (a plan is a promise): each rebuilt block must compute what its
             # original computes on the example input, before anything is swapped in.
@@ -262,9 +197,24 @@ def inject_se(
             warnings.warn(thin, UserWarning, stacklevel=2)
         return injected
     alternatives = {
-        f"{flag}=True": (lambda flag=flag: _plan(model, reduction, **{**options, flag: True}))
+        f"{flag}=True": (
+            lambda flag=flag: build_plan(model, config, replace(selection, **{flag: True}), example_input=example_input)
+        )
         for flag in ("plain", "tokens")
-        if not options[flag]
+        if not getattr(selection, flag)
     }
     warnings.warn(no_sites_warning(name, plan, alternatives), UserWarning, stacklevel=2)
     return model
+
+
+def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
+    """Insert the plan's SE blocks into ``model``, in place; nothing is decided here.
+
+    Replays a plan from :func:`find_sites` (or one read back from a checkpoint) as it is: the
+    owners are traced again and each site must be found where the plan says. Returns the model,
+    or the rebuilt root when the root owns a site.
+
+    Raises:
+        PlanMismatchError: a site of the plan is not where it says in this model.
+    """
+    return rewrite.apply_plan(model, plan)

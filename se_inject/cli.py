@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
     from .plan import Plan
     from .report.summary import Report
-    from .se_block import SEConfig
+    from .request import SEConfig
 
 __all__ = ["app", "main", "parse_input_size", "GATE_CHOICES", "POOL_CHOICES", "PLACEMENT_CHOICES"]
 
@@ -266,7 +266,8 @@ def _number(value: float) -> float | int:
 def _se_config(*, reduction: float | None, hidden: int | None, paper_init: bool, bias: bool, gate: str | None,
                pool: str, placement: str) -> SEConfig:
     """The SE configuration; options that do not go together are usage errors (exit 2)."""
-    from .se_block import GATES, SEConfig
+    from .request import SEConfig
+    from .se_block import GATES
 
     if reduction is not None and hidden is not None:
         raise typer.BadParameter(
@@ -397,7 +398,7 @@ def inject(
     model_args = _creation_args({"--num-classes": ("num_classes", num_classes),
                                  "--drop-path": ("drop_path_rate", drop_path),
                                  "--in-chans": ("in_chans", in_chans)}, model_arg)  # type: ignore[arg-type]
-    from .report.summary import Selection
+    from .request import Selection
 
     selection = Selection(
         include=tuple(include) if include else None,

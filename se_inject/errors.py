@@ -7,10 +7,7 @@ catches ``ValueError`` or ``LookupError`` keeps working.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from .plan import Plan
+from typing import Any
 
 __all__ = [
     "SEInjectError",
@@ -53,10 +50,12 @@ class SelectionError(ConfigError):
 class NoSitesError(SEInjectError, ValueError):
     """The plan has no site, so there is nothing to insert.
 
-    ``plan`` is that plan, when there is one: every skipped place with its reason.
+    ``plan`` is that plan (a :class:`se_inject.plan.Plan`), when there is one: every skipped
+    place with its reason. Typed ``Any`` because the plan module raises errors from here: an
+    import back, even one for type checkers only, would make the two a cycle.
     """
 
-    def __init__(self, message: str, plan: Plan | None = None) -> None:
+    def __init__(self, message: str, plan: Any = None) -> None:
         super().__init__(message)
         self.plan = plan
 

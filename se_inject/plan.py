@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .errors import CheckpointError
-from .se_block import SEConfig
+from .request import SEConfig, Selection
 
 __all__ = ["SiteKind", "SkipReason", "REASON_TEXT", "Site", "Skipped", "Unanalysed", "Plan", "PLAN_ATTR"]
 
@@ -169,6 +169,8 @@ class Plan:
     config: SEConfig = field(default_factory=SEConfig)
     #: what the analysis ran the model on (``Tensor[2, 3, 224, 224]``, ``list[Tensor[3, 64, 64]]``)
     input: str = ""
+    #: which sites were asked for (with ``config``, the request this plan answers)
+    selection: Selection = field(default_factory=Selection)
 
     def __len__(self) -> int:
         return len(self.sites)
@@ -185,7 +187,9 @@ class Plan:
 
     def merged(self, later: Plan) -> Plan:
         """This plan followed by ``later`` (a second injection into the same model)."""
-        return Plan(self.sites + later.sites, later.skipped, later.unanalysed, later.config, later.input)
+        return Plan(
+            self.sites + later.sites, later.skipped, later.unanalysed, later.config, later.input, later.selection
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -204,6 +208,7 @@ class Plan:
             "unanalysed": [asdict(u) for u in self.unanalysed],
             "config": self.config.to_dict(),
             "input": self.input,
+            "selection": self.selection.to_dict(),
         }
 
     @classmethod
@@ -227,9 +232,10 @@ class Plan:
                 for raw in data.get("skipped", ())
             )
             unanalysed = tuple(_unanalysed(raw) for raw in data.get("unanalysed", ()))
+            selection = Selection.from_dict(data.get("selection", {}))  # plans before it was recorded: the default
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"malformed plan: {e}") from e
-        return cls(sites, skipped, unanalysed, config, str(data.get("input", "")))
+        return cls(sites, skipped, unanalysed, config, str(data.get("input", "")), selection)
 
 
 def _unanalysed(raw: Any) -> Unanalysed:

@@ -7,9 +7,7 @@ resulting gate.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
@@ -20,7 +18,6 @@ from .errors import ConfigError, GateMismatchError
 
 __all__ = [
     "SEBlock",
-    "SEConfig",
     "GATES",
     "POOLS",
     "PLACEMENTS",
@@ -84,55 +81,6 @@ def hidden_width(channels: int, reduction: float, min_hidden: int = 8, hidden: i
     return max(1, min(width, channels))
 
 
-@dataclass(frozen=True)
-class SEConfig:
-    """How every SE block of one injection is built (recorded in plans and checkpoints)."""
-
-    reduction: float = 16
-    min_hidden: int = 8
-    hidden: int | None = None
-    bias: bool = True
-    gate: str | None = None  # None: the identity gate, or the paper's sigmoid without identity_init
-    pool: str = "avg"
-    identity_init: bool = True
-    placement: str = "standard"
-
-    def __post_init__(self) -> None:
-        if self.gate is None:
-            object.__setattr__(self, "gate", "scaled_sigmoid" if self.identity_init else "sigmoid")
-        if not (isinstance(self.reduction, (int, float)) and math.isfinite(self.reduction)) or self.reduction < 1:
-            raise ConfigError(f"reduction must be a number >= 1, got {self.reduction!r}")
-        if self.min_hidden < 1:
-            raise ConfigError(f"min_hidden must be >= 1, got {self.min_hidden!r}")
-        if self.hidden is not None and self.hidden < 1:
-            raise ConfigError(f"hidden must be >= 1, got {self.hidden!r}")
-        if self.gate not in GATES:
-            raise ConfigError(f"unknown gate {self.gate!r}; known gates: {', '.join(GATES)}")
-        if self.pool not in POOLS:
-            raise ConfigError(f"unknown pool {self.pool!r}; known pools: {', '.join(POOLS)}")
-        if self.placement in TRUNK_PLACEMENTS:
-            raise ConfigError(
-                f"placement {self.placement!r} scales the trunk ({TRUNK_PLACEMENTS[self.placement]}); se-inject only "
-                f"scales residual branches, where the paper finds SE robust. Use one of: {', '.join(PLACEMENTS)}"
-            )
-        if self.placement not in PLACEMENTS:
-            raise ConfigError(f"unknown placement {self.placement!r}; known placements: {', '.join(PLACEMENTS)}")
-        if self.identity_init and not GATES[self.gate][1]:
-            raise ConfigError(
-                f"gate {self.gate!r} is not 1 at z = 0, so it cannot start as an identity; "
-                f"use identity_init=False or one of: "
-                f"{', '.join(name for name, (_, ok) in GATES.items() if ok)}"
-            )
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> SEConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
-
-
 class SEBlock(nn.Module):
     """Squeeze-and-Excitation over any channel axis, optionally starting as an exact identity.
 
@@ -187,31 +135,6 @@ class SEBlock(nn.Module):
         else:
             self.fc2 = nn.Linear(hidden, channels, bias=bias, **dd)
         self.register_load_state_dict_pre_hook(_flatten_conv_weights)
-
-    @classmethod
-    def from_config(
-        cls,
-        channels: int,
-        hidden: int,
-        channel_axis: int,
-        config: SEConfig,
-        *,
-        prefix_tokens: int = 0,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> SEBlock:
-        return cls(
-            channels,
-            hidden,
-            channel_axis=channel_axis,
-            bias=config.bias,
-            gate=config.gate,
-            pool=config.pool,
-            identity_init=config.identity_init,
-            prefix_tokens=prefix_tokens,
-            device=device,
-            dtype=dtype,
-        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # reason: TorchScript drops the branch below unseen (``is_scripting`` is a compile-time

@@ -26,16 +26,17 @@ import torch
 from torch import nn
 
 from .analysis.owners import OwnerTraces
-from .api import apply_plan, find_sites
 from .errors import ConfigError, NoSitesError, SelectionError
+from .inject.rewrite import apply_plan
 from .io.checkpoint import check_output_path, save
 from .models.loading import default_input_size, load_model
 from .models.names import ModelSpec
 from .models.weights import Network
 from .plan import Plan, SiteKind, SkipReason
 from .report.complexity import compare, count
-from .report.summary import Report, Selection, build_report, size_text
-from .se_block import SEConfig
+from .report.summary import Report, build_report, size_text
+from .request import SEConfig, Selection
+from .sites import build_plan
 from .sites.selection import NOT_INCLUDED
 
 __all__ = ["MAX_SIDE", "Injection", "inject_named", "resolve_input_size", "no_sites_reason", "include_hint"]
@@ -148,23 +149,11 @@ def _warn_minimum_width(plan: Plan) -> None:
 def _plan(
     net: nn.Module, spec: ModelSpec, config: SEConfig, selection: Selection, size: tuple[int, ...], traces: OwnerTraces
 ) -> Plan:
-    """``find_sites`` with the request's options, on a meta input of ``size``; the owner traces it
-    makes are kept in ``traces`` for ``apply_plan``."""
+    """The plan for the request, on a meta input of ``size``; the owner traces it makes are kept
+    in ``traces`` for ``apply_plan``."""
     try:
-        plan = find_sites(
-            net,
-            None if config.hidden is not None else config.reduction,
-            identity_init=config.identity_init,
-            bias=config.bias,
-            min_hidden=config.min_hidden,
-            hidden=config.hidden,
-            gate=config.gate,
-            pool=config.pool,
-            placement=config.placement,
-            **selection.options(),
-            example_input=torch.empty(1, *size, device="meta"),  # shapes only: no real memory
-            traces=traces,
-        )
+        # shapes only: a meta input costs no real memory
+        plan = build_plan(net, config, selection, example_input=torch.empty(1, *size, device="meta"), traces=traces)
     except SelectionError as e:  # the library lists the model's stages; name the flag
         raise SelectionError(f"--{e}") from e
     if selection.plain and plan.sites and not any(site.kind is SiteKind.PLAIN for site in plan.sites):
@@ -248,7 +237,6 @@ def inject_named(
         compare(before, after),
         requested=name,
         requested_weights=str(weights),
-        selection=selection,
         dry_run=dry_run,
         output=None if output is None else str(output),
         replaced=replaced,

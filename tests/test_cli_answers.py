@@ -85,13 +85,13 @@ def test_library_input_size_rules() -> None:
 
 def test_analysis_input_is_a_meta_tensor(monkeypatch) -> None:
     seen = []
-    real = workflow.find_sites
+    real = workflow.build_plan
 
     def spy(model, *args, example_input=None, **kwargs):
         seen.append(example_input.device.type)
         return real(model, *args, example_input=example_input, **kwargs)
 
-    monkeypatch.setattr(workflow, "find_sites", spy)
+    monkeypatch.setattr(workflow, "build_plan", spy)
     ok(run(*SMALL, "--dry-run"))
     assert seen == ["meta"]
 

@@ -4,7 +4,7 @@ activation, scaling, layout change, linear op), from its module class, function 
 from __future__ import annotations
 
 import operator
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 import torch.fx as fx
@@ -13,15 +13,24 @@ from torch import nn
 
 from .tracing import mode_dependent_leaves
 
-if TYPE_CHECKING:
-    from .dataflow import DataFlow
-
 __all__ = [
     "tensor_shape", "module_of", "is_builtin", "keeps_shape", "op_key", "is_add", "is_cat", "cat_dim", "is_mul",
     "is_div", "is_pool", "is_upsample", "is_activation", "is_norm", "is_conv", "is_spatial_conv",
     "is_unary_elementwise", "trailing_scaling_input", "is_layout", "is_scaling", "is_linear",
-    "SHAPE_KEEPING_FUNCTIONS", "SHAPE_KEEPING_MODULES", "SPATIAL_ONLY_FUNCTIONS", "SPATIAL_ONLY_MODULES",
+    "SHAPE_KEEPING_FUNCTIONS", "SHAPE_KEEPING_MODULES", "SPATIAL_ONLY_FUNCTIONS", "SPATIAL_ONLY_MODULES", "Flow",
 ]
+
+
+class Flow(Protocol):
+    """What the predicates that follow data edges read of a :class:`~se_inject.analysis.dataflow.DataFlow`.
+
+    A protocol, not the class: the data flow asks these predicates while it is built, so the
+    class cannot be imported here without an import cycle.
+    """
+
+    root: nn.Module
+
+    def live_inputs(self, node: fx.Node) -> list[fx.Node]: ...
 
 
 def tensor_shape(node: fx.Node) -> tuple[int, ...] | None:
@@ -153,7 +162,7 @@ def is_spatial_conv(root: nn.Module, node: fx.Node) -> bool:
     return False
 
 
-def is_unary_elementwise(flow: DataFlow, node: fx.Node) -> bool:
+def is_unary_elementwise(flow: Flow, node: fx.Node) -> bool:
     """One data input, same shape out: a norm, an activation, a dropout."""
     live = flow.live_inputs(node)
     if len(live) != 1 or is_add(node) or is_mul(node) or is_cat(node):
@@ -206,7 +215,7 @@ def _mode_dependent_function(node: fx.Node) -> bool:
     return name in ("stochastic_depth", "drop_path", "drop_block_2d", "drop_block_fast_2d")
 
 
-def trailing_scaling_input(flow: DataFlow, node: fx.Node) -> fx.Node | None:
+def trailing_scaling_input(flow: Flow, node: fx.Node) -> fx.Node | None:
     """If ``node`` is a per-sample or per-channel scaling of one tensor (drop-path, stochastic
     depth, dropout, identity placeholders, layer scale, ``* scale``), the tensor it scales."""
     live = flow.live_inputs(node)
@@ -237,12 +246,12 @@ def op_key(node: fx.Node) -> str | None:
     return None
 
 
-def is_layout(flow: DataFlow, node: fx.Node) -> bool:
+def is_layout(flow: Flow, node: fx.Node) -> bool:
     """A permute, transpose, reshape or copy of one tensor: same values, another layout."""
     return op_key(node) in _LAYOUT_METHODS and len(flow.live_inputs(node)) == 1 and node.op != "call_module"
 
 
-def is_scaling(flow: DataFlow, node: fx.Node) -> bool:
+def is_scaling(flow: Flow, node: fx.Node) -> bool:
     """A product or quotient of one data tensor with parameters or constants (layer scale,
     ``res_scale``, ``* scale``): per-channel or per-tensor scaling, no layer of its own."""
     if not (is_mul(node) or is_div(node)) or len(flow.live_inputs(node)) != 1:
@@ -274,7 +283,7 @@ def _linear_module(module: nn.Module) -> bool:
     return all(_linear_module(child) for child in module.children())
 
 
-def is_linear(flow: DataFlow, node: fx.Node) -> bool:
+def is_linear(flow: Flow, node: fx.Node) -> bool:
     """An op foldable into one convolution at inference (placement rule 10): convolutions,
     linear layers, BatchNorm, average pooling, padding, slicing, layout changes, sums,
     concatenations and scalings by parameters. Activations, max pooling, per-sample norms,

@@ -13,6 +13,7 @@ train/eval flag; and torch's random number generators.
 
 from __future__ import annotations
 
+import gc
 import operator
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["preserved_state"]
+__all__ = ["collection_paused", "preserved_state"]
 
 _CONTAINERS = (dict, list, set)
 #: How deep nested containers are copied (``self.cache = {"cpu": [...]}`` is depth 2).
@@ -157,3 +158,17 @@ def preserved_state(model: nn.Module, *, rng: bool = True, on_error_only: bool =
             yield
         finally:
             snapshot.restore()
+
+
+@contextmanager
+def collection_paused() -> Iterator[None]:
+    """Analysis makes hundreds of thousands of short-lived objects (fx nodes, proxies, fake
+    tensors); the cyclic collector's passes over them cost up to half of an injection's time
+    (measured on ResNet-152). Paused for the call, then restored as it was."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()

@@ -333,8 +333,17 @@ def _rebuild(owner: nn.Module, owner_path: str, sites: list[Site], traces: Owner
         _insert_sites(graph, owner_path, sites)
     device, dtype = _module_placement(owner)
     se_blocks = {
-        s.attr: SEBlock.from_config(
-            s.channels, s.hidden, s.channel_axis, s.config, prefix_tokens=s.prefix_tokens, device=device, dtype=dtype
+        s.attr: SEBlock(
+            s.channels,
+            s.hidden,
+            channel_axis=s.channel_axis,
+            bias=s.config.bias,
+            gate=s.config.gate,
+            pool=s.config.pool,
+            identity_init=s.config.identity_init,
+            prefix_tokens=s.prefix_tokens,
+            device=device,
+            dtype=dtype,
         )
         for s in sites
     }

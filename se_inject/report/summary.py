@@ -15,50 +15,15 @@ from typing import Any
 from ..models.names import ModelSpec
 from ..models.weights import WeightsInfo
 from ..plan import Plan
+from ..request import Selection
 from .complexity import Complexity
 
-__all__ = ["Selection", "Report", "build_report", "stage_rows", "size_text"]
+__all__ = ["Report", "build_report", "stage_rows", "size_text"]
 
 
 def size_text(spatial: Sequence[int]) -> str:
     """``(56, 56)`` -> ``"56x56"``; ``"-"`` for no spatial axes."""
     return "x".join(str(n) for n in spatial) if spatial else "-"
-
-
-@dataclass(frozen=True)
-class Selection:
-    """Which sites to keep (``find_sites``' selection options), recorded in the report."""
-
-    include: tuple[str, ...] | None = None  # module-name globs to keep
-    exclude: tuple[str, ...] | None = None  # module-name globs to drop
-    min_channels: int = 0  # sites with fewer channels are skipped
-    stages: tuple[int, ...] | None = None  # stage indices to keep (numbered over every site)
-    resolutions: tuple[int, ...] | None = None  # feature-map sides to keep, at the analysis input
-    plain: bool = False  # the SE-VGG placement for networks without residual or concat sites
-    tokens: bool = False  # SE over the token axis of transformer residual branches
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "include": None if self.include is None else list(self.include),
-            "exclude": None if self.exclude is None else list(self.exclude),
-            "min_channels": self.min_channels,
-            "stages": None if self.stages is None else list(self.stages),
-            "resolutions": None if self.resolutions is None else list(self.resolutions),
-            "plain": self.plain,
-            "tokens": self.tokens,
-        }
-
-    def options(self) -> dict[str, Any]:
-        """Keyword arguments for ``find_sites``."""
-        return {
-            "include": self.include,
-            "exclude": self.exclude,
-            "min_channels": self.min_channels,
-            "stages": self.stages,
-            "resolutions": self.resolutions,
-            "plain": self.plain,
-            "tokens": self.tokens,
-        }
 
 
 def _site_rows(plan: Plan, complexity: Complexity) -> list[dict[str, Any]]:
@@ -111,13 +76,17 @@ class Report:
     requested_weights: str  # "auto", "pretrained", "random" or the path given
     plan: Plan  # sites, skipped places, unanalysed modules, SE configuration
     complexity: Complexity  # parameters and multiply-adds before and after
-    selection: Selection = Selection()  # the selection options given
     dry_run: bool = False  # True: nothing but the plot was written
     output: str | None = None  # the checkpoint written (None: none)
     replaced: bool = False  # the checkpoint replaced an existing file
     se_only: bool = False  # the checkpoint holds SE weights and the plan only
     plot: str | None = None  # the chart written, if any
     model_args: Mapping[str, Any] = field(default_factory=dict)  # the constructor's keyword arguments
+
+    @property
+    def selection(self) -> Selection:
+        """The selection options given (the plan records its request)."""
+        return self.plan.selection
 
     @property
     def sites(self) -> list[dict[str, Any]]:
@@ -179,7 +148,6 @@ def build_report(
     *,
     requested: str | None = None,
     requested_weights: str = "auto",
-    selection: Selection | None = None,
     dry_run: bool = False,
     output: str | None = None,
     replaced: bool = False,
@@ -201,7 +169,6 @@ def build_report(
         requested_weights=requested_weights,
         plan=plan,
         complexity=complexity,
-        selection=selection or Selection(),
         dry_run=dry_run,
         output=None if dry_run else output,
         replaced=replaced and not dry_run,

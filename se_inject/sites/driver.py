@@ -12,24 +12,17 @@ import torch.fx as fx
 from torch import nn
 
 from ..analysis.owners import OwnerTraces
-from ..errors import ConfigError
+from ..analysis.sandbox import collection_paused, preserved_state
 from ..plan import Plan, Site, SiteKind, Skipped, SkipReason, Unanalysed
-from ..se_block import SEConfig, hidden_width
+from ..request import SEConfig, Selection
+from ..se_block import hidden_width
 from .concatenation import concatenation
 from .inputs import check_input_fits, describe_input, example_args
 from .plain import plain
 from .rebuild import drop_conflicting_owners, rebuildable
 from .records import Candidate, Context, Policy, Rule, Unit, skip
 from .residual import residual
-from .selection import (
-    Selection,
-    check_globs,
-    check_ints,
-    check_selection,
-    deselected,
-    free_name,
-    number_stages,
-)
+from .selection import check_selection, deselected, free_name, number_stages
 from .units import analyse
 
 log = logging.getLogger(__name__)
@@ -40,56 +33,45 @@ __all__ = ["build_plan", "example_args", "RULES", "PLAIN_RULES"]
 def build_plan(
     model: nn.Module,
     config: SEConfig,
+    selection: Selection | None = None,
     *,
-    include: Sequence[str] | None = None,
-    exclude: Sequence[str] | None = None,
-    min_channels: int = 0,
-    stages: Sequence[int] | None = None,
-    resolutions: Sequence[int] | None = None,
-    plain: bool = False,
-    tokens: bool = False,
     example_input: Any = None,
     traces: OwnerTraces | None = None,
 ) -> Plan:
-    """Analyse ``model`` (unchanged) and return where SE blocks go under ``config``.
+    """Analyse ``model`` (left as it was) and return where SE blocks go under ``config``, with
+    the sites ``selection`` keeps; the plan records both.
 
     Every owner is traced as the rewriter will trace it and every site is found in that trace
     before it is listed (owners that fail are skipped as ``not-rewritable``); pass ``traces``
-    to keep those traces for ``apply_plan``.
+    to keep those traces for the rewriter (``se_inject.inject.rewrite.build_blocks``).
 
-    ``plain`` adds the paper's SE-VGG placement (after the non-linearity that follows each
-    convolution) to models that have no residual or concatenation site; ``tokens`` turns
-    residual branches on token sequences into sites (squeezing over the tokens, class and
-    distillation tokens left out).
+    Analysis runs the user's modules on fake tensors and proxies: what their forwards cache on
+    ``self`` (and the eval mode analysis sets) is put back, so the model is as it was.
 
     Raises:
-        ConfigError: a selection option has a bad value.
-        SelectionError: ``stages`` or ``resolutions`` name none of the model's (the message
-            lists them).
+        SelectionError: ``selection.stages`` or ``.resolutions`` name none of the model's (the
+            message lists them).
         InputError: the input does not fit the model (its forward reached none of its parts).
     """
-    selection = Selection(
-        check_globs("include", include),
-        check_globs("exclude", exclude),
-        min_channels,
-        check_ints("stages", stages),
-        check_ints("resolutions", resolutions),
-    )
-    if min_channels < 0:
-        raise ConfigError(f"min_channels must be >= 0, got {min_channels}")
+    selection = Selection() if selection is None else selection
+    with collection_paused(), preserved_state(model):
+        return _plan(model, config, selection, example_input, OwnerTraces() if traces is None else traces)
+
+
+def _plan(model: nn.Module, config: SEConfig, selection: Selection, example_input: Any, traces: OwnerTraces) -> Plan:
     args = example_args(model, example_input)
     units: list[Unit] = []
     unanalysed: list[Unanalysed] = []
     analyse(model, "", args, units, unanalysed, {})
     check_input_fits(model, args, units, unanalysed, given=example_input is not None)
-    policy = Policy(config.placement, tokens)
+    policy = Policy(config.placement, selection.tokens)
     candidates = _candidates(units, RULES, policy)
     _mark_nested(candidates)
     _mark_nested_across_units(candidates)
-    if plain and not any(c.skip is None for c in candidates):
+    if selection.plain and not any(c.skip is None for c in candidates):
         candidates += _candidates(units, PLAIN_RULES, policy)
-    sites, skipped = _finalise(model, candidates, config, selection, OwnerTraces() if traces is None else traces)
-    return Plan(tuple(sites), tuple(skipped), tuple(unanalysed), config, describe_input(args))
+    sites, skipped = _finalise(model, candidates, config, selection, traces)
+    return Plan(tuple(sites), tuple(skipped), tuple(unanalysed), config, describe_input(args), selection)
 
 
 #: The placement rules, asked in this order for every live node of every unit; the first

@@ -1,66 +1,25 @@
-"""Selection (include/exclude globs, channels, stages, resolutions), stage numbering, free names."""
+"""Applying the request's :class:`~se_inject.request.Selection` (include/exclude globs, channels,
+stages, resolutions), stage numbering, free names."""
 
 from __future__ import annotations
 
 import fnmatch
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from torch import nn
 
 from ..analysis.axes import channel_axis
 from ..analysis.ops import tensor_shape
-from ..errors import ConfigError, SelectionError
+from ..errors import SelectionError
 from ..plan import SkipReason
+from ..request import Selection
 from .records import Candidate
 
-__all__ = ["NOT_INCLUDED", "Selection", "check_globs", "check_ints", "check_selection", "deselected", "free_name",
-           "number_stages"]
+__all__ = ["NOT_INCLUDED", "check_selection", "deselected", "free_name", "number_stages"]
 
 #: The detail of a site left out because no ``include`` glob matched it.
 NOT_INCLUDED = "not matched by include"
-
-
-@dataclass(frozen=True)
-class Selection:
-    """Which of the found sites to keep (placement rule 8: by module name, width, stage, resolution)."""
-
-    include: tuple[str, ...] | None = None
-    exclude: tuple[str, ...] | None = None
-    min_channels: int = 0
-    stages: tuple[int, ...] | None = None
-    resolutions: tuple[int, ...] | None = None
-
-
-def check_ints(what: str, values: Sequence[int] | None) -> tuple[int, ...] | None:
-    """``values`` as a tuple of non-negative ints (one int allowed).
-
-    Raises:
-        ConfigError: a value is not a non-negative int.
-    """
-    if values is None:
-        return None
-    if isinstance(values, int):
-        values = (values,)
-    if not all(isinstance(v, int) and v >= 0 for v in values):
-        raise ConfigError(f"{what} must be non-negative integers, got {values!r}")
-    return tuple(values)
-
-
-def check_globs(what: str, globs: Sequence[str] | None) -> tuple[str, ...] | None:
-    """``globs`` as a tuple of non-empty strings (one string allowed).
-
-    Raises:
-        ConfigError: a glob is not a non-empty string.
-    """
-    if globs is None:
-        return None
-    if isinstance(globs, str):
-        globs = (globs,)
-    if not all(isinstance(g, str) and g for g in globs):
-        raise ConfigError(f"{what} must be module-name globs (non-empty strings), got {globs!r}")
-    return tuple(globs)
 
 
 def _spatial(cand: Candidate) -> tuple[int, ...]:
