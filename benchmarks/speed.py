@@ -16,6 +16,9 @@ What is compared:
   ``seresnet50`` (the same SE computation written by hand: 1x1-conv ``SEModule`` after ``bn3``,
   before the residual add) and plain ``resnet50``, eager and (with ``--compile``) ``torch.compile``,
   contiguous and channels_last;
+* shortcuts: ``find_sites`` time with the shape shortcuts of ``se_inject/analysis/shortcuts.py``
+  (output shapes of costly layers computed instead of run on meta/fake tensors) over the time
+  without them, same model, interleaved: the benchmark that keeps that hand-written code;
 * memory: the peak of live tensor bytes created during one eager training step (see
   :class:`LiveTensorBytes` for what it counts). ``benchmarks/gpu.py`` measures the allocator's
   peak on a GPU, compiled too.
@@ -67,6 +70,9 @@ INJECTION_MODELS = (
 #: inject_se / build targets (issue 9): 0.25 for ResNet-152, 1 for every other classifier.
 INJECTION_TARGETS = {"resnet152": 0.25}
 RUNTIME_MODELS = ("injected", "seresnet50", "resnet50")
+#: Models whose analysis runs the layers the shortcuts cover: LSTMs (Sequencer), linear layers
+#: and norms (ViT, MLP-Mixer), convolutions and batch norms (ResNet).
+SHORTCUT_MODELS = ("resnet50", "vit_small_patch16_224", "mixer_b16_224", "sequencer2d_s")
 
 
 # --------------------------------------------------------------------------------------------
@@ -201,6 +207,51 @@ def profile_injection(name: str, top: int = 18) -> str:
     stats.sort_stats("cumulative").print_stats(top)
     lines = [_relative_paths(ln) for ln in buf.getvalue().splitlines() if ln.strip()]
     return f"cProfile of inject_se({name}), by cumulative time:\n```\n" + "\n".join(lines) + "\n```"
+
+
+def _without_shortcuts() -> Callable[[], None]:
+    """Turn the shape shortcuts off (every op runs as torch runs it on meta/fake tensors);
+    returns the function that turns them back on."""
+    from se_inject.analysis import shapes, shortcuts
+
+    table, recurrent = dict(shortcuts._SHORTCUTS), shapes.recurrent_output
+    shortcuts._SHORTCUTS.clear()
+    shapes.recurrent_output = lambda module, args, kwargs: None
+
+    def restore() -> None:
+        shortcuts._SHORTCUTS.update(table)
+        shapes.recurrent_output = recurrent
+
+    return restore
+
+
+def bench_shortcuts(names: Sequence[str], reps: int) -> tuple[str, dict[str, float]]:
+    """Per model: ``find_sites`` with and without the shape shortcuts, alternating, same model."""
+    from se_inject import find_sites
+
+    rows, ratios = [], {}
+    for name in names:
+        model = timm.create_model(name)
+        find_sites(model)  # warm-up
+        times: dict[bool, list[float]] = {True: [], False: []}
+        sites: dict[bool, int] = {}
+        for rep in range(reps):
+            for on in ((True, False) if rep % 2 == 0 else (False, True)):
+                restore = None if on else _without_shortcuts()
+                try:
+                    gc.collect()
+                    t0 = time.perf_counter()
+                    sites[on] = len(find_sites(model).sites)
+                    times[on].append(time.perf_counter() - t0)
+                finally:
+                    if restore is not None:
+                        restore()
+        ratios[name] = paired_ratio(times[False], times[True])
+        rows.append([name, f"{median(times[True]):.3f}", f"{median(times[False]):.3f}", f"{ratios[name]:.2f}",
+                     "yes" if sites[True] == sites[False] else f"no ({sites[True]} vs {sites[False]})"])
+        print(f"  shortcuts {name}: with {median(times[True]):.3f} s, without {median(times[False]):.3f} s", flush=True)
+    text = table(["model", "find_sites s, shortcuts", "without", "without / with", "same plan"], rows)
+    return text, ratios
 
 
 # --------------------------------------------------------------------------------------------
@@ -615,6 +666,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--only", default="injection,runtime,memory,block", help="comma-separated parts to run")
     p.add_argument("--models", default=",".join(INJECTION_MODELS), help="models for the injection part")
     p.add_argument("--injection-reps", type=int, default=3)
+    p.add_argument("--shortcut-models", default=",".join(SHORTCUT_MODELS), help="models for the shortcuts part")
     p.add_argument(
         "--profile", default="resnet152", help="cProfile one inject_se of this model ('' for none)"
     )
@@ -652,6 +704,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         text, _ = bench_injection(args.models.split(","), args.injection_reps, args.profile or None)
         sections.append(
             f"## Injection: inject_se time / build time (median of {args.injection_reps})\n\n{text}"
+        )
+    if "shortcuts" in parts:
+        print("shape shortcuts ...", flush=True)
+        text, _ = bench_shortcuts(args.shortcut_models.split(","), args.injection_reps)
+        sections.append(
+            f"## Shape shortcuts: find_sites time with and without them (median of {args.injection_reps})\n\n{text}"
         )
     if "runtime" in parts:
         print("runtime ...", flush=True)

@@ -40,8 +40,8 @@ if TYPE_CHECKING:
     from .inject.finetune import se_modules as se_modules
     from .inject.finetune import se_parameters as se_parameters
     from .inject.finetune import se_state_dict_keys as se_state_dict_keys
-    from .io.checkpoint import load as load
     from .io.checkpoint import save as save
+    from .io.restore import load as load
     from .plan import Plan as Plan
     from .plan import Site as Site
     from .plan import SiteKind as SiteKind
@@ -64,7 +64,7 @@ _EXPORTS: dict[str, str] = {
     "SEBlock": "se_block",
     "SEConfig": "request",
     "Selection": "request",
-    "load": "io.checkpoint",
+    "load": "io.restore",
     "save": "io.checkpoint",
     "SEInjectError": "errors",
     "ConfigError": "errors",

@@ -18,7 +18,8 @@ from se_inject.errors import (
     UnsafeCheckpointError,
     WeightsError,
 )
-from se_inject.io.checkpoint import FORMAT, FORMAT_VERSION, load, read_checkpoint, save, se_state_dict
+from se_inject.io.checkpoint import FORMAT, FORMAT_VERSION, save, se_state_dict
+from se_inject.io.restore import load, read_checkpoint
 from se_inject.models.names import resolve_name
 from se_inject.models.weights import create_model
 

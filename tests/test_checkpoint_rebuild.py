@@ -18,7 +18,8 @@ from torch import nn
 
 import se_inject
 from se_inject.errors import ArchitectureMismatchError, ModelArgsError
-from se_inject.io.checkpoint import load, save
+from se_inject.io.checkpoint import save
+from se_inject.io.restore import load
 from se_inject.io.signature import architecture_signature
 from se_inject.models.arguments import parse_model_arg
 from se_inject.models.input_size import model_input_size

@@ -24,7 +24,7 @@ from torchvision.ops.misc import Permute
 
 from se_inject import inject_se, remove_se
 from se_inject.errors import PlanMismatchError
-from se_inject.inject.rewrite import RebuiltBlock
+from se_inject.inject.rebuilt import RebuiltBlock
 from se_inject.plan import PLAN_ATTR
 from se_inject.se_block import GATES, POOLS, SEBlock
 

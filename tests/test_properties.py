@@ -10,7 +10,7 @@ from nets import Dense, Inception, Residual, conv_bn
 from torch import nn
 
 from se_inject import SEBlock, find_sites, inject_se
-from se_inject.inject.rewrite import RebuiltBlock
+from se_inject.inject.rebuilt import RebuiltBlock
 
 residual = st.builds(
     lambda spelling, project, ls, scale, drop: ("residual", dict(spelling=spelling, project=project, layer_scale=ls, scale=scale, dropout=drop)),

@@ -197,9 +197,9 @@ def test_a_rebuild_that_tracing_specialised_is_refused_and_the_model_is_unchange
 
 def test_a_deliberately_unfaithful_rebuild_is_named_by_owner(monkeypatch) -> None:
     # A rebuild whose graph computes something else (one op changed) must not be installed.
-    import se_inject.inject.rewrite as rewrite
+    import se_inject.inject.rebuilt as rebuilt
 
-    real = rewrite._insert_sites
+    real = rebuilt._insert_sites
 
     def corrupt(graph, owner_path, sites):
         real(graph, owner_path, sites)
@@ -209,7 +209,7 @@ def test_a_deliberately_unfaithful_rebuild_is_named_by_owner(monkeypatch) -> Non
                 doubled = graph.call_function(torch.mul, (out.args[0], 2.0))
             out.args = (doubled,)
 
-    monkeypatch.setattr(rewrite, "_insert_sites", corrupt)
+    monkeypatch.setattr(rebuilt, "_insert_sites", corrupt)
     model = nn.Sequential(conv_bn(3, 8), MultiBranch(8, 2), MultiBranch(8, 2)).eval()
     with pytest.raises(UnfaithfulRebuildError, match="rebuilt 2 ") as info:
         inject_se(model, example_input=X)

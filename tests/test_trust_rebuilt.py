@@ -12,7 +12,7 @@ from nets import RootResidual
 from torch import nn
 
 import se_inject
-from se_inject.inject.rewrite import RebuiltBlock
+from se_inject.inject.rebuilt import RebuiltBlock
 from se_inject.plan import PLAN_ATTR
 
 X = torch.randn(2, 3, 16, 16)

@@ -28,7 +28,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 import se_inject.api
 import se_inject.inject.rewrite
 from se_inject import UnfaithfulRebuildError, find_sites, gate_statistics, inject_se
-from se_inject.inject.rewrite import RebuiltBlock
+from se_inject.inject.rebuilt import RebuiltBlock
 from se_inject.plan import PLAN_ATTR
 from se_inject.report.complexity import count
 

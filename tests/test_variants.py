@@ -156,7 +156,9 @@ def test_plain_networks_opt_in(name: str, sites: int) -> None:
 
 
 def test_plain_mode_leaves_residual_networks_to_the_default_policy(resnet18: nn.Module) -> None:
-    assert find_sites(resnet18, plain=True) == find_sites(resnet18)
+    plain, default = find_sites(resnet18, plain=True), find_sites(resnet18)
+    assert (plain.sites, plain.skipped) == (default.sites, default.skipped)
+    assert plain.selection.plain and not default.selection.plain  # each plan records what was asked
 
 
 def test_token_sequences_opt_in_with_class_token_left_out() -> None:

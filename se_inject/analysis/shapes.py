@@ -10,6 +10,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.utils._pytree import tree_map
 
 from .calls import extra_keywords, positional_args
 from .ops import SHAPE_KEEPING_FUNCTIONS, keeps_shape
@@ -28,14 +29,15 @@ def _fake_mode():
 
 
 def _to_fake(mode: Any, value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
+    """Every tensor in ``value`` (nested lists, tuples, dicts) as an empty fake one of its shape."""
+
+    def fake(v: Any) -> Any:
+        if not isinstance(v, torch.Tensor):
+            return v
         with mode:
-            return torch.empty(value.shape, dtype=value.dtype, device=value.device)
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to_fake(mode, v) for v in value)
-    if isinstance(value, dict):
-        return {k: _to_fake(mode, v) for k, v in value.items()}
-    return value
+            return torch.empty(v.shape, dtype=v.dtype, device=v.device)
+
+    return tree_map(fake, value)
 
 
 class _ValueProp(fx.Interpreter):
@@ -66,13 +68,9 @@ def _meta_like(t: torch.Tensor) -> torch.Tensor:
 def meta_copy(value: Any) -> Any:
     """``value`` with every tensor (also inside lists, tuples and dicts) replaced by an empty
     meta tensor of its shape and dtype."""
-    if isinstance(value, torch.Tensor):
-        return torch.empty(value.shape, dtype=value.dtype, device="meta")
-    if isinstance(value, (list, tuple)):
-        return type(value)(meta_copy(v) for v in value)
-    if isinstance(value, dict):
-        return {k: meta_copy(v) for k, v in value.items()}
-    return value
+    return tree_map(
+        lambda v: torch.empty(v.shape, dtype=v.dtype, device="meta") if isinstance(v, torch.Tensor) else v, value
+    )
 
 
 class _MetaProp(_ValueProp):

@@ -22,7 +22,7 @@ from typing import Any
 
 from torch import nn
 
-from ..inject.rewrite import RebuiltBlock
+from ..inject.rebuilt import RebuiltBlock
 from ..se_block import SEBlock
 
 __all__ = ["architecture_signature", "signature_difference"]

@@ -3,7 +3,8 @@
 Analysis only needs shapes, but shapes decide resolutions, stages and which concatenations
 join different scales, so a model is analysed at the size it was made for when it says so:
 
-1. timm: ``pretrained_cfg['input_size']``, with the model's own channel count (its ``in_chans``,
+1. timm: the size ``timm.data.resolve_model_data_config`` gives (the pretrained config's
+   ``input_size``), with the model's own channel count (its ``in_chans``,
    else its ``first_conv``'s input channels): a model created with ``in_chans=1`` reads 1 channel,
    though its ``pretrained_cfg`` still says 3;
 2. transformers: ``config.image_size`` (and ``config.num_channels``);
@@ -83,12 +84,16 @@ def _first_layer(model: nn.Module) -> nn.Module | None:
 
 
 def _timm_size(model: nn.Module) -> tuple[int, ...] | None:
+    """The size timm's data config resolves for the model (``resolve_model_data_config``: its
+    pretrained config's train-time ``input_size``), with the model's own channel count."""
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
-    if isinstance(cfg, Mapping) and cfg.get("input_size"):
-        size = tuple(int(s) for s in cfg["input_size"])
-        channels = _timm_channels(model, cfg)
-        return (channels, *size[1:]) if channels is not None and len(size) >= 2 else size
-    return None
+    if not (isinstance(cfg, Mapping) and cfg.get("input_size")):
+        return None  # timm would answer 224 px for any model: the other sources know better
+    from timm.data import resolve_model_data_config  # a model with a pretrained_cfg came from timm
+
+    size = tuple(int(s) for s in resolve_model_data_config(model, pretrained_cfg=dict(cfg))["input_size"])
+    channels = _timm_channels(model, cfg)
+    return (channels, *size[1:]) if channels is not None and len(size) >= 2 else size
 
 
 def _timm_channels(model: nn.Module, cfg: Mapping[str, Any]) -> int | None:

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.utils._pytree import tree_map
 
 from ..analysis.calls import call_concrete_args, passes_var_positional, standalone_call
 from ..analysis.dataflow import DataFlow
@@ -349,11 +350,11 @@ def _missing_inputs(module: nn.Module, rel: str, recorded: RecordedInputs, memo:
 
 def _on_device(value: Any, device: torch.device) -> Any:
     """Shape propagation left meta tensors; a block that must run for real needs its device."""
-    if isinstance(value, torch.Tensor) and value.device.type == "meta":
-        return torch.empty(value.shape, dtype=value.dtype, device=device)
-    if isinstance(value, (list, tuple)):
-        return type(value)(_on_device(v, device) for v in value)
-    return value
+    return tree_map(
+        lambda v: torch.empty(v.shape, dtype=v.dtype, device=device)
+        if isinstance(v, torch.Tensor) and v.device.type == "meta" else v,
+        value,
+    )
 
 
 def _is_first_call(node: fx.Node) -> bool:
