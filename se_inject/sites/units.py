@@ -13,6 +13,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..analysis.calls import call_concrete_args, passes_var_positional, standalone_call
+from ..analysis.causes import describe_failure, raised_inside
 from ..analysis.dataflow import DataFlow
 from ..analysis.names import call_stack, qualified_names
 from ..analysis.ops import is_add, is_cat, is_conv
@@ -37,11 +38,6 @@ def _may_hold_sites(module: nn.Module) -> bool:
     if not any(True for _ in module.parameters()):
         return False
     return isinstance(module, _CONTAINERS) or not type(module).__module__.startswith("torch.")
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 def _join_path(path: str, name: str) -> str:
@@ -86,7 +82,7 @@ def analyse(
             raise _KnownFailure(memo[key])
         unit = _trace_unit(module, path, args, frozenset(), extra_keywords)
     except Exception as e:  # noqa: BLE001 - any failure means "analyse the parts"
-        reason = str(e) if isinstance(e, _KnownFailure) else _first_line(e)
+        reason = str(e) if isinstance(e, _KnownFailure) else describe_failure(e, module)
         log.debug("%s does not trace (%s); analysing its parts", path or "model", reason)
         memo.setdefault(key, reason)
         part_units: list[Unit] = []
@@ -97,7 +93,12 @@ def analyse(
             try:
                 unit = _trace_unit(module, path, args, opaque, extra_keywords)
             except Exception as e2:  # noqa: BLE001 - its own code does not trace either
-                log.debug("%s does not trace with its parts opaque either (%s)", path or "model", _first_line(e2))
+                own = describe_failure(e2, module)
+                log.debug("%s does not trace with its parts opaque either (%s)", path or "model", own)
+                # The first failure stays the reason (a later one may be its symptom), unless
+                # it was raised inside a part now opaque: that part has it as its own reason.
+                if not isinstance(e, _KnownFailure) and raised_inside(e, _modules_at(module, path, opaque)):
+                    reason = memo[key] = own
         if unit is None:
             unanalysed.append(Unanalysed(path, reason))
             units += part_units
@@ -110,6 +111,12 @@ def analyse(
         return opaque
     _keep_unit(unit, units, unanalysed, memo, leaf_key, frozenset())
     return frozenset()
+
+
+def _modules_at(module: nn.Module, path: str, paths: frozenset[str]) -> list[nn.Module]:
+    """The submodules of ``module`` (at model path ``path``) at the model paths ``paths``."""
+    prefix = len(path) + 1 if path else 0
+    return [module.get_submodule(p[prefix:]) for p in paths]
 
 
 def _holds_tensors(value: Any) -> bool:
@@ -305,7 +312,7 @@ def _probe(module: nn.Module, memo: dict[Any, Any]) -> _Probe:
     try:
         result = _Probe(None, not _graph_holds_nothing(module, trace(module, concrete_args=concrete).graph))
     except Exception as e:  # noqa: BLE001 - does not trace whole: try with its failing parts as calls
-        reason = _first_line(e)
+        reason = describe_failure(e, module)
         opaque = _failing_parts(module, "", memo)
         needs = any(_probe(module.get_submodule(p), memo).needs_inputs for p in opaque)
         if opaque:
