@@ -95,9 +95,11 @@ def analyse(
             except Exception as e2:  # noqa: BLE001 - its own code does not trace either
                 own = describe_failure(e2, module)
                 log.debug("%s does not trace with its parts opaque either (%s)", path or "model", own)
-                # The first failure stays the reason (a later one may be its symptom), unless
-                # it was raised inside a part now opaque: that part has it as its own reason.
-                if not isinstance(e, _KnownFailure) and raised_inside(e, _modules_at(module, path, opaque)):
+                # The first failure stays the reason (a later one may be its symptom), unless it
+                # was raised inside a part now opaque (that part has it as its own reason) and
+                # this one in the module's own code.
+                parts = _modules_at(module, path, opaque)
+                if not isinstance(e, _KnownFailure) and raised_inside(e, parts) and not raised_inside(e2, parts):
                     reason = memo[key] = own
         if unit is None:
             unanalysed.append(Unanalysed(path, reason))
