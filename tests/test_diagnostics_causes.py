@@ -207,3 +207,26 @@ def test_cli_report_names_the_cause(monkeypatch) -> None:
     data = report(*SMALL, "--dry-run")
     assert data["unanalysed"] == [{"path": "odd", "reason": f"_Len.forward uses len() on a traced value ({HERE}:{_line(_Len)})"}]
     assert [s["owner"] for s in data["sites"]] == ["a", "b"]
+
+
+class _PositionedBlock(nn.Module):
+    """EdgeNeXt's pattern: a timm no-trace leaf called with a shape tuple read off the input."""
+
+    def __init__(self, c: int) -> None:
+        from timm.models.edgenext import PositionalEncodingFourier
+
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.pos = PositionalEncodingFourier(hidden_dim=4, dim=c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        return x + self.conv(x) + self.pos((b, h, w))
+
+
+def test_a_leaf_called_with_a_shape_tuple_gets_values_not_graph_nodes() -> None:
+    # Was "TypeError: zeros(): ... found element of type Node": the leaf was analysed on the
+    # caller's graph nodes, a symptom of se_inject's own, not of the model's code.
+    plan = find_sites(_Net(_PositionedBlock).eval(), example_input=X)
+    assert [s.owner for s in plan.sites] == ["a", "odd", "b"]
+    assert plan.unanalysed == ()

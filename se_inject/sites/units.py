@@ -184,7 +184,9 @@ def _keep_unit(
         if not _may_hold_sites(child) or isinstance(child, _CONTAINERS):
             continue
         device = next(child.parameters()).device
-        vals = tuple(_on_device(a.meta.get("val"), device) if isinstance(a, fx.Node) else a for a in node.args)
+        # map_arg reaches nodes inside tuples too (EdgeNeXt's ``pos_embd((B, H, W))``): the block
+        # must get the values, never the caller's graph nodes.
+        vals = tuple(fx.node.map_arg(tuple(node.args), lambda a, on=device: _on_device(a.meta.get("val"), on)))
         analyse(child, child_path, vals, units, unanalysed, memo)
 
 
