@@ -100,7 +100,7 @@ class ZooResult:
     sites: int = 0
     kinds: dict[str, int] = field(default_factory=dict)
     skipped: dict[str, int] = field(default_factory=dict)
-    unanalysed: list[str] = field(default_factory=list)  # "path: first line of its error"
+    unanalysed: list[str] = field(default_factory=list)  # "path: why it was not analysed"
     identity: str = "n/a"  # yes | no | n/a (no SE inserted, or not reached)
     identity_detail: str = ""
     class_kept: str = "n/a"
@@ -515,7 +515,7 @@ def render_markdown(results: Sequence[ZooResult], *, title: str = "se-inject zoo
         )
     reasons = [r for r in results if r.unanalysed and r.status == "ok"]
     if reasons:
-        lines += ["", "## Parts that could not be analysed, with the first line of their error", ""]
+        lines += ["", "## Parts that could not be analysed, and why", ""]
         for r in reasons:
             shown = "; ".join(f"`{u.split(': ', 1)[0]}`: {u.split(': ', 1)[1] if ': ' in u else ''}"[:160] for u in r.unanalysed[:6])
             more = f" (+{len(r.unanalysed) - 6} more)" if len(r.unanalysed) > 6 else ""

@@ -144,7 +144,9 @@ class Skipped:
 class Unanalysed:
     """A module that could not be analysed (placement rule 13: nothing is silently missed).
 
-    ``path`` is the module path ("" for the root), ``reason`` the first line of the error.
+    ``path`` is the module path ("" for the root), ``reason`` why, in one line: the cause behind
+    the error and the line of the model's code (``Block.forward uses len() on a traced value
+    (model.py:42)``), else the error's first line.
     """
 
     path: str

@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from .calls import extra_keywords, positional_args
+from .causes import is_known_cause
 from .ops import SHAPE_KEEPING_FUNCTIONS, keeps_shape
 from .shortcuts import ShapeShortcuts, recurrent_output
 from .tracing import training_mode
@@ -124,8 +125,16 @@ def propagate_shapes(
         return
     except Exception as e:  # noqa: BLE001
         log.debug("fake tensor propagation failed (%s); running for real", e)
-    with torch.no_grad():
-        _ValueProp(module, graph, constants).run(*[_real_zeros(a) for a in args])
+        fake_error = e
+    try:
+        with torch.no_grad():
+            _ValueProp(module, graph, constants).run(*[_real_zeros(a) for a in args])
+    except Exception as e:
+        # A graph that reads values (``.item()``, a boolean mask) fails on fake tensors for that
+        # reason; on zeros it may then fail otherwise (an empty mask): keep the cause.
+        if is_known_cause(fake_error) and not is_known_cause(e):
+            raise e from fake_error
+        raise
 
 
 def _as_graph_module(module: nn.Module, graph: fx.Graph, constants: dict[str, Any]) -> fx.GraphModule:

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..se_block import SEBlock
 from .calls import PLAIN, VAR_KINDS, CallRecord, arg_kind
+from .causes import watch_jit_isinstance
 from .sandbox import preserved_state
 
 __all__ = ["SETracer", "Traced", "trace", "mode_dependent_leaves", "training_mode"]
@@ -289,7 +290,7 @@ def trace(
     reads: list[str] = []
     effects: list[str] = []
     with preserved_state(module, rng=False):
-        with training_mode(module, training), _watch_mode_reads(module, reads):
+        with training_mode(module, training), _watch_mode_reads(module, reads), watch_jit_isinstance():
             graph = tracer.trace(module, concrete_args=concrete_args)
         added = {k: module.__dict__[k] for k in set(module.__dict__) - before}
         for path, m, attrs, state in saved:

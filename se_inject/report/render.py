@@ -228,7 +228,7 @@ def _skipped(console: Console, report: Report) -> None:
         nodes = [s.node for s in items]
         shown = ", ".join(nodes[:3]) + (f", ... (+{len(nodes) - 3})" if len(nodes) > 3 else "")
         shown_rows.append((items[0].text, str(len(items)), shown))
-    for module in plan.unanalysed:  # each with the first line of its error (nothing silently missed)
+    for module in plan.unanalysed:  # each with why (nothing silently missed)
         shown_rows.append(("could not be analysed", "1", str(module)))
     # "where" lists node names: it may wrap between names, and folds a name only if one is wider than the screen.
     table.add_column("where", ratio=2, overflow="fold")

@@ -6,13 +6,15 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 
+from ..analysis.causes import split_location
 from ..plan import Plan
 
 __all__ = ["unanalysed_summary", "no_sites_warning", "unanalysed_warning"]
 
 
 def unanalysed_summary(plan: Plan) -> str:
-    """``"7 modules unanalysed (top reason, 5 of them: TraceError: ...)"``, or "" when none."""
+    """``"7 modules unanalysed (top reason, 5 of them: Block.forward uses len() on a traced value
+    (model.py:42))"``, or "" when none."""
     if not plan.unanalysed:
         return ""
     reasons = Counter(u.reason or "unknown" for u in plan.unanalysed)
@@ -23,9 +25,11 @@ def unanalysed_summary(plan: Plan) -> str:
 
 
 def _short(reason: str, limit: int = 120) -> str:
-    """The first sentence of a reason, at most ``limit`` characters (fx's messages run long)."""
-    first = reason.split(". ", 1)[0]
-    return first if len(first) <= limit else first[: limit - 3] + "..."
+    """The first sentence of a reason, at most ``limit`` characters (fx's messages run long),
+    keeping the `` (file.py:line)`` the reason ends with: where to look is the useful part."""
+    text, location = split_location(reason)
+    first = text.split(". ", 1)[0]
+    return (first if len(first) <= limit else first[: limit - 3] + "...") + location
 
 
 def no_sites_warning(name: str, plan: Plan, alternatives: dict[str, Callable[[], Plan]]) -> str:

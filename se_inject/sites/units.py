@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from ..analysis.calls import call_concrete_args, passes_var_positional, standalone_call
+from ..analysis.causes import describe_failure, raised_inside
 from ..analysis.dataflow import DataFlow
 from ..analysis.node_names import call_stack, qualified_names
 from ..analysis.ops import is_add, is_cat, is_conv
@@ -38,11 +39,6 @@ def _may_hold_sites(module: nn.Module) -> bool:
     if not any(True for _ in module.parameters()):
         return False
     return isinstance(module, _CONTAINERS) or not type(module).__module__.startswith("torch.")
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 def _join_path(path: str, name: str) -> str:
@@ -87,7 +83,7 @@ def analyse(
             raise _KnownFailure(memo[key])
         unit = _trace_unit(module, path, args, frozenset(), extra_keywords)
     except Exception as e:  # noqa: BLE001 - any failure means "analyse the parts"
-        reason = str(e) if isinstance(e, _KnownFailure) else _first_line(e)
+        reason = str(e) if isinstance(e, _KnownFailure) else describe_failure(e, module)
         log.debug("%s does not trace (%s); analysing its parts", path or "model", reason)
         memo.setdefault(key, reason)
         part_units: list[Unit] = []
@@ -98,7 +94,14 @@ def analyse(
             try:
                 unit = _trace_unit(module, path, args, opaque, extra_keywords)
             except Exception as e2:  # noqa: BLE001 - its own code does not trace either
-                log.debug("%s does not trace with its parts opaque either (%s)", path or "model", _first_line(e2))
+                own = describe_failure(e2, module)
+                log.debug("%s does not trace with its parts opaque either (%s)", path or "model", own)
+                # The first failure stays the reason (a later one may be its symptom), unless it
+                # was raised inside a part now opaque (that part has it as its own reason) and
+                # this one in the module's own code.
+                parts = _modules_at(module, path, opaque)
+                if not isinstance(e, _KnownFailure) and raised_inside(e, parts) and not raised_inside(e2, parts):
+                    reason = memo[key] = own
         if unit is None:
             unanalysed.append(Unanalysed(path, reason))
             units += part_units
@@ -111,6 +114,12 @@ def analyse(
         return opaque
     _keep_unit(unit, units, unanalysed, memo, leaf_key, frozenset())
     return frozenset()
+
+
+def _modules_at(module: nn.Module, path: str, paths: frozenset[str]) -> list[nn.Module]:
+    """The submodules of ``module`` (at model path ``path``) at the model paths ``paths``."""
+    prefix = len(path) + 1 if path else 0
+    return [module.get_submodule(p[prefix:]) for p in paths]
 
 
 def _holds_tensors(value: Any) -> bool:
@@ -176,7 +185,9 @@ def _keep_unit(
         if not _may_hold_sites(child) or isinstance(child, _CONTAINERS):
             continue
         device = next(child.parameters()).device
-        vals = tuple(_on_device(a.meta.get("val"), device) if isinstance(a, fx.Node) else a for a in node.args)
+        # map_arg reaches nodes inside tuples too (EdgeNeXt's ``pos_embd((B, H, W))``): the block
+        # must get the values, never the caller's graph nodes.
+        vals = tuple(fx.node.map_arg(tuple(node.args), lambda a, on=device: _on_device(a.meta.get("val"), on)))
         analyse(child, child_path, vals, units, unanalysed, memo)
 
 
@@ -306,7 +317,7 @@ def _probe(module: nn.Module, memo: dict[Any, Any]) -> _Probe:
     try:
         result = _Probe(None, not _graph_holds_nothing(module, trace(module, concrete_args=concrete).graph))
     except Exception as e:  # noqa: BLE001 - does not trace whole: try with its failing parts as calls
-        reason = _first_line(e)
+        reason = describe_failure(e, module)
         opaque = _failing_parts(module, "", memo)
         needs = any(_probe(module.get_submodule(p), memo).needs_inputs for p in opaque)
         if opaque:
