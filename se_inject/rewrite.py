@@ -25,7 +25,7 @@ import torch.fx as fx
 from torch import nn
 
 from .analysis.names import locate
-from .analysis.owners import OwnerTraces, inline_paths, owner_args
+from .analysis.owners import OwnerTraces, inline_paths, owner_args, owner_inputs
 from .analysis.sandbox import preserved_state
 from .block import SEBlock, check_se_weights
 from .errors import PlanMismatchError
@@ -328,7 +328,7 @@ _PRIMITIVES = (bool, int, float, str, type(None))
 
 
 def _rebuild(owner: nn.Module, owner_path: str, sites: list[Site], traces: OwnerTraces) -> RebuiltBlock:
-    graphs, constants = traces.graphs(owner, inline_paths(sites), owner_args(sites))
+    graphs, constants = traces.graphs(owner, inline_paths(sites), owner_args(sites), owner_inputs(sites))
     for graph in graphs.values():
         _insert_sites(graph, owner_path, sites)
     device, dtype = _module_placement(owner)
