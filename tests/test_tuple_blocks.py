@@ -10,8 +10,10 @@ import copy
 import pickle
 
 import pytest
+import timm
 import torch
 from nets import conv_bn, conv_bn_relu
+from timm.models.dpn import DualPathBlock as TimmDualPathBlock
 from torch import nn
 
 from se_inject import SEBlock, SiteKind, SkipReason, apply_plan, find_sites, inject_se
@@ -234,3 +236,67 @@ def test_a_block_called_with_a_traced_size_tuple_is_rebuilt_for_any_size(shape: 
     with torch.no_grad():
         assert torch.equal(injected(x), model(x))
     assert sum(isinstance(m, SEBlock) for m in injected.modules()) == 1
+
+
+class TimmTupleDualPathBlock(TimmDualPathBlock):
+    """timm's DPN block with the forward it had while DPN passed ``(resid, dense)`` tuples
+    (same layers, same function: today's block takes and returns the two concatenated)."""
+
+    def forward(self, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        x_in = torch.cat(x, dim=1) if isinstance(x, tuple) else x
+        if self.c1x1_w_s1 is None and self.c1x1_w_s2 is None:
+            x_s1, x_s2 = x[0], x[1]
+        else:
+            x_s = self.c1x1_w_s1(x_in) if self.c1x1_w_s1 is not None else self.c1x1_w_s2(x_in)
+            x_s1, x_s2 = x_s[:, : self.num_1x1_c], x_s[:, self.num_1x1_c :]
+        x_in = self.c1x1_c(self.c3x3_b(self.c1x1_a(x_in)))
+        if self.c1x1_c1 is not None and self.c1x1_c2 is not None:
+            out1, out2 = self.c1x1_c1(x_in), self.c1x1_c2(x_in)
+        else:
+            out1, out2 = x_in[:, : self.num_1x1_c], x_in[:, self.num_1x1_c :]
+        return x_s1 + out1, torch.cat([x_s2, out2], dim=1)
+
+
+class JoinPaths(nn.Module):
+    """Concatenates the two paths before DPN's last norm and activation."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return self.inner(torch.cat(x, 1) if isinstance(x, tuple) else x)
+
+
+def _tuple_dpn(name: str) -> tuple[nn.Module, nn.Module]:
+    """A timm DPN and the same model passing tuples between its blocks."""
+    reference = timm.create_model(name).eval()
+    model = copy.deepcopy(reference)
+    for block in model.modules():
+        if type(block) is TimmDualPathBlock:
+            block.__class__ = TimmTupleDualPathBlock
+    model.features.conv5_bn_ac = JoinPaths(model.features.conv5_bn_ac)
+    return reference, model
+
+
+@pytest.mark.parametrize("name", ["dpn68", "dpn48b"])
+def test_timm_dpn_passing_tuples_gets_a_site_per_block(name: str) -> None:
+    reference, model = _tuple_dpn(name)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        before = reference(x)
+        assert torch.equal(model(x), before)
+    plan = find_sites(model, example_input=x)
+    blocks = [p for p, m in model.named_modules() if isinstance(m, TimmDualPathBlock)]
+    b = model.b  # DPN-b: the residual and the new dense channels from two convolutions
+    expected = [(p, "residual", f"{p}.c1x1_c1" if b else f"{p}.c1x1_c") for p in blocks]
+    expected += [(p, "dense", f"{p}.c1x1_c2") for p in blocks] if b else []
+    assert sorted((s.owner, str(s.kind), s.source) for s in plan.sites) == sorted(expected)
+    # The first block takes the stem's tensor, every later one the (residual, dense) pair.
+    assert {s.owner: s.owner_inputs for s in plan.sites} == {p: 0 if i == 0 else 2 for i, p in enumerate(blocks)}
+    injected = inject_se(model, example_input=x)
+    after, seen = _se_inputs(injected, x)
+    assert torch.equal(after, before) and sorted(seen) == sorted(s.name for s in plan.sites)
+    other = torch.randn(1, 3, 96, 64)
+    with torch.no_grad():
+        assert torch.equal(injected(other), reference(other))
