@@ -16,7 +16,7 @@ from nets import conv_bn, conv_bn_relu
 from timm.models.dpn import DualPathBlock as TimmDualPathBlock
 from torch import nn
 
-from se_inject import SEBlock, SiteKind, SkipReason, apply_plan, find_sites, inject_se
+from se_inject import SEBlock, SiteKind, SkipReason, apply_plan, find_sites, inject_se, load, save
 from se_inject.plan import Plan
 
 X = torch.randn(2, 3, 16, 16)
@@ -178,7 +178,7 @@ def test_dpn_b_gets_a_residual_and_a_dense_site_per_block() -> None:
     assert torch.equal(before, after) and sorted(seen) == sorted(s.name for s in plan.sites)
 
 
-def test_the_plan_round_trips_and_replays() -> None:
+def test_the_plan_round_trips_and_replays(tmp_path) -> None:
     model = dual_path_net()
     plan = find_sites(model, example_input=X)
     data = plan.to_dict()
@@ -195,6 +195,24 @@ def test_the_plan_round_trips_and_replays() -> None:
         replayed = apply_plan(copy.deepcopy(model), again)
         assert torch.equal(replayed(X), before)
     assert sorted(n for n, m in replayed.named_modules() if isinstance(m, SEBlock)) == sorted(s.name for s in plan.sites)
+    # A checkpoint of the injected model loads onto a fresh base with the same outputs.
+    injected = inject_se(copy.deepcopy(model), example_input=X)
+    _perturb_se(injected)
+    path = save(injected, tmp_path / "dpn.pt")
+    loaded = load(path, base_model=copy.deepcopy(model)).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(X), injected.eval()(X))
+        assert not torch.equal(loaded(X), before)  # the SE weights came with it
+
+
+def _perturb_se(model: nn.Module) -> None:
+    """Move every SE block off identity, so that outputs show whether its weights were kept."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, SEBlock):
+                for p in m.parameters():
+                    p.add_(torch.randn_like(p))
 
 
 class PosConv(nn.Module):
