@@ -62,8 +62,9 @@ def tuple_call(
 
 def tuple_concrete_args(module: nn.Module, passed: int, inputs: int) -> dict[str, Any]:
     """Concrete arguments tracing ``module`` as called with ``passed`` positional arguments, the
-    last an ``inputs``-tuple of tensors: that parameter is a tuple of placeholders (fx flattens
-    it and the traced forward takes the tuple again), the parameters left out their defaults."""
+    last an ``inputs``-tuple of traced values: that parameter is a tuple of placeholders (fx
+    flattens it and the traced forward takes the tuple again), the parameters left out their
+    defaults."""
     params = [p for p in inspect.signature(module.forward).parameters.values() if p.kind not in VAR_KINDS]
     return {**standalone_concrete_args(module, passed), params[passed - 1].name: tuple(fx.PH for _ in range(inputs))}
 

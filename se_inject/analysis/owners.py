@@ -36,8 +36,8 @@ def owner_args(sites: Sequence[Site]) -> int:
 
 
 def owner_inputs(sites: Sequence[Site]) -> int:
-    """N when the owner's last tensor argument is an N-tuple of tensors (DPN's dual-path blocks),
-    traced with one placeholder per element; 0 when it takes tensors."""
+    """N when the owner's last traced argument is an N-tuple of traced values (DPN's dual-path
+    blocks), traced with one placeholder per element; 0 when it takes tensors."""
     return max((s.owner_inputs for s in sites), default=0)
 
 
@@ -119,7 +119,7 @@ class OwnerTraces:
         """Copies of the owner's eval graph under ``False`` and, under ``True``, of a train
         graph only when the code differs; plus the tensor constants the traces made. The
         copies are the caller's to edit. ``args``: positional tensors (0: the required ones);
-        ``inputs``: N when the last of those is an N-tuple of tensors."""
+        ``inputs``: N when the last of those is an N-tuple of traced values."""
         graphs, constants = self._traced(owner, inline, args, inputs)
         return {mode: copy.deepcopy(g) for mode, g in graphs.items()}, constants
 
