@@ -96,7 +96,12 @@ class Site:
         prefix_tokens: leading tokens (class, distillation) left out of the squeeze.
         spatial: the non-channel, non-batch sizes of ``source`` at the analysis input.
         owner_args: positional tensors the owner is called with, optional ones included (DLA's
-            ``block(x, shortcut)``); 0 means its required ones.
+            ``block(x, shortcut)``), a tuple of traced values counted as one; 0 means its
+            required ones.
+        owner_inputs: N when the last of the owner's ``owner_args`` is an N-tuple of traced
+            values (DPN's ``(residual, dense)`` pair, Twins' ``(H, W)`` read from the input): it is
+            traced with one input per element and its rebuilt forward takes the tuple; 0 when it
+            takes tensors.
         config: how this site's SE block is built (a model injected twice with different
             options holds sites with different configs; each rebuilds as it was made).
     """
@@ -115,6 +120,7 @@ class Site:
     prefix_tokens: int = 0
     spatial: tuple[int, ...] = ()
     owner_args: int = 0
+    owner_inputs: int = 0
     config: SEConfig = field(default_factory=SEConfig)
 
     @property

@@ -261,19 +261,24 @@ def test_segmentation_unet_builds_exactly_the_listed_sites() -> None:
 
 
 def test_twins_lists_what_it_builds() -> None:
-    # Twins' position encoder is called with a size tuple: its residual is owned by the root,
-    # which cannot be rebuilt. The plan says so instead of promising sites.
+    # Twins' position encoder is called with ``(x, (H, W))``, the sizes read from the input: it
+    # owns its residual (the depthwise conv on the map plus the map), traced with one input per
+    # size, so the rebuilt encoder follows the input's size.
     model = timm.create_model("twins_svt_small", img_size=64, depths=(1, 1, 1, 1)).eval()
     x = torch.randn(1, 3, 64, 64)
     plan = find_sites(model, example_input=x)
-    not_rewritable = [s for s in plan.skipped if s.reason is SkipReason.NOT_REWRITABLE]
-    assert not_rewritable and all(s.detail for s in not_rewritable)
+    assert [(s.name, str(s.kind), s.owner_inputs) for s in plan.sites] == [
+        (f"pos_block.{i}.se", "residual", 2) for i in range(len(model.pos_block))
+    ]
+    assert not any(s.reason is SkipReason.NOT_REWRITABLE for s in plan.skipped)
+    other = torch.randn(1, 3, 96, 64)
     with torch.no_grad():
-        before = model(x)
+        before, before_other = model(x), model(other)
     injected = inject_se(model, example_input=x) if plan.sites else model
     assert _built(injected) == sorted(s.name for s in plan.sites)
     with torch.no_grad():
         assert torch.equal(injected(x), before)
+        assert torch.equal(injected(other), before_other)
 
 
 def _perturb_se(model: nn.Module) -> None:

@@ -1,6 +1,7 @@
 """Placement rules, round 3 (issue 17): conditioned residuals (a second model input joins the
 branch), multi-branch residuals (PolyNet, ``x + a(x) + b(x)``), and the post-build check that
-refuses a rebuilt block computing something else than its original (DPN-style tuple passing)."""
+refuses a rebuilt block computing something else than its original (dual-path blocks passing
+lists; blocks passing tuples are rebuilt per element, see test_tuple_blocks.py)."""
 
 from __future__ import annotations
 
@@ -138,7 +139,8 @@ def test_every_branch_summed_into_the_block_input_is_a_residual_branch(ways: int
 
 
 class DualPathBlock(nn.Module):
-    """DPN-style block taking and returning ``(residual, dense)`` tuples."""
+    """DPN-style block taking and returning ``[residual, dense]`` lists (DenseNet-style list
+    passing, which is not rebuilt per element)."""
 
     def __init__(self, cin: int, r: int, d: int, first: bool = False) -> None:
         super().__init__()
@@ -146,15 +148,15 @@ class DualPathBlock(nn.Module):
         self.proj = conv_bn(cin, r + d) if first else None
         self.body = nn.Sequential(conv_bn_relu(cin, 8), conv_bn(8, r + d))
 
-    def forward(self, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        x_in = torch.cat(x, 1) if isinstance(x, tuple) else x
+    def forward(self, x: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:
+        x_in = torch.cat(x, 1) if isinstance(x, list) else x
         if self.proj is not None:
             s = self.proj(x_in)
             s1, s2 = s[:, : self.r], s[:, self.r :]
         else:
             s1, s2 = x[0], x[1]
         y = self.body(x_in)
-        return s1 + y[:, : self.r], torch.cat([s2, y[:, self.r :]], 1)
+        return [s1 + y[:, : self.r], torch.cat([s2, y[:, self.r :]], 1)]
 
 
 class CatAct(nn.Module):
@@ -162,8 +164,8 @@ class CatAct(nn.Module):
         super().__init__()
         self.bn = nn.BatchNorm2d(c)
 
-    def forward(self, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        if isinstance(x, tuple):
+    def forward(self, x: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        if isinstance(x, list):
             x = torch.cat(x, 1)
         return torch.relu(self.bn(x))
 
@@ -178,7 +180,8 @@ def _dual_path_net() -> nn.Module:
 
 
 def test_a_rebuild_that_tracing_specialised_is_refused_and_the_model_is_unchanged() -> None:
-    # Stages pass (residual, dense) tuples: a stage rebuilt from its own trace loses the
+    # Blocks pass [residual, dense] lists: their sites are owned by a stage (a block called
+    # with a list is not its own owner), and the stage rebuilt from its own trace loses the
     # isinstance branch. The post-build check names the owner and nothing is swapped in.
     model = _dual_path_net()
     modules = dict(model.named_modules())

@@ -13,7 +13,7 @@ from torch import nn
 __all__ = [
     "CallRecord", "PLAIN", "PLAIN_KINDS", "VAR_KINDS", "arg_kind", "standalone_concrete_args", "passes_var_positional",
     "call_concrete_args", "leading_tensors", "standalone_call", "required_positional", "extra_keywords",
-    "positional_args",
+    "positional_args", "tuple_size", "tuple_call", "tuple_concrete_args",
 ]
 
 VAR_KINDS = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
@@ -22,13 +22,51 @@ PLAIN = (bool, int, float, str, type(None))
 PLAIN_KINDS = frozenset(t.__name__ for t in PLAIN)
 
 #: One recorded call: (kind, value if plain data) of each positional argument (kind "tensor"
-#: for traced values), and (name, kind, value if plain data) for each keyword argument.
+#: for traced values, ``traced*N`` for a tuple of N traced values), and (name, kind, value if
+#: plain data) for each keyword argument.
 CallRecord = tuple[tuple[tuple[str, Any], ...], tuple[tuple[str, str, Any], ...]]
+
+_TUPLE_KIND = "traced*"
 
 
 def arg_kind(value: Any) -> str:
-    """How a call argument is recorded: ``tensor`` for traced values, else its type's name."""
-    return "tensor" if isinstance(value, fx.Proxy) else type(value).__name__
+    """How a call argument is recorded: ``tensor`` for traced values, ``traced*N`` for a tuple
+    of N traced values (DPN's ``(residual, dense)`` pair), else its type's name. A list stays
+    ``list``: a block taking one (DenseNet) is not rebuilt with one input per element."""
+    if isinstance(value, fx.Proxy):
+        return "tensor"
+    if type(value) is tuple and value and all(isinstance(v, fx.Proxy) for v in value):
+        return f"{_TUPLE_KIND}{len(value)}"
+    return type(value).__name__
+
+
+def tuple_size(kind: str) -> int:
+    """N for a recorded ``traced*N`` argument, else 0."""
+    return int(kind[len(_TUPLE_KIND):]) if kind.startswith(_TUPLE_KIND) else 0
+
+
+def tuple_call(
+    module: nn.Module, args: tuple[tuple[str, Any], ...], kwargs: tuple[tuple[str, str, Any], ...]
+) -> tuple[int, int]:
+    """``(k, N)`` when a call passes ``k - 1`` tensors, then an N-tuple of traced values (DPN's
+    ``block((resid, dense))``, Twins' ``pos_block(x, (H, W))``), then only defaults; else
+    ``(0, 0)``. ``module`` traced with those tensors and one placeholder per element of the
+    tuple, the tuple rebuilt around them, computes that call."""
+    k = leading_tensors(args)
+    size = tuple_size(args[k][0]) if k < len(args) else 0
+    if not size:
+        return 0, 0
+    as_tensors = (*args[:k], ("tensor", None), *args[k + 1:])
+    return (k + 1, size) if standalone_call(module, as_tensors, kwargs) else (0, 0)
+
+
+def tuple_concrete_args(module: nn.Module, passed: int, inputs: int) -> dict[str, Any]:
+    """Concrete arguments tracing ``module`` as called with ``passed`` positional arguments, the
+    last an ``inputs``-tuple of traced values: that parameter is a tuple of placeholders (fx
+    flattens it and the traced forward takes the tuple again), the parameters left out their
+    defaults."""
+    params = [p for p in inspect.signature(module.forward).parameters.values() if p.kind not in VAR_KINDS]
+    return {**standalone_concrete_args(module, passed), params[passed - 1].name: tuple(fx.PH for _ in range(inputs))}
 
 
 def standalone_concrete_args(module: nn.Module, passed: int = 0) -> dict[str, Any]:

@@ -17,11 +17,11 @@ import torch.fx as fx
 from torch import nn
 
 from ..plan import Site
-from .calls import required_positional, standalone_concrete_args
+from .calls import required_positional, standalone_concrete_args, tuple_concrete_args
 from .node_names import locate, qualified_names
 from .tracing import trace
 
-__all__ = ["OwnerTraces", "inline_paths", "owner_args", "block_signature"]
+__all__ = ["OwnerTraces", "inline_paths", "owner_args", "owner_inputs", "block_signature"]
 
 
 def inline_paths(sites: Sequence[Site]) -> tuple[str, ...]:
@@ -33,6 +33,12 @@ def owner_args(sites: Sequence[Site]) -> int:
     """Positional tensors the owner is traced with: as many as its sites' calls pass (DLA's
     ``block(x, shortcut)``), or 0 for its required ones."""
     return max((s.owner_args for s in sites), default=0)
+
+
+def owner_inputs(sites: Sequence[Site]) -> int:
+    """N when the owner's last traced argument is an N-tuple of traced values (DPN's dual-path
+    blocks), traced with one placeholder per element; 0 when it takes tensors."""
+    return max((s.owner_inputs for s in sites), default=0)
 
 
 _PRIMITIVES = (bool, int, float, str, type(None))
@@ -94,7 +100,7 @@ class OwnerTraces:
     def __init__(self) -> None:
         self._graphs: dict[tuple[Any, ...], dict[bool, fx.Graph]] = {}
         # Per owner instance: traces with per-instance constants, which are never shared.
-        self._own: dict[tuple[int, tuple[str, ...], int], tuple[dict[bool, fx.Graph], dict[str, Any]]] = {}
+        self._own: dict[tuple[int, tuple[str, ...], int, int], tuple[dict[bool, fx.Graph], dict[str, Any]]] = {}
         # Per owner instance: its signature (planning and rewriting ask for the same owners).
         self._signatures: dict[int, tuple[nn.Module, tuple[Any, ...] | None]] = {}
         # Per graph: node names relative to the owner (the owner's path is a prefix).
@@ -108,27 +114,31 @@ class OwnerTraces:
         return held[1]
 
     def graphs(
-        self, owner: nn.Module, inline: tuple[str, ...], args: int = 0
+        self, owner: nn.Module, inline: tuple[str, ...], args: int = 0, inputs: int = 0
     ) -> tuple[dict[bool, fx.Graph], dict[str, Any]]:
         """Copies of the owner's eval graph under ``False`` and, under ``True``, of a train
         graph only when the code differs; plus the tensor constants the traces made. The
-        copies are the caller's to edit. ``args``: positional tensors (0: the required ones)."""
-        graphs, constants = self._traced(owner, inline, args)
+        copies are the caller's to edit. ``args``: positional tensors (0: the required ones);
+        ``inputs``: N when the last of those is an N-tuple of traced values."""
+        graphs, constants = self._traced(owner, inline, args, inputs)
         return {mode: copy.deepcopy(g) for mode, g in graphs.items()}, constants
 
     def _traced(
-        self, owner: nn.Module, inline: tuple[str, ...], args: int = 0
+        self, owner: nn.Module, inline: tuple[str, ...], args: int = 0, inputs: int = 0
     ) -> tuple[dict[bool, fx.Graph], dict[str, Any]]:
-        own = self._own.get((id(owner), inline, args))
+        own = self._own.get((id(owner), inline, args, inputs))
         if own is not None:
             return own
         key = self._signature(owner)
-        key = None if key is None else (key, inline, args)
+        key = None if key is None else (key, inline, args, inputs)
         if key is not None and key in self._graphs:
             return self._graphs[key], {}
         graphs: dict[bool, fx.Graph] = {}
         constants: dict[str, Any] = {}
-        concrete = standalone_concrete_args(owner, args or required_positional(owner) or 0)
+        if inputs:  # one placeholder per element of the tuple it is called with
+            concrete = tuple_concrete_args(owner, args or 1, inputs)
+        else:
+            concrete = standalone_concrete_args(owner, args or required_positional(owner) or 0)
         # Both modes unless the eval trace read no ``training`` flag: code that reads one may
         # differ in train mode, and a missed difference would silently train with the eval graph.
         traced = trace(owner, training=False, inline=inline, concrete_args=concrete)
@@ -144,14 +154,14 @@ class OwnerTraces:
         if key is not None and not constants:  # constants are per instance: never share them
             self._graphs[key] = graphs
         else:
-            self._own[(id(owner), inline, args)] = (graphs, constants)
+            self._own[(id(owner), inline, args, inputs)] = (graphs, constants)
         return graphs, constants
 
     def check(self, owner: nn.Module, owner_path: str, sites: Sequence[Site]) -> str | None:
         """Why ``owner`` cannot be rebuilt with ``sites`` (the first line of the error), or
         None when the rewriter will find every site's nodes in both modes' graphs."""
         try:
-            graphs, _ = self._traced(owner, inline_paths(sites), owner_args(sites))
+            graphs, _ = self._traced(owner, inline_paths(sites), owner_args(sites), owner_inputs(sites))
             for graph in graphs.values():
                 names = self._names.get(id(graph))
                 if names is None:

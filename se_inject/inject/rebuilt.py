@@ -23,7 +23,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..analysis.node_names import locate
-from ..analysis.owners import OwnerTraces, inline_paths, owner_args
+from ..analysis.owners import OwnerTraces, inline_paths, owner_args, owner_inputs
 from ..errors import PlanMismatchError
 from ..plan import PLAN_ATTR, Site
 from ..se_block import SEBlock, check_se_weights
@@ -325,7 +325,7 @@ _PRIMITIVES = (bool, int, float, str, type(None))
 
 
 def rebuild_block(owner: nn.Module, owner_path: str, sites: list[Site], traces: OwnerTraces) -> RebuiltBlock:
-    graphs, constants = traces.graphs(owner, inline_paths(sites), owner_args(sites))
+    graphs, constants = traces.graphs(owner, inline_paths(sites), owner_args(sites), owner_inputs(sites))
     for graph in graphs.values():
         _insert_sites(graph, owner_path, sites)
     device, dtype = _module_placement(owner)

@@ -4,7 +4,7 @@ module of parallel branches) or dense sites (one SE per newly computed input), o
 from __future__ import annotations
 
 import math
-from collections.abc import Set
+from collections.abc import Mapping, Set
 
 import torch.fx as fx
 from torch import nn
@@ -31,7 +31,7 @@ def concatenation(unit: Unit, node: fx.Node, ctx: Context) -> list[Candidate] | 
     if not is_cat(node):
         return None
     found = []
-    cands = _concatenation(unit, node, ctx.policy, ctx.producers, ctx.finished)
+    cands = _concatenation(unit, node, ctx.policy, ctx.producers, ctx.finished, ctx.trunks, ctx.dense)
     if len(cands) == 1 and cands[0].skip is not None and cands[0].skip.reason is SkipReason.NO_COMPUTED_BRANCH:
         ctx.finished.add(node)  # an aggregation root (DLA, CSP): trunk, like the sums it joins
     for cand in cands:
@@ -49,11 +49,15 @@ def _concatenation(
     policy: Policy,
     done: Set[fx.Node | None] = frozenset(),
     finished: Set[fx.Node] = frozenset(),
+    sum_trunks: Mapping[fx.Node, fx.Node] | None = None,
+    dense: set[fx.Node] | None = None,
 ) -> list[Candidate]:
     """Inception, dense or fusion (rules 2, 3, 9-12); ``done``: producers already given a
     dense candidate by an earlier concatenation (one SE per producer); ``finished``: the ends of
     finished blocks before ``cat``: residual sums (not fusions, not linear merges) and
-    aggregation roots."""
+    aggregation roots; ``sum_trunks``: the trunk of each of those sums; ``dense``: outputs of
+    the dense concatenations before ``cat`` (carried features), to which ``cat`` is added
+    when it is one."""
     flow = unit.flow
     raw = cat.args[0] if cat.args else cat.kwargs.get("tensors", ())
     inputs: list[fx.Node] = []
@@ -80,16 +84,19 @@ def _concatenation(
     if (linear := linear_block(unit, region, cost)) is not None:
         return [skip(cand, SkipReason.LINEAR_BLOCK, linear)]
     ancestors = {i: flow.ancestors_within(i, region) for i in inputs}
-    trunks = _sum_trunks(flow, inputs, finished, cost)
+    trunks = _sum_trunks(flow, inputs, finished, cost) | _projected_trunks(flow, sum_trunks or {}, region)
+    earlier_dense = dense if dense is not None else set()
 
     def carried(i: fx.Node, pool_is_branch: bool) -> bool:
         # Rule 3: the fork, a slice or pooled copy of it (a pooling-only input is a branch of an
         # Inception module, but beside carried features just a pooled copy of them); rule 9: a
-        # residual sum's output (and a slice of its shortcut) is trunk.
+        # residual sum's output (and a slice of its shortcut) is trunk; an earlier dense
+        # concatenation's output is carried features (DPN's dense path).
         return (
             i is fork
             or (cost[i] == 0 and not (pool_is_branch and pooled[i]))
             or (channel_slice_of(flow, i) or i) in trunks
+            or i in earlier_dense
             or _after_residual(unit, i, fork, finished)
         )
 
@@ -107,6 +114,8 @@ def _concatenation(
         return [skip(cand, SkipReason.NO_COMPUTED_BRANCH)]
     if not any(carried(i, pool_is_branch=True) for i in inputs):
         return [_inception(cand, fork, region, policy)]
+    if dense is not None:
+        dense.add(cat)
     return _dense(unit, cat, computed, region, done, policy)
 
 
@@ -192,6 +201,18 @@ def _sum_trunks(flow: DataFlow, inputs: list[fx.Node], finished: Set[fx.Node], c
             trunk = a if cost.get(a, 0) <= cost.get(b, 0) else b
             trunks.add(channel_slice_of(flow, trunk) or trunk)  # type: ignore[arg-type]
     return trunks
+
+
+def _projected_trunks(flow: DataFlow, sum_trunks: Mapping[fx.Node, fx.Node], region: Set[fx.Node]) -> set[fx.Node]:
+    """Projections in ``region`` that an earlier residual sum's trunk is a channel slice of: a
+    dual-path block projects its input once and sums one slice into the residual path, so the
+    projection's other slices are carried features too (DPN's ``x_s2`` beside ``x_s1``)."""
+    found: set[fx.Node] = set()
+    for trunk in sum_trunks.values():
+        whole = channel_slice_of(flow, trunk)
+        if whole is not None and whole in region:
+            found.add(whole)
+    return found
 
 
 def _is_prediction(unit: Unit, node: fx.Node) -> bool:

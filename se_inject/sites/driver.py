@@ -227,6 +227,7 @@ def _finalise(
                 prefix_tokens=cand.prefix_tokens,
                 spatial=spatial,
                 owner_args=cand.unit.owner_args(cand.owner_rel),
+                owner_inputs=cand.unit.owner_inputs(cand.owner_rel),
                 config=config,
             )
         )

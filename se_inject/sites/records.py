@@ -9,7 +9,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..analysis.attention import gating_products
-from ..analysis.calls import CallRecord, leading_tensors, standalone_call
+from ..analysis.calls import CallRecord, leading_tensors, standalone_call, tuple_call
 from ..analysis.dataflow import DataFlow
 from ..analysis.node_names import node_scope
 from ..analysis.ops import cat_dim, is_cat, tensor_shape
@@ -57,24 +57,32 @@ class Unit:
     def rewritable_owner(self, scope: str) -> str:
         """``scope`` or its nearest ancestor that can be traced on its own: every call passes
         exactly its required arguments, all tensors, plus at most defaults by keyword (lists,
-        ``None`` and other Python values would become placeholders and change the graph). The
-        unit's root always qualifies."""
+        ``None`` and other Python values would become placeholders and change the graph), or
+        every call passes the same tensors and then one tuple of as many traced values (DPN's
+        dual-path blocks, Twins' ``(H, W)``: it is traced with one placeholder per element).
+        The unit's root always qualifies."""
         while scope:
             calls = self.calls.get(scope, [])
             module = self.module.get_submodule(scope)
-            if (
-                calls
-                and all(standalone_call(module, args, kwargs) for args, kwargs in calls)
-                and len({leading_tensors(args) for args, _ in calls}) == 1  # one graph serves every call
-            ):
+            if calls and (_standalone_calls(module, calls) or _tuple_calls(module, calls)):
                 return scope
             scope = scope.rpartition(".")[0]
         return scope
 
     def owner_args(self, owner_rel: str) -> int:
-        """Positional tensors each call of the owner passes (0 for the unit's root: its own)."""
+        """Positional tensors each call of the owner passes, a tuple of traced values counted as
+        one (0 for the unit's root: its own)."""
         calls = self.calls.get(owner_rel) if owner_rel else None
-        return leading_tensors(calls[0][0]) if calls else 0
+        if not calls:
+            return 0
+        passed, _ = tuple_call(self.module.get_submodule(owner_rel), *calls[0])
+        return passed or leading_tensors(calls[0][0])
+
+    def owner_inputs(self, owner_rel: str) -> int:
+        """N when the last traced argument of each call of the owner is an N-tuple of traced
+        values, else 0 (tensors only; always for the unit's root)."""
+        calls = self.calls.get(owner_rel) if owner_rel else None
+        return tuple_call(self.module.get_submodule(owner_rel), *calls[0])[1] if calls else 0
 
     def prefix_tokens(self) -> int:
         """Class and distillation tokens in front of a token sequence: timm's
@@ -106,6 +114,19 @@ class Unit:
         if owner_rel not in self._gated:
             self._gated[owner_rel] = gating_products(self.flow, self.owned_nodes(owner_rel))
         return self._gated[owner_rel]
+
+
+def _standalone_calls(module: nn.Module, calls: list[CallRecord]) -> bool:
+    """Every call passes tensors and defaults, the same number of tensors: one graph serves all."""
+    return all(standalone_call(module, args, kwargs) for args, kwargs in calls) and (
+        len({leading_tensors(args) for args, _ in calls}) == 1
+    )
+
+
+def _tuple_calls(module: nn.Module, calls: list[CallRecord]) -> bool:
+    """Every call passes the same tensors, then a tuple of as many traced values, then defaults."""
+    shapes = {tuple_call(module, args, kwargs) for args, kwargs in calls}
+    return len(shapes) == 1 and (0, 0) not in shapes
 
 
 @dataclass
@@ -179,6 +200,9 @@ class Context:
     #: The trunk of each residual sum in ``finished`` (a later branch summed into it from the
     #: same fork shares that trunk: multi-branch residuals).
     trunks: dict[fx.Node, fx.Node] = field(default_factory=dict)
+    #: Rule 3: outputs of dense concatenations seen so far: carried features wherever they
+    #: flow next (DPN's dense path, concatenated again by every later block).
+    dense: set[fx.Node] = field(default_factory=set)
 
 
 #: A placement rule: given a unit, one of its live nodes (in graph order) and the shared context,
