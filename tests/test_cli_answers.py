@@ -99,14 +99,16 @@ def test_analysis_input_is_a_meta_tensor(monkeypatch) -> None:
 # --- 6. one behaviour for a model whose root cannot be rebuilt ------------------------------
 
 
-def test_cli_and_api_agree_on_a_root_that_cannot_be_rebuilt() -> None:
+def test_cli_and_api_agree_on_a_model_whose_blocks_take_a_tuple() -> None:
     import timm
 
     data = report("timm:twins_svt_small", "--weights", "random", "--input-size", "64", "--dry-run")
-    with pytest.warns(UserWarning):
-        model = se_inject.inject_se(timm.create_model("twins_svt_small"), example_input=torch.zeros(1, 3, 64, 64))
+    model = se_inject.inject_se(timm.create_model("twins_svt_small"), example_input=torch.zeros(1, 3, 64, 64))
     injected = [name for name, m in model.named_modules() if isinstance(m, se_inject.SEBlock)]
     assert [s["name"] for s in data["sites"]] == injected
+    # Twins' position encoders are called with (x, (H, W)): once not rewritable from the root,
+    # now their own owners (issue 17, pattern 3); the CLI and the API build the same four
+    assert injected == [f"pos_block.{i}.se" for i in range(4)]
 
 
 # --- 7. a reduction that leaves every block at the minimum width --------------------------
