@@ -92,6 +92,55 @@ def test_a_dict_cache_is_not_a_side_effect_and_is_left_empty() -> None:
         assert torch.equal(injected(X), reference(X))
 
 
+class _ClearsOnTrain(nn.Module):
+    """A part that does not trace (it branches on ``x.dim()``), so analysis runs it, filling its
+    eval-mode cache; its ``train()`` empties the cache by rebinding it (timm EfficientViT's
+    attention does both)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.bias = nn.Parameter(torch.zeros(8))
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def train(self, mode: bool = True) -> _ClearsOnTrain:
+        super().train(mode)
+        if self.cache:
+            self.cache = {}
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            bias = self.bias[None, :, None, None] * 2
+        else:
+            bias = self.cache.setdefault("bias", self.bias[None, :, None, None] * 2)
+        if x.dim() == 4:
+            return self.conv(x) + bias
+        return x
+
+
+class _Wrapped(nn.Module):
+    def __init__(self, body: nn.Module) -> None:
+        super().__init__()
+        self.body = body
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+def test_what_train_itself_changes_is_not_the_forwards_side_effect() -> None:
+    # Tracing switches modes with train(): a cache it rebinds there is not a side effect of the
+    # forward (this cost timm's efficientvit_m0 6 of its 38 sites).
+    model = _Net(_Wrapped(_ClearsOnTrain()), _Residual()).eval()
+    reference = copy.deepcopy(model)
+    plan = se_inject.find_sites(model, example_input=X)
+    assert not [s for s in plan.skipped if s.reason is se_inject.SkipReason.NOT_REWRITABLE], plan.skipped
+    assert sorted(s.owner for s in plan.sites) == ["block", "other"]
+    injected = se_inject.inject_se(model, example_input=X)
+    with torch.no_grad():
+        assert torch.equal(injected(X), reference(X))
+
+
 class _Aliased(nn.Module):
     """The same block registered under two names (U-Net libraries keep such paths)."""
 

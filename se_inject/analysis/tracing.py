@@ -284,14 +284,20 @@ def trace(
     # timm's LeViT fills a dict of attention biases) would keep proxies: the sandbox puts every
     # module back as it was, keeping only the constants the tracer added to the root. What
     # changed is noted first: side effects a rebuilt block would lose.
-    saved = [(path, m, dict(m.__dict__), {k: dict(m.__dict__[k]) for k in _STATE_DICTS}) for path, m in module.named_modules()]
-    before = set(module.__dict__)
     tracer = SETracer(inline=inline, var_positional=var_positional, opaque=opaque)
     reads: list[str] = []
     effects: list[str] = []
     with preserved_state(module, rng=False):
-        with training_mode(module, training), _watch_mode_reads(module, reads), watch_jit_isinstance():
-            graph = tracer.trace(module, concrete_args=concrete_args)
+        with training_mode(module, training):
+            # Noted after the mode switch: what ``train()`` itself changes (timm's EfficientViT
+            # empties its attention-bias cache there) is not the forward's doing.
+            saved = [
+                (path, m, dict(m.__dict__), {k: dict(m.__dict__[k]) for k in _STATE_DICTS})
+                for path, m in module.named_modules()
+            ]
+            before = set(module.__dict__)
+            with _watch_mode_reads(module, reads), watch_jit_isinstance():
+                graph = tracer.trace(module, concrete_args=concrete_args)
         added = {k: module.__dict__[k] for k in set(module.__dict__) - before}
         for path, m, attrs, state in saved:
             made = added if m is module else {}
