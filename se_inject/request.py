@@ -26,7 +26,7 @@ DEFAULT_REDUCTION = 16
 class SEConfig:
     """How every SE block of one injection is built (recorded in plans and checkpoints)."""
 
-    reduction: float = 16
+    reduction: float = DEFAULT_REDUCTION
     min_hidden: int = 8
     hidden: int | None = None
     bias: bool = True
