@@ -165,10 +165,10 @@ class Unanalysed:
 
 @dataclass(frozen=True)
 class Plan:
-    """Sites, skipped sites and unanalysed modules, plus the SE configuration asked for.
+    """Sites, skipped sites and unanalysed modules, plus the request they answer.
 
-    Each site carries its own block config; ``config`` is the one of the latest injection
-    (what ``find_sites`` was called with).
+    Each site carries its own block config; ``config`` and ``selection`` are the request of the
+    latest injection (what ``find_sites`` was called with).
     """
 
     sites: tuple[Site, ...]
