@@ -604,3 +604,16 @@ class OpaqueAmbiguous(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.reduce(self.expand(x))
+
+
+def perturb_se(model: nn.Module) -> None:
+    """Move every inserted SE block off identity (seeded), so that outputs show whether its
+    weights were kept: an identity-start block passes any round trip trivially."""
+    from se_inject import SEBlock
+
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, SEBlock):
+                for p in m.parameters():
+                    p.add_(torch.randn_like(p))

@@ -16,7 +16,7 @@ import timm
 import torch
 import torch.nn.functional as F
 import torchvision
-from nets import Residual
+from nets import Residual, perturb_se
 from torch import nn
 
 from se_inject import SEBlock, SkipReason, find_sites, inject_se, load, save
@@ -281,14 +281,6 @@ def test_twins_lists_what_it_builds() -> None:
         assert torch.equal(injected(other), before_other)
 
 
-def _perturb_se(model: nn.Module) -> None:
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, SEBlock):
-                for p in m.parameters():
-                    p.add_(torch.randn_like(p))
-
 
 def test_two_injections_with_different_options_save_and_load_exactly(tmp_path) -> None:
     torch.manual_seed(0)
@@ -301,7 +293,7 @@ def test_two_injections_with_different_options_save_and_load_exactly(tmp_path) -
     assert [s.name for s in sites] == ["layer1.0.se", "layer1.1.se", "layer2.0.se", "layer2.1.se"]
     assert [(s.config.bias, s.config.gate) for s in sites] == [(True, "scaled_sigmoid")] * 2 + [(False, "one_plus_tanh")] * 2
     assert model.layer2[0].se.fc1.bias is None and model.layer1[0].se.fc1.bias is not None
-    _perturb_se(model)
+    perturb_se(model)
     save(model, tmp_path / "m.pt")
     loaded = load(tmp_path / "m.pt", base_model=base)
     with torch.no_grad():

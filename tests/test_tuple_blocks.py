@@ -12,7 +12,7 @@ import pickle
 import pytest
 import timm
 import torch
-from nets import conv_bn, conv_bn_relu
+from nets import conv_bn, conv_bn_relu, perturb_se
 from timm.models.dpn import DualPathBlock as TimmDualPathBlock
 from torch import nn
 
@@ -197,22 +197,13 @@ def test_the_plan_round_trips_and_replays(tmp_path) -> None:
     assert sorted(n for n, m in replayed.named_modules() if isinstance(m, SEBlock)) == sorted(s.name for s in plan.sites)
     # A checkpoint of the injected model loads onto a fresh base with the same outputs.
     injected = inject_se(copy.deepcopy(model), example_input=X)
-    _perturb_se(injected)
+    perturb_se(injected)
     path = save(injected, tmp_path / "dpn.pt")
     loaded = load(path, base_model=copy.deepcopy(model)).eval()
     with torch.no_grad():
         assert torch.equal(loaded(X), injected.eval()(X))
         assert not torch.equal(loaded(X), before)  # the SE weights came with it
 
-
-def _perturb_se(model: nn.Module) -> None:
-    """Move every SE block off identity, so that outputs show whether its weights were kept."""
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, SEBlock):
-                for p in m.parameters():
-                    p.add_(torch.randn_like(p))
 
 
 class PosConv(nn.Module):
