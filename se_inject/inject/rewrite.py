@@ -28,7 +28,7 @@ def apply_plan(model: nn.Module, plan: Plan, *, traces: OwnerTraces | None = Non
 
     Every owning block is rebuilt before any is swapped in, so a plan that does not fit leaves
     the model untouched. Returns ``model``, or the rebuilt root when the root owns a site.
-    ``traces`` are the owner traces made while planning (``inject_se`` passes them on, so
+    ``traces`` are the owner traces made while planning (``inject_named`` passes them on, so
     nothing is traced twice); each site's block is built with the site's own config.
 
     Raises:
