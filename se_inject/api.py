@@ -10,13 +10,11 @@ import torch
 from torch import nn
 
 from .analysis.owners import OwnerTraces
-from .analysis.sandbox import collection_paused, preserved_state
-from .inject import rewrite
-from .inject.rewrite import build_blocks, install, remove_se
-from .inject.verify import check_rebuilt, record_owner_calls
+from .inject.build import build
+from .inject.rewrite import remove_se
 from .plan import Plan
 from .request import SEConfig, Selection, make_request
-from .sites import build_plan, example_args
+from .sites import build_plan
 from .sites.diagnostics import no_sites_warning, unanalysed_warning
 
 __all__ = [
@@ -100,21 +98,6 @@ def find_sites(
     return build_plan(model, config, selection, example_input=example_input)
 
 
-def _check_args(model: nn.Module, example_input: object) -> tuple[object, ...]:
-    """The inputs of the post-build check: the user's example, else one sample of random
-    values at the analysis input's size (an empty tensor may hold NaNs and infinities; one
-    sample halves the check's cost, and a rebuilt block is just as wrong at batch 1)."""
-    args = example_args(model, example_input)
-    if example_input is not None:
-        return args
-    generator = torch.Generator(device="cpu").manual_seed(0)
-    return tuple(
-        torch.randn((1, *a.shape[1:]), generator=generator, dtype=a.dtype).to(a.device)
-        if isinstance(a, torch.Tensor) and a.is_floating_point() else a
-        for a in args
-    )
-
-
 def inject_se(
     model: nn.Module,
     reduction: float | None = None,
@@ -150,9 +133,11 @@ def inject_se(
         >>> sum(isinstance(m, SEBlock) for m in model.modules())
         16
 
-    After building, each rebuilt block is run on the inputs its original received in one
-    forward pass of the example input (eval mode) and must give bit-identical outputs, its
-    SE blocks passing their input through; otherwise nothing is changed.
+    Where the scaled tensor is a submodule's output (``bn3``), the SE block is attached to it
+    and the owner's code is not touched; an owner whose branch ends in a functional value is
+    rebuilt, then run on the inputs its original received in one forward pass of the example
+    input (eval mode) and must give bit-identical outputs, its SE blocks passing their input
+    through; otherwise nothing is changed.
 
     Raises:
         ConfigError: an option has a bad value, both ``reduction`` and ``hidden`` are given, or
@@ -184,14 +169,7 @@ def inject_se(
     plan = build_plan(model, config, selection, example_input=example_input, traces=traces)
     name = type(model).__name__
     if plan.sites:
-        with collection_paused():
-            rebuilt = build_blocks(model, plan, traces=traces)
-            # Post-build check (a plan is a promise): each rebuilt block must compute what its
-            # original computes on the example input, before anything is swapped in.
-            with preserved_state(model):  # a real forward: its caches, counters and RNG use are undone
-                calls = record_owner_calls(model, list(rebuilt), _check_args(model, example_input))
-                check_rebuilt(rebuilt, calls)
-            injected = install(model, plan, rebuilt)
+        injected = build(model, plan, example_input=example_input, traces=traces)
         thin = unanalysed_warning(name, plan)
         if thin is not None:
             warnings.warn(thin, UserWarning, stacklevel=2)
@@ -207,14 +185,19 @@ def inject_se(
     return model
 
 
-def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
+def apply_plan(
+    model: nn.Module, plan: Plan, *, example_input: torch.Tensor | tuple[torch.Tensor, ...] | None = None
+) -> nn.Module:
     """Insert the plan's SE blocks into ``model``, in place; nothing is decided here.
 
-    Replays a plan from :func:`find_sites` (or one read back from a checkpoint) as it is: the
-    owners are traced again and each site must be found where the plan says. Returns the model,
-    or the rebuilt root when the root owns a site.
+    Replays a plan from :func:`find_sites` (or one read back from a checkpoint) as it is, through
+    the same path as :func:`inject_se`: attached sites must find their module, rebuilt owners are
+    traced again, each site must be found where the plan says, and each rebuilt owner is checked
+    against its original on ``example_input`` (default: one random sample at the model's input
+    size). Returns the model, or the rebuilt root when the root owns a site.
 
     Raises:
         PlanMismatchError: a site of the plan is not where it says in this model.
+        UnfaithfulRebuildError: a rebuilt block computes something else than the original.
     """
-    return rewrite.apply_plan(model, plan)
+    return build(model, plan, example_input=example_input)

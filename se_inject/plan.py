@@ -104,6 +104,14 @@ class Site:
             takes tensors.
         config: how this site's SE block is built (a model injected twice with different
             options holds sites with different configs; each rebuilds as it was made).
+        attach: how the SE block gets into the model. A path relative to ``owner`` (``"bn3"``,
+            ``"conv"``; ``""`` for the owner itself): the module whose output is the scaled
+            tensor, called once per forward, with no other reader; the SE block is attached to
+            that output and the owner's code is not touched. ``None``: the owner is rebuilt
+            from its trace with the SE call inserted (its branch ends in a functional value).
+        slot: the owner's own forward already calls ``self.<attr>`` on the scaled tensor, a
+            placeholder that is ``None`` (timm's blocks built without attention: ``self.se =
+            None``), as its trace showed: the SE block fills the placeholder, nothing else changes.
     """
 
     name: str
@@ -122,6 +130,18 @@ class Site:
     owner_args: int = 0
     owner_inputs: int = 0
     config: SEConfig = field(default_factory=SEConfig)
+    attach: str | None = None
+    slot: bool = False
+
+    @property
+    def attached(self) -> bool:
+        """Whether the owner's code is left alone (a hook, or its own placeholder), else it is rebuilt."""
+        return self.attach is not None or self.slot
+
+    @property
+    def mechanism(self) -> str:
+        """How the SE block gets into the model: ``attached``, ``placeholder`` or ``rebuilt``."""
+        return "placeholder" if self.slot else "attached" if self.attach is not None else "rebuilt"
 
     @property
     def attr(self) -> str:
@@ -232,6 +252,9 @@ class Plan:
                     "spatial": tuple(raw.get("spatial", ())),
                     # Checkpoints before per-site configs hold one config for the whole plan.
                     "config": SEConfig.from_dict(raw["config"]) if "config" in raw else config,
+                    # Plans saved before attaching existed rebuild every owner, as they were made.
+                    "attach": _attach_path(raw.get("attach")),
+                    "slot": raw.get("slot", False) is True,
                 })
                 for raw in data["sites"]
             )
@@ -244,6 +267,12 @@ class Plan:
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"malformed plan: {e}") from e
         return cls(sites, skipped, unanalysed, config, str(data.get("input", "")), selection)
+
+
+def _attach_path(raw: Any) -> str | None:
+    if raw is None or isinstance(raw, str):
+        return raw
+    raise TypeError(f"a site's attach is a module path or null, not {type(raw).__name__}")
 
 
 def _unanalysed(raw: Any) -> Unanalysed:

@@ -18,6 +18,7 @@ from .errors import ConfigError, GateMismatchError
 
 __all__ = [
     "SEBlock",
+    "SEHook",
     "GATES",
     "POOLS",
     "PLACEMENTS",
@@ -333,3 +334,17 @@ def _flatten_conv_weights(
         weight = state_dict.get(key)
         if _timm_shaped(weight):
             state_dict[key] = weight.reshape(weight.shape[0], weight.shape[1])
+
+
+class SEHook:
+    """Forward hook scaling its module's output with one SE block (``inject.attach`` registers
+    it; the analysis reads it, so an attached block counts as existing attention)."""
+
+    def __init__(self, se: SEBlock) -> None:
+        self.se = se
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        return self.se(output)
+
+    def __repr__(self) -> str:
+        return f"SEHook({self.se.channels} channels)"

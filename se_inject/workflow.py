@@ -27,7 +27,7 @@ from torch import nn
 
 from .analysis.owners import OwnerTraces
 from .errors import ConfigError, NoSitesError, SelectionError
-from .inject.rewrite import apply_plan
+from .inject.build import build
 from .io.checkpoint import check_output_path, save
 from .models.loading import default_input_size, load_model
 from .models.names import ModelSpec
@@ -150,7 +150,7 @@ def _plan(
     net: nn.Module, spec: ModelSpec, config: SEConfig, selection: Selection, size: tuple[int, ...], traces: OwnerTraces
 ) -> Plan:
     """The plan for the request, on a meta input of ``size``; the owner traces it makes are kept
-    in ``traces`` for ``apply_plan``."""
+    in ``traces`` for ``build``."""
     try:
         # shapes only: a meta input costs no real memory
         plan = build_plan(net, config, selection, example_input=torch.empty(1, *size, device="meta"), traces=traces)
@@ -219,7 +219,8 @@ def inject_named(
     plan = _plan(net, spec, config, selection, size, traces)
     _warn_minimum_width(plan)
     if plan.sites:
-        net = apply_plan(net, plan, traces=traces)  # a plan is a promise: every listed site is built
+        # a plan is a promise: every listed site is built, rebuilt blocks checked on one sample
+        net = build(net, plan, example_input=torch.empty(1, *size, device="meta"), traces=traces)
     hint = include_hint(plan, selection)
     if not plan.sites and not dry_run:
         why = hint or no_sites_reason(plan)

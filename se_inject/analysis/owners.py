@@ -157,6 +157,11 @@ class OwnerTraces:
             self._own[(id(owner), inline, args, inputs)] = (graphs, constants)
         return graphs, constants
 
+    def traced(self, owner: nn.Module, args: int = 0, inputs: int = 0) -> dict[bool, fx.Graph]:
+        """The owner's graphs (eval under ``False``, train under ``True`` when it differs) with
+        every child kept as a call; shared, not to be edited."""
+        return self._traced(owner, (), args, inputs)[0]
+
     def check(self, owner: nn.Module, owner_path: str, sites: Sequence[Site]) -> str | None:
         """Why ``owner`` cannot be rebuilt with ``sites`` (the first line of the error), or
         None when the rewriter will find every site's nodes in both modes' graphs."""

@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import torch.fx as fx
 from torch import nn
 
-from ..se_block import SEBlock
+from ..se_block import SEBlock, SEHook
 from .calls import PLAIN, VAR_KINDS, CallRecord, arg_kind
 from .causes import watch_jit_isinstance
 from .sandbox import preserved_state
@@ -81,6 +81,8 @@ class SETracer(fx.Tracer):
         self.var_positional = var_positional
         self.opaque = frozenset(opaque)
         self.module_calls: dict[str, list[CallRecord]] = {}
+        #: Per submodule traced through: the node each call returned (None: not one traced value).
+        self.module_outputs: dict[str, list[fx.Node | None]] = {}
         self._aliases: dict[int, list[str]] | None = None
 
     def path_of_module(self, mod: nn.Module) -> str:
@@ -101,15 +103,28 @@ class SETracer(fx.Tracer):
         return super().path_of_module(mod)
 
     def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if not self.is_leaf_module(m, self.path_of_module(m)):
-            calls = self.module_calls.setdefault(self.path_of_module(m), [])
-            calls.append(
-                (
-                    tuple((arg_kind(a), a if isinstance(a, PLAIN) else None) for a in args),
-                    tuple((k, arg_kind(v), v if isinstance(v, PLAIN) else None) for k, v in sorted(kwargs.items())),
-                )
+        path = self.path_of_module(m)
+        if self.is_leaf_module(m, path):
+            returned = super().call_module(m, forward, args, kwargs)
+            # An SE block attached to a leaf runs in its hook, which fx skips: trace it as the
+            # call it is, so an injected model reads as attended (inject_se is idempotent).
+            for hook in m._forward_hooks.values():
+                if isinstance(hook, SEHook):
+                    returned = self.call_module(hook.se, hook.se.forward, (returned,), {})
+            return returned
+        calls = self.module_calls.setdefault(path, [])
+        calls.append(
+            (
+                tuple((arg_kind(a), a if isinstance(a, PLAIN) else None) for a in args),
+                tuple((k, arg_kind(v), v if isinstance(v, PLAIN) else None) for k, v in sorted(kwargs.items())),
             )
-        return super().call_module(m, forward, args, kwargs)
+        )
+        returned = super().call_module(m, forward, args, kwargs)
+        # What the call returned, when it is one traced value: an SE block can be attached to
+        # that module's output (``inject.attach``) instead of rebuilding its caller.
+        outputs = self.module_outputs.setdefault(path, [])
+        outputs.append(returned.node if isinstance(returned, fx.Proxy) else None)
+        return returned
 
     def create_args_for_root(self, root_fn: Any, is_module: bool, concrete_args: Any = None) -> Any:
         # ``*args`` / ``**kwargs`` (every transformers layer takes ``**kwargs``) would become
@@ -259,6 +274,8 @@ class Traced(NamedTuple):
     #: Attributes the traced code assigned or mutated (``calls`` of ``self.calls += 1``,
     #: ``head.anchors``): side effects a graph cannot hold, undone after the trace.
     side_effects: tuple[str, ...] = ()
+    #: Per submodule traced through, the node each of its calls returned (None: not one value).
+    outputs: dict[str, list[fx.Node | None]] = {}
 
 
 _MISSING = object()
@@ -308,7 +325,7 @@ def trace(
             changed += [name for k, held in state.items() for name in _rebound(held, attrs[k])]
             effects += [f"{path}.{k}" if path else k for k in sorted(set(changed)) if k != "training"]
     _restore_parameter_names(graph, concrete_args or {})
-    return Traced(graph, added, tracer.module_calls, bool(reads), tuple(effects))
+    return Traced(graph, added, tracer.module_calls, bool(reads), tuple(effects), tracer.module_outputs)
 
 
 def _rebound(before: dict[str, Any], now: dict[str, Any]) -> list[str]:

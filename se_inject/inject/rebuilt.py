@@ -18,7 +18,6 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any
 
-import torch
 import torch.fx as fx
 from torch import nn
 
@@ -27,6 +26,7 @@ from ..analysis.owners import OwnerTraces, inline_paths, owner_args, owner_input
 from ..errors import PlanMismatchError
 from ..plan import PLAN_ATTR, Site
 from ..se_block import SEBlock, check_se_weights
+from .attach import se_block_for
 
 __all__ = ["RebuiltBlock", "guard_loads", "rebuild_block"]
 
@@ -304,13 +304,6 @@ def _adopt(new: nn.Module, original: nn.Module, se_blocks: dict[str, SEBlock], c
 # --------------------------------------------------------------------------------------------
 
 
-def _module_placement(module: nn.Module) -> tuple[torch.device, torch.dtype]:
-    for tensor in [*module.parameters(), *module.buffers()]:
-        if tensor.is_floating_point():
-            return tensor.device, tensor.dtype
-    return torch.device("cpu"), torch.get_default_dtype()
-
-
 def _insert_sites(graph: fx.Graph, owner_path: str, sites: Iterable[Site]) -> None:
     for site in sites:
         source, targets = locate(graph, owner_path, site.source, site.targets, f"site {site.name}")
@@ -328,24 +321,7 @@ def rebuild_block(owner: nn.Module, owner_path: str, sites: list[Site], traces: 
     graphs, constants = traces.graphs(owner, inline_paths(sites), owner_args(sites), owner_inputs(sites))
     for graph in graphs.values():
         _insert_sites(graph, owner_path, sites)
-    device, dtype = _module_placement(owner)
-    se_blocks = {
-        s.attr: SEBlock(
-            s.channels,
-            s.hidden,
-            channel_axis=s.channel_axis,
-            bias=s.config.bias,
-            gate=s.config.gate,
-            pool=s.config.pool,
-            identity_init=s.config.identity_init,
-            prefix_tokens=s.prefix_tokens,
-            device=device,
-            dtype=dtype,
-        )
-        for s in sites
-    }
-    for block in se_blocks.values():
-        block.train(owner.training)
+    se_blocks = {s.attr: se_block_for(s, owner) for s in sites}
     block = RebuiltBlock(owner, graphs[False], graphs.get(True), se_blocks, constants)
     block.__dict__["_se_sites"] = (owner_path, tuple(sites))  # to follow a change of the original
     return block

@@ -1,9 +1,10 @@
-"""Plan -> modified model: build every owner's rebuilt block, swap them in, take them out.
+"""Rebuilt owners: build every one a plan needs (nothing swapped in yet), and take SE out again.
 
-Only the owning blocks change: each is replaced, under every name it has in the model, by its
-:class:`~se_inject.inject.rebuilt.RebuiltBlock`. Every block is built before any is swapped in,
-so a plan that does not fit leaves the model untouched. Nothing here decides placement:
-``apply_plan`` replays whatever plan it is given.
+A rebuilt owner is replaced, under every name it has in the model, by its
+:class:`~se_inject.inject.rebuilt.RebuiltBlock` (``inject.build`` swaps them in, after the
+check); every block is built before any is swapped in, so a plan that does not fit leaves the
+model untouched. :func:`remove_se` undoes both mechanisms: rebuilt blocks give their originals
+back, attached SE blocks come off their modules. Nothing here decides placement.
 """
 
 from __future__ import annotations
@@ -15,26 +16,12 @@ from dataclasses import replace
 from torch import nn
 
 from ..analysis.owners import OwnerTraces
-from ..analysis.sandbox import preserved_state
 from ..errors import PlanMismatchError
 from ..plan import PLAN_ATTR, Plan, Site
-from .rebuilt import RebuiltBlock, guard_loads, rebuild_block
+from .attach import attachments, detach
+from .rebuilt import RebuiltBlock, rebuild_block
 
-__all__ = ["apply_plan", "build_blocks", "install", "remove_se"]
-
-
-def apply_plan(model: nn.Module, plan: Plan, *, traces: OwnerTraces | None = None) -> nn.Module:
-    """Insert the plan's SE blocks into ``model``, in place; nothing is decided here.
-
-    Every owning block is rebuilt before any is swapped in, so a plan that does not fit leaves
-    the model untouched. Returns ``model``, or the rebuilt root when the root owns a site.
-    ``traces`` are the owner traces made while planning (``inject_named`` passes them on, so
-    nothing is traced twice); each site's block is built with the site's own config.
-
-    Raises:
-        PlanMismatchError: an owner, node or name in the plan does not exist in ``model``.
-    """
-    return install(model, plan, build_blocks(model, plan, traces=traces))
+__all__ = ["alias_paths", "build_blocks", "replace_module", "remove_se"]
 
 
 def build_blocks(model: nn.Module, plan: Plan, *, traces: OwnerTraces | None = None) -> dict[str, RebuiltBlock]:
@@ -64,31 +51,7 @@ def build_blocks(model: nn.Module, plan: Plan, *, traces: OwnerTraces | None = N
     return rebuilt
 
 
-def install(model: nn.Module, plan: Plan, rebuilt: dict[str, RebuiltBlock]) -> nn.Module:
-    """Swap the rebuilt blocks into ``model`` (outermost first) and record ``plan`` on it;
-    returns ``model``, or the rebuilt root when the root owns a site. A swap that fails
-    part-way leaves ``model`` as it was."""
-    with preserved_state(model, on_error_only=True):
-        return _install(model, plan, rebuilt)
-
-
-def _install(model: nn.Module, plan: Plan, rebuilt: dict[str, RebuiltBlock]) -> nn.Module:
-    aliases = _alias_paths(model)
-    for path in sorted(rebuilt, key=lambda p: (p.count("."), p) if p else (-1, p)):
-        if path:
-            # A block registered under several names (``m.block`` and ``m.path[0]``) is
-            # replaced under all, so hooks and freezing through any name reach the rebuilt one.
-            for alias in aliases.get(id(model.get_submodule(path)), [path]):
-                _replace_module(model, alias, rebuilt[path])
-    result = rebuilt.get("", model)
-    earlier = getattr(model, PLAN_ATTR, None)
-    recorded = earlier.merged(plan) if isinstance(earlier, Plan) else plan
-    object.__setattr__(result, PLAN_ATTR, recorded)  # plain attribute: no module, no state_dict key
-    guard_loads(result)
-    return result
-
-
-def _alias_paths(model: nn.Module) -> dict[int, list[str]]:
+def alias_paths(model: nn.Module) -> dict[int, list[str]]:
     """Every name of every submodule, by object (``named_modules`` gives each object once)."""
     paths: dict[int, list[str]] = {}
     for path, module in model.named_modules(remove_duplicate=False):
@@ -97,48 +60,68 @@ def _alias_paths(model: nn.Module) -> dict[int, list[str]]:
     return paths
 
 
-def _replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
+def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
     """Put ``new`` at ``path`` (torch's ``set_submodule``, strict: the name must exist)."""
     model.set_submodule(path, new, strict=True)
 
 
 def remove_se(model: nn.Module, *, include: Sequence[str] | None = None) -> nn.Module:
-    """Put rebuilt blocks' originals back, dropping their SE blocks; changes ``model`` in place.
+    """Take SE blocks out of ``model`` in place: attached ones come off their modules, rebuilt
+    blocks give their originals back.
 
-    ``include``: module-name globs choosing which blocks give their SE back, matched against
-    the owning block (``"layer1.*"``) or its SE modules (``"layer1.0.se"``); the others keep
-    theirs, and the plan recorded on the model lists only what is left. Default: every block.
-    Returns ``model`` (or the original root, if the root had been rebuilt and is chosen).
-    Original keys, parameters (the same objects, with any training they received) and outputs
-    come back.
+    ``include``: module-name globs choosing which SE blocks go, matched against the owning
+    block (``"layer1.*"``) or its SE modules (``"layer1.0.se"``); the others stay, and the plan
+    recorded on the model lists only what is left. Default: every block. Returns ``model`` (or
+    the original root, if the root had been rebuilt and is chosen). Original keys, parameters
+    (the same objects, with any training they received) and outputs come back.
 
     Example:
         >>> model = remove_se(model, include=["layer1.*", "layer2.*"])  # SE stays in layer3-4
     """
     globs = None if include is None else tuple(include)
 
-    def chosen(path: str, block: RebuiltBlock) -> bool:
+    def chosen(path: str, attrs: Sequence[str]) -> bool:
         if globs is None:
             return True
-        _, sites = block.__dict__.get("_se_sites", ("", ()))
-        names = [path, *(f"{path}.{site.attr}" if path else site.attr for site in sites)]
+        names = [path, *(f"{path}.{attr}" if path else attr for attr in attrs)]
         return any(fnmatch.fnmatchcase(name, glob) for name in names for glob in globs)
 
     plan = getattr(model, PLAN_ATTR, None)
-    removed: set[str] = set()
-    aliases = _alias_paths(model)
+    removed: set[str] = set()  # names of the SE modules taken out
+    holders = {id(child): (path, parent, key) for path, parent in model.named_modules()
+               for key, child in parent._modules.items() if child is not None}
+    for _, module, hook in list(attachments(model)):
+        path, owner, attr = holders.get(id(hook.se), ("", None, ""))
+        if owner is None or chosen(path, [attr]):
+            detach(module, hook.se)
+            if owner is not None:
+                delattr(owner, attr)
+            removed.add(f"{path}.{attr}" if path else attr)
+    for site in plan.sites if isinstance(plan, Plan) else ():
+        if site.slot and chosen(site.owner, [site.attr]):  # the placeholder back to None
+            owner = model.get_submodule(site.owner) if site.owner else model
+            if owner._modules.get(site.attr) is not None:
+                del owner._modules[site.attr]
+                owner.__dict__[site.attr] = None
+                removed.add(site.name)
+    aliases = alias_paths(model)
     for path, module in sorted(model.named_modules(), key=lambda item: -item[0].count(".")):
-        if isinstance(module, RebuiltBlock) and path and chosen(path, module):
+        if isinstance(module, RebuiltBlock) and path and chosen(path, _rebuilt_attrs(module)):
+            removed.update(f"{path}.{attr}" for attr in _rebuilt_attrs(module))
             original = module.restore()
             for alias in aliases[id(module)]:
-                _replace_module(model, alias, original)
-            removed.add(path)
-    if isinstance(model, RebuiltBlock) and chosen("", model):
+                replace_module(model, alias, original)
+    if isinstance(model, RebuiltBlock) and chosen("", _rebuilt_attrs(model)):
+        removed.update(_rebuilt_attrs(model))
         model = model.restore()
-        removed.add("")
-    left = () if not isinstance(plan, Plan) else tuple(s for s in plan.sites if s.owner not in removed)
+    left = () if not isinstance(plan, Plan) else tuple(s for s in plan.sites if s.name not in removed)
     if left:
         object.__setattr__(model, PLAN_ATTR, replace(plan, sites=left))
     else:
         model.__dict__.pop(PLAN_ATTR, None)
     return model
+
+
+def _rebuilt_attrs(block: RebuiltBlock) -> list[str]:
+    _, sites = block.__dict__.get("_se_sites", ("", ()))
+    return [site.attr for site in sites]

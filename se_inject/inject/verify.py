@@ -11,6 +11,8 @@ anything is swapped in, so a failure leaves the model as it was.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -28,9 +30,24 @@ __all__ = ["OwnerCalls", "record_owner_calls", "check_rebuilt"]
 OwnerCalls = dict[str, list[tuple[tuple[Any, ...], dict[str, Any], Any]]]
 
 
+def _is_dataclass(value: Any) -> bool:
+    return dataclasses.is_dataclass(value) and not isinstance(value, type)
+
+
+def _clone_leaf(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if _is_dataclass(value):  # a plain @dataclass output is no pytree node: copy its fields
+        copied = copy.copy(value)
+        for f in dataclasses.fields(value):
+            object.__setattr__(copied, f.name, _clone(getattr(value, f.name)))
+        return copied
+    return value
+
+
 def _clone(tree: Any) -> Any:
     # reason: a later in-place op (``relu_`` on a block's output) would change what was recorded.
-    return pytree.tree_map(lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v, tree)
+    return pytree.tree_map(_clone_leaf, tree)
 
 
 @contextmanager
@@ -85,6 +102,11 @@ def _same(a: Any, b: Any) -> bool:
             if x.shape != y.shape or x.dtype != y.dtype or not torch.equal(x.nan_to_num(), y.nan_to_num()):
                 return False
             if not torch.equal(x.isnan(), y.isnan()):
+                return False
+        elif _is_dataclass(x) or _is_dataclass(y):
+            if type(x) is not type(y):
+                return False
+            if not all(_same(getattr(x, f.name), getattr(y, f.name)) for f in dataclasses.fields(x)):
                 return False
         elif x != y:
             return False

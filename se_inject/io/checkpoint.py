@@ -20,7 +20,7 @@ adapter-style option, a few MB) holds the tensors of the :class:`~se_inject.se_b
 modules only, selected by type, never by a name such as ``"se"`` (timm's ``seresnet*`` have
 ``.se.`` modules of their own).
 
-:func:`~se_inject.io.restore.load` replays the saved plan with :func:`~se_inject.apply_plan` (no graph analysis) on a
+:func:`~se_inject.io.restore.load` replays the saved plan through ``inject.build``, as :func:`~se_inject.apply_plan` does (no graph analysis) on a
 base model rebuilt from the recorded registry name and constructor arguments with random init
 (nothing is downloaded), or on the ``base_model`` you pass, then loads the saved tensors
 strictly. A rebuilt base must have the recorded architecture signature (every module's class

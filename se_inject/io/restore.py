@@ -1,6 +1,6 @@
 """Checkpoints back in: read one (``weights_only``, format checked), rebuild its base model, replay its plan.
 
-:func:`load` replays the saved plan with :func:`~se_inject.apply_plan` (no graph analysis) on a
+:func:`load` replays the saved plan through ``inject.build``, as :func:`~se_inject.apply_plan` does (no graph analysis) on a
 base model rebuilt from the recorded registry name and constructor arguments with random init
 (nothing is downloaded), or on the ``base_model`` you pass, then loads the saved tensors
 strictly. A rebuilt base that differs from the recorded architecture signature is refused
@@ -26,7 +26,8 @@ from ..errors import (
     UnknownModelError,
     WeightsError,
 )
-from ..inject.rewrite import apply_plan, remove_se
+from ..inject.build import build
+from ..inject.rewrite import remove_se
 from ..models.arguments import args_from_literal, args_text
 from ..models.loading import create_model_for_state
 from ..models.names import ModelSpec, Source, model_origin, origin_args, resolve_name, tag_origin
@@ -218,7 +219,7 @@ def load(path: str | os.PathLike[str], base_model: nn.Module | None = None, *, f
             )
     else:
         model, spec = _rebuild_base(data, where)
-    injected = apply_plan(model, plan)  # changes nothing if the plan does not fit
+    injected = build(model, plan)  # attach, rebuild and check, or change nothing
     try:
         if se_only:
             _load_se_only(injected, state, where)

@@ -22,6 +22,7 @@ from typing import Any
 
 from torch import nn
 
+from ..inject.attach import PLACEHOLDER_FLAG, base_class
 from ..inject.rebuilt import RebuiltBlock
 from ..se_block import SEBlock
 
@@ -39,14 +40,15 @@ def _plain(value: Any) -> bool:
 
 def _describe(module: nn.Module) -> list[Any]:
     """``[class, extra_repr, ["key=value", ...]]`` of one module (not of its children)."""
-    cls = type(module)
+    cls = base_class(module)  # a module carrying an attached SE block is still its own class
     try:
         extra = module.extra_repr()
     except Exception:  # noqa: BLE001 - a module whose repr fails still has its attributes
         extra = "?"
     fields = sorted(
-        f"{k}={v!r}" for k, v in vars(module).items()
-        if not k.startswith("_") and k not in _IGNORED and _plain(v)
+        [f"{k}={v!r}" for k, v in vars(module).items() if not k.startswith("_") and k not in _IGNORED and _plain(v)]
+        # an SE block in the module's own placeholder (timm's ``self.se = None``): the base had None
+        + [f"{k}=None" for k, child in module._modules.items() if getattr(child, "__dict__", {}).get(PLACEHOLDER_FLAG)]
     )
     return [f"{cls.__module__}.{cls.__qualname__}", extra, fields]
 

@@ -16,6 +16,7 @@ from ..analysis.sandbox import collection_paused, preserved_state
 from ..plan import Plan, Site, SiteKind, Skipped, SkipReason, Unanalysed
 from ..request import SEConfig, Selection
 from ..se_block import hidden_width
+from .attach import AttachFacts, attach_per_owner, attach_point, fills_placeholder, has_placeholder
 from .concatenation import concatenation
 from .inputs import check_input_fits, describe_input, example_args
 from .plain import plain
@@ -152,6 +153,24 @@ def _mark_nested_across_units(candidates: list[Candidate]) -> None:
             ]
 
 
+def _mechanisms(
+    model: nn.Module, sites: list[Site], found: dict[int, tuple[Unit, fx.Node, str, set[fx.Node]]]
+) -> list[Site]:
+    """Each site's way into the model: the owner's own placeholder, a hook on the module whose
+    output it scales, or (neither) rebuilding the owner."""
+    facts = AttachFacts(model)
+    probes = OwnerTraces()  # traces with a probe in the placeholder: never the rewriter's
+    decided = []
+    for i, site in enumerate(sites):
+        owner = model.get_submodule(site.owner) if site.owner else model
+        if has_placeholder(owner, site.attr):  # the owner's code may call it: fill it, or rebuild
+            decided.append(replace(site, slot=fills_placeholder(owner, site, probes)))
+            continue
+        unit, source, owner_rel, targets = found[i]
+        decided.append(replace(site, attach=attach_point(unit, source, targets, owner_rel, facts)))
+    return decided
+
+
 def _depth(path: str) -> int:
     return path.count(".") + 1 if path else 0
 
@@ -176,6 +195,8 @@ def _finalise(
     skipped: list[Skipped] = []
     taken: dict[str, set[str]] = {}
     seen_sources: dict[tuple[int, fx.Node], int] = {}
+    # Per site index: the unit-graph facts its attach point is decided on (targets merged).
+    found: dict[int, tuple[Unit, fx.Node, str, set[fx.Node]]] = {}
     root_issues: dict[str, str] = {}
     # Owners with several sites name each after its source; counted before selection, so a
     # site's name does not depend on which others are selected.
@@ -195,6 +216,8 @@ def _finalise(
             site = sites[seen_sources[key]]
             merged = tuple(dict.fromkeys(site.targets + cand.rep_targets))
             sites[seen_sources[key]] = replace(site, targets=merged)
+            held = found[seen_sources[key]]
+            found[seen_sources[key]] = (*held[:3], held[3] | set(cand.targets) if held[3] and cand.targets else set())
             continue
         owner = cand.unit.full(cand.owner_rel)
         if not cand.owner_rel and cand.unit.root_call_issue:
@@ -211,6 +234,7 @@ def _finalise(
             skipped.append(Skipped(node_name, *reason))
             continue
         seen_sources[key] = len(sites)
+        found[len(sites)] = (cand.unit, cand.source, cand.owner_rel, set(cand.targets))
         sites.append(
             Site(
                 name=name,
@@ -231,5 +255,6 @@ def _finalise(
                 config=config,
             )
         )
+    sites = attach_per_owner(_mechanisms(model, sites, found))
     sites, skipped = drop_conflicting_owners(sites, skipped)
     return rebuildable(model, sites, skipped, traces, root_issues)

@@ -74,11 +74,12 @@ def represent(cand: Candidate) -> Candidate:
 def rebuildable(
     model: nn.Module, sites: list[Site], skipped: list[Skipped], traces: OwnerTraces, root_issues: dict[str, str]
 ) -> tuple[list[Site], list[Skipped]]:
-    """Rule 14: trace every owner as the rewriter will and keep only the sites found in it;
-    the others are skipped as ``not-rewritable`` with the reason."""
+    """Rule 14: trace every owner that is rebuilt as the rewriter will and keep only the sites
+    found in it; the others are skipped as ``not-rewritable`` with the reason."""
     by_owner: dict[str, list[Site]] = {}
     for site in sites:
-        by_owner.setdefault(site.owner, []).append(site)
+        if not site.attached:  # attached sites leave their owner's code alone: nothing to trace
+            by_owner.setdefault(site.owner, []).append(site)
     dropped: dict[str, str] = {}
     for owner, group in by_owner.items():
         if owner in root_issues:
@@ -103,7 +104,7 @@ def rebuildable(
 
 def drop_conflicting_owners(sites: list[Site], skipped: list[Skipped]) -> tuple[list[Site], list[Skipped]]:
     """An owner inside a module that another owner traces through could not be swapped in."""
-    inlined = {f"{s.owner}.{p}" if s.owner else p for s in sites for p in s.inline}
+    inlined = {f"{s.owner}.{p}" if s.owner else p for s in sites if not s.attached for p in s.inline}
     kept = []
     for site in sites:
         if any(site.owner == p or site.owner.startswith(p + ".") for p in inlined):

@@ -45,6 +45,9 @@ class Unit:
     #: Why the unit's root cannot be rebuilt on its own ("" when it can): it was called with
     #: values other than tensors and defaults, which its own trace would not reproduce.
     root_call_issue: str = ""
+    #: Per submodule traced through (relative path): the node each of its calls returned, or
+    #: None when a call returned something else than one traced value.
+    outputs: dict[str, list[fx.Node | None]] = field(default_factory=dict)
     #: Cache: the nodes performed inside each owner (relative path -> nodes in graph order).
     _owned: dict[str, list[fx.Node]] = field(default_factory=dict)
     #: Cache: the gating products (existing attention) among each owner's nodes.

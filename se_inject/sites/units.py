@@ -157,7 +157,7 @@ def _trace_unit(
         issue = "called with values other than tensors and defaults"
     else:
         issue = ""
-    return Unit(path, module, graph, DataFlow(graph, module), qualified_names(graph, path), calls, issue)
+    return Unit(path, module, graph, DataFlow(graph, module), qualified_names(graph, path), calls, issue, traced.outputs)
 
 
 def _keep_unit(

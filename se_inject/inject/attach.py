@@ -1,0 +1,136 @@
+"""Attaching an SE block to a module's output, without touching the code of the block that owns it.
+
+The mechanism is a forward hook on the module whose output the site scales (``bn3`` of a
+ResNet bottleneck, the ``conv`` Sequential of an inverted residual), as ``torch.ao``'s eager
+observers and FSDP attach behaviour; the SE block itself is registered on the owner under the
+site's name, so its keys read ``layer1.0.se.fc1.weight`` and every original key stays. The hook
+is a picklable object holding the SE block, so ``copy.deepcopy`` and ``torch.save(model)`` keep
+it (the copy's hook holds the copy's SE block).
+
+A hooked module stays the same object, so a traced copy (``torch.fx.symbolic_trace``,
+torchvision's ``create_feature_extractor``, ``torch.jit.trace``) that calls it runs the hook, and
+one that traces through it records the SE call. A hooked torch.nn leaf (a BatchNorm, a Conv)
+gets a subclass of its own class, same name and module (FSDP2's ``fully_shard`` swaps classes
+the same way): ``isinstance`` and every tracer's leaf rule still hold, but fusers that match
+exact types (``torch.ao.quantization.fuse_modules``, fx's conv-BN ``fuse``) no longer take it
+for a plain BatchNorm: ``fuse_modules`` refuses loudly and fx's ``fuse`` leaves that pair alone,
+instead of fusing the SE block away.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..plan import Site
+from ..se_block import SEBlock, SEHook
+
+__all__ = ["PLACEHOLDER_FLAG", "se_block_for", "SEHook", "attach", "detach", "attached_hooks", "attachments", "base_class", "is_marked"]
+
+
+def _placement(module: nn.Module) -> tuple[torch.device, torch.dtype]:
+    for tensor in [*module.parameters(), *module.buffers()]:
+        if tensor.is_floating_point():
+            return tensor.device, tensor.dtype
+    return torch.device("cpu"), torch.get_default_dtype()
+
+
+def se_block_for(site: Site, near: nn.Module) -> SEBlock:
+    """The site's SE block, built as its config says, on the device and dtype of ``near`` (the
+    owner) and in its train/eval mode."""
+    device, dtype = _placement(near)
+    block = SEBlock(
+        site.channels,
+        site.hidden,
+        channel_axis=site.channel_axis,
+        bias=site.config.bias,
+        gate=site.config.gate,
+        pool=site.config.pool,
+        identity_init=site.config.identity_init,
+        prefix_tokens=site.prefix_tokens,
+        device=device,
+        dtype=dtype,
+    )
+    return block.train(near.training)
+
+
+#: Set on an SE block that fills its owner's ``None`` placeholder, so the base model's
+#: signature still reads ``se=None`` there (``io.signature``) and ``remove_se`` puts it back.
+PLACEHOLDER_FLAG = "_se_fills_placeholder"
+
+_MARKED: dict[type, type] = {}
+
+
+def _new_marked(base: type) -> nn.Module:
+    """Unpickling and copying: an empty instance of ``base``'s marked class (state follows)."""
+    cls = _marked(base)
+    return cls.__new__(cls)
+
+
+def _reduce_marked(self: nn.Module, protocol: int) -> tuple[Any, ...]:
+    # reason: the marked class is made at run time; pickle it as its base plus the state, and
+    # make the class again on load (a copy in another process has the same hook and class).
+    return (_new_marked, (base_class(self),), self.__dict__.copy())
+
+
+def _fx_leaf(module: nn.Module) -> bool:
+    """What ``torch.fx.Tracer.is_leaf_module`` answers by default (its rule, restated)."""
+    name = type(module).__module__
+    return (name.startswith("torch.nn") or name.startswith("torch.ao.nn")) and not isinstance(module, nn.Sequential)
+
+
+def _marked(base: type) -> type:
+    cls = _MARKED.get(base)
+    if cls is None:
+        body = {"__module__": base.__module__, "__qualname__": base.__qualname__, "__reduce_ex__": _reduce_marked,
+                "_se_base": base}
+        cls = _MARKED[base] = type(base.__name__, (base,), body)
+    return cls
+
+
+def is_marked(module: nn.Module) -> bool:
+    """Whether ``module``'s class is a marked subclass made here."""
+    return any("_se_base" in cls.__dict__ for cls in type(module).__mro__)
+
+
+def base_class(module: nn.Module) -> type:
+    """The module's own class: the one it had before an SE block was attached to it."""
+    for cls in type(module).__mro__:
+        base = cls.__dict__.get("_se_base")
+        if base is not None:
+            return base
+    return type(module)
+
+
+def attached_hooks(module: nn.Module) -> list[tuple[int, SEHook]]:
+    """The SE hooks on ``module``, with their handle ids."""
+    return [(key, hook) for key, hook in module._forward_hooks.items() if isinstance(hook, SEHook)]
+
+
+def attach(module: nn.Module, se: SEBlock, *, first: bool = False) -> None:
+    """Scale ``module``'s output with ``se`` from now on. ``first``: before the module's other
+    forward hooks (the owner's own output: its users' hooks see the block's output with SE)."""
+    if _fx_leaf(module) and not is_marked(module):
+        module.__class__ = _marked(type(module))
+    module.register_forward_hook(SEHook(se), prepend=first)
+
+
+def detach(module: nn.Module, se: SEBlock | None = None) -> None:
+    """Take ``se`` (every SE block, when None) off ``module``; its class comes back with the last."""
+    for key, hook in attached_hooks(module):
+        if se is None or hook.se is se:
+            del module._forward_hooks[key]
+            for store in ("_forward_hooks_with_kwargs", "_forward_hooks_always_called"):
+                getattr(module, store, {}).pop(key, None)
+    if not attached_hooks(module) and is_marked(module):
+        module.__class__ = base_class(module)
+
+
+def attachments(model: nn.Module) -> Iterator[tuple[str, nn.Module, SEHook]]:
+    """Every (path, module, hook) of an attached SE block in ``model``."""
+    for path, module in model.named_modules():
+        for _, hook in attached_hooks(module):
+            yield path, module, hook
