@@ -21,7 +21,7 @@ from ..analysis.sandbox import collection_paused, preserved_state
 from ..errors import PlanMismatchError
 from ..plan import PLAN_ATTR, Plan, Site
 from ..sites import example_args
-from ..sites.attach import has_placeholder
+from ..sites.mechanism import has_placeholder
 from .attach import PLACEHOLDER_FLAG, attach, se_block_for
 from .rebuilt import RebuiltBlock, guard_loads
 from .rewrite import alias_paths, build_blocks, replace_module

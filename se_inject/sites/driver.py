@@ -16,7 +16,7 @@ from ..analysis.sandbox import collection_paused, preserved_state
 from ..plan import Plan, Site, SiteKind, Skipped, SkipReason, Unanalysed
 from ..request import SEConfig, Selection
 from ..se_block import hidden_width
-from .attach import AttachFacts, attach_per_owner, attach_point, fills_placeholder, has_placeholder
+from .mechanism import AttachFacts, attach_per_owner, attach_point, fills_placeholder, has_placeholder
 from .concatenation import concatenation
 from .inputs import check_input_fits, describe_input, example_args
 from .plain import plain
