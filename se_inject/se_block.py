@@ -336,9 +336,22 @@ def _flatten_conv_weights(
             state_dict[key] = weight.reshape(weight.shape[0], weight.shape[1])
 
 
+#: What ``torch.jit.script`` is told when it asks a hook of ours for its function name.
+NOT_SCRIPTABLE = (
+    "se-inject: this model has SE blocks attached by hooks, which TorchScript cannot compile; "
+    "use torch.export or torch.jit.trace (both keep them)"
+)
+
+
 class SEHook:
     """Forward hook scaling its module's output with one SE block (``inject.attach`` registers
     it; the analysis reads it, so an attached block counts as existing attention)."""
+
+    @property
+    def __name__(self) -> str:
+        # reason: TorchScript compiles hooks by function name; an object has none, and its
+        # error would not say why. An AttributeError keeps ``getattr(hook, "__name__", d)`` safe.
+        raise AttributeError(NOT_SCRIPTABLE)
 
     def __init__(self, se: SEBlock) -> None:
         self.se = se

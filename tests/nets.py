@@ -13,7 +13,8 @@ def conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1) -> nn.Sequential:
 
 class Residual(nn.Module):
     """``x + branch(x)`` in the spellings placement rule 1 lists, optionally with a projection,
-    layer scale, a scalar scale, dropout in the branch or an in-place add."""
+    layer scale, a scalar scale, dropout in the branch or an in-place add; with
+    ``functional_end`` the branch ends in a function, so its SE block is rebuilt in, not attached."""
 
     def __init__(
         self,
@@ -25,9 +26,12 @@ class Residual(nn.Module):
         layer_scale: bool = False,
         scale: float | None = None,
         dropout: bool = False,
+        functional_end: bool = False,
     ) -> None:
         super().__init__()
         cout = cout or cin
+        #: end the branch in a function (``torch.tanh``), not a module: its owner is rebuilt
+        self.functional_end = functional_end
         self.branch = nn.Sequential(conv_bn(cin, cout, 3, stride), nn.ReLU(), conv_bn(cout, cout))
         self.shortcut = conv_bn(cin, cout, 1, stride) if (stride != 1 or cin != cout) else None
         self.gamma = nn.Parameter(torch.full((cout, 1, 1), 0.5)) if layer_scale else None
@@ -37,6 +41,8 @@ class Residual(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.branch(x)
+        if self.functional_end:
+            out = torch.tanh(out)
         if self.dropout:
             out = F.dropout(out, 0.2, self.training)
         if self.gamma is not None:
@@ -617,3 +623,12 @@ def perturb_se(model: nn.Module) -> None:
             if isinstance(m, SEBlock):
                 for p in m.parameters():
                     p.add_(torch.randn_like(p))
+
+
+def force_rebuild(monkeypatch) -> None:
+    """Plan every site as rebuilt (no attaching, no placeholders): for the tests of what a
+    rebuilt block must keep, on nets whose branches end in modules."""
+    import se_inject.sites.driver as driver
+
+    monkeypatch.setattr(driver, "attach_point", lambda *args, **kwargs: None)
+    monkeypatch.setattr(driver, "has_placeholder", lambda *args, **kwargs: False)

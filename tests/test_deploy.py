@@ -18,12 +18,13 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from nets import ChannelsLast, Dense, Inception, OptionalArg, Residual, RootResidual, conv_bn
+from nets import ChannelsLast, Dense, Inception, OptionalArg, Residual, RootResidual, conv_bn, force_rebuild
 from torch import nn
 from torchvision.ops.misc import Permute
 
 from se_inject import inject_se, remove_se
 from se_inject.errors import PlanMismatchError
+from se_inject.inject.attach import attached_hooks
 from se_inject.inject.rebuilt import RebuiltBlock
 from se_inject.plan import PLAN_ATTR
 from se_inject.se_block import GATES, POOLS, SEBlock
@@ -53,9 +54,14 @@ NETS: dict[str, Callable[[], nn.Module]] = {
 }
 #: A real model too, where a layer swap lands on a rebuilt block itself (BasicBlock's conv1/bn1).
 NETS["torchvision-resnet18"] = lambda: torchvision.models.resnet18(num_classes=10)
-#: The root itself rebuilt: its own forward performs the residual addition.
+#: The root's own forward performs the residual addition (its SE block attached on the root).
 NETS["root-residual"] = RootResidual
-SITES = {"residual": 2, "inception": 2, "dense": 3, "channels-last": 2, "torchvision-resnet18": 8, "root-residual": 1}
+#: Branches that end in a function: their blocks are rebuilt, not attached to.
+NETS["rebuilt-residual"] = lambda: nn.Sequential(
+    conv_bn(3, 8), nn.ReLU(), Residual(8, functional_end=True), Residual(8, 16, stride=2, functional_end=True), *_head(16)
+)
+SITES = {"residual": 2, "inception": 2, "dense": 3, "channels-last": 2, "torchvision-resnet18": 8, "root-residual": 1,
+         "rebuilt-residual": 2}
 HAND_MADE = ("residual", "inception", "dense", "channels-last")
 
 
@@ -161,7 +167,9 @@ def _fx_fuse(model: nn.Module, x: torch.Tensor, tmp: Path) -> Callable:
 
     fused = fuse(model)
     bn_before = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
-    assert sum(isinstance(m, nn.BatchNorm2d) for m in fused.modules()) == bn_before - len(_conv_bn_pairs(model))
+    # A BN carrying an attached SE block is not taken for a plain BatchNorm: it stays, SE and all.
+    plain = [pair for pair in _conv_bn_pairs(model) if not attached_hooks(model.get_submodule(pair[1]))]
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in fused.modules()) == bn_before - len(plain)
     return fused
 
 
@@ -179,7 +187,8 @@ def _conv_bn_pairs(model: nn.Module) -> list[list[str]]:
 def _fuse_modules(model: nn.Module, x: torch.Tensor, tmp: Path) -> Callable:
     from torch.ao.quantization import fuse_modules
 
-    pairs = _conv_bn_pairs(model)
+    # A BN carrying an attached SE block is refused by fuse_modules (test_attach.py); the rest fuse.
+    pairs = [pair for pair in _conv_bn_pairs(model) if not attached_hooks(model.get_submodule(pair[1]))]
     fused = fuse_modules(model, pairs)  # on a copy
     assert sum(isinstance(m, nn.BatchNorm2d) for m in fused.modules()) == (
         sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) - len(pairs)
@@ -212,9 +221,10 @@ WAYS: dict[str, tuple[Callable, tuple[str, ...], str]] = {
     "`torch.jit.trace`, grad mode on": (
         _jit_trace, HAND_MADE, "its own `check_trace` (a retrace gives the same graph); outputs at batch 2 and 3",
     ),
-    "`torch.jit.script`": (_jit_script, (*HAND_MADE, "torchvision-resnet18"), "scripted, saved, loaded; outputs at batch 2 and 3"),
+    "`torch.jit.script`": (_jit_script, ("rebuilt-residual",), "scripted, saved, loaded; outputs at batch 2 and 3 "
+                           "(rebuilt blocks only: with attached SE blocks it refuses, naming `torch.export`)"),
     "`torch.save(model)`, `torch.load(weights_only=False)`": (
-        _pickled, (*HAND_MADE, "torchvision-resnet18", "root-residual"),
+        _pickled, (*HAND_MADE, "torchvision-resnet18", "root-residual", "rebuilt-residual"),
         "whole-model pickle: same classes and state_dict keys after loading; outputs at batch 2 and 3",
     ),
     "ONNX, `dynamo=False`, in onnxruntime": (
@@ -230,10 +240,13 @@ WAYS: dict[str, tuple[Callable, tuple[str, ...], str]] = {
         _aoti, ("channels-last",), "packaged, loaded with `aoti_load_package`, run at batch 2 and 3 (one net: C++ compile)",
     ),
     "Conv-BN folding, `torch.fx.experimental.optimization.fuse`": (
-        _fx_fuse, (*HAND_MADE, "torchvision-resnet18"), "every conv->BN pair folded (BN count drops by the pairs), outputs",
+        _fx_fuse, (*HAND_MADE, "torchvision-resnet18", "rebuilt-residual"), "every conv->BN pair folded (BN count "
+        "drops by the pairs) but a BN carrying an attached SE block, which stays; outputs",
     ),
     "Conv-BN folding, `torch.ao.quantization.fuse_modules`": (
-        _fuse_modules, ("residual", "inception", "dense", "torchvision-resnet18"), "every conv->BN pair fused by name, outputs of the fused model and of its copy",
+        _fuse_modules, ("residual", "inception", "dense", "torchvision-resnet18", "rebuilt-residual"),
+        "every conv->BN pair fused by name but a BN carrying an attached SE block (refused loudly, "
+        "tests/test_attach.py); outputs of the fused model and of its copy",
     ),
     "PT2E int8, `X86InductorQuantizer` (torchao)": (
         _pt2e_int8, ("residual", "channels-last"), f"export -> prepare -> calibrate -> convert; quantize nodes present, "
@@ -355,7 +368,10 @@ class _Reparameterizable(nn.Module):
         del self.a, self.b
 
 
-def _with_blocks() -> nn.Module:
+def _with_blocks(monkeypatch: pytest.MonkeyPatch | None = None) -> nn.Module:
+    """The two blocks injected; with ``monkeypatch``, rebuilt (else attached)."""
+    if monkeypatch is not None:
+        force_rebuild(monkeypatch)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), _Fusable(8), _Reparameterizable(8)).eval()
     gen = torch.Generator().manual_seed(1)
@@ -367,8 +383,33 @@ def _with_blocks() -> nn.Module:
     return _gates_away_from_one(inject_se(model))
 
 
-def test_a_method_that_swaps_layers_is_followed_by_the_rebuilt_block() -> None:
+def test_a_method_that_swaps_layers_is_followed_by_the_attached_block() -> None:
     model = _with_blocks()
+    block = model[1]
+    se = block.se
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        want = model(x)
+        block.fuse()  # bn2 becomes an Identity: the SE hook moves to what is there now
+        torch.testing.assert_close(model(x), want, atol=ATOL, rtol=RTOL)
+        torch.testing.assert_close(copy.deepcopy(model)(x), want, atol=ATOL, rtol=RTOL)
+    assert block.se is se and attached_hooks(block.bn2)
+    assert not attached_hooks(remove_se(model)[1].bn2)
+
+
+def test_a_method_that_removes_an_attached_site_makes_the_block_refuse_to_run() -> None:
+    model = _with_blocks()
+    x = torch.randn(2, 3, 16, 16)
+    model[2].reparameterize()  # deletes the branch the SE block was attached to
+    for runnable in (model, copy.deepcopy(model)):
+        with pytest.raises(PlanMismatchError, match=r"_Reparameterizable no longer has 'b'.*remove_se"):
+            runnable(x)
+    restored = remove_se(model)
+    assert not hasattr(restored[2], "se") and restored[2](torch.randn(2, 8, 16, 16)).shape == (2, 8, 16, 16)
+
+
+def test_a_method_that_swaps_layers_is_followed_by_the_rebuilt_block(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _with_blocks(monkeypatch)
     block = model[1]
     se = block.se
     x = torch.randn(2, 3, 16, 16)
@@ -383,8 +424,8 @@ def test_a_method_that_swaps_layers_is_followed_by_the_rebuilt_block() -> None:
     assert isinstance(remove_se(model)[1].bn1, nn.Identity)  # the fused original comes back
 
 
-def test_a_method_that_removes_the_site_makes_the_block_refuse_to_run() -> None:
-    model = _with_blocks()
+def test_a_method_that_removes_the_site_makes_the_block_refuse_to_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _with_blocks(monkeypatch)
     x = torch.randn(2, 3, 16, 16)
     with pytest.raises(PlanMismatchError, match=r"_Reparameterizable\.reparameterize\(\) changed the block at 2.*remove_se"):
         model[2].reparameterize()
@@ -396,8 +437,8 @@ def test_a_method_that_removes_the_site_makes_the_block_refuse_to_run() -> None:
     assert restored(x).shape == (2, 8, 16, 16)
 
 
-def test_a_layer_set_on_the_rebuilt_block_is_set_on_the_original() -> None:
-    model = _with_blocks()
+def test_a_layer_set_on_the_rebuilt_block_is_set_on_the_original(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _with_blocks(monkeypatch)
     block = model[1]
     block.bn1 = nn.Identity()
     assert block.original.bn1 is block.bn1
@@ -426,15 +467,24 @@ def test_the_perturbed_gates_matter(net: str) -> None:
     assert (with_se - without).abs().max() > 1000 * ATOL
 
 
-def test_a_block_with_an_optional_argument_fixed_by_tracing_exports_but_does_not_script() -> None:
+def test_a_block_with_an_optional_argument_fixed_by_tracing_exports_but_does_not_script(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     # The README's TorchScript caveat: fx guards the fixed argument with an assertion on an
     # ``object``, which TorchScript cannot compile; torch.export takes the same model.
+    force_rebuild(monkeypatch)
     model = _gates_away_from_one(inject_se(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), OptionalArg(8)).eval()))
     x = torch.randn(2, 3, 16, 16)
     with pytest.raises(RuntimeError, match="object"):
         torch.jit.script(model)
     with torch.no_grad():
         torch.testing.assert_close(torch.export.export(model, (x,)).module()(x), model(x), atol=ATOL, rtol=RTOL)
+
+
+def test_scripting_a_model_with_attached_blocks_says_what_to_use() -> None:
+    model = _injected("residual")
+    with pytest.raises(AttributeError, match="TorchScript cannot compile; use torch.export or torch.jit.trace"):
+        torch.jit.script(model)
 
 
 @pytest.mark.parametrize("gate", sorted(GATES))

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import torch
-import torch.fx as fx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from nets import Dense, Inception, Residual, conv_bn
 from torch import nn
 
 from se_inject import SEBlock, find_sites, inject_se
+from se_inject.inject.attach import attached_hooks
 from se_inject.inject.rebuilt import RebuiltBlock
 
 residual = st.builds(
@@ -48,8 +48,18 @@ def _build(spec: list[tuple[str, dict]]) -> tuple[nn.Sequential, int]:
     return nn.Sequential(*layers), expected
 
 
-def _se_inputs(block: RebuiltBlock) -> list[fx.Node]:
-    return [n.args[0] for n in block.graph.nodes if n.op == "call_module" and isinstance(block.get_submodule(n.target), SEBlock)]
+def _se_inputs(block: nn.Module) -> list[object]:
+    """What each SE block of ``block`` scales: the module it is attached to (by path, ``""`` for
+    the block's own output), or for a rebuilt block the graph node it reads (its target)."""
+    if isinstance(block, RebuiltBlock):
+        return [n.args[0].target for n in block.graph.nodes
+                if n.op == "call_module" and isinstance(block.get_submodule(n.target), SEBlock)]
+    found = []
+    for path, module in block.named_modules():
+        for _, hook in attached_hooks(module):
+            assert any(se is hook.se for se in block.children())  # registered on the owner
+            found.append(torch.cat if module is block else path)
+    return found
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -71,13 +81,13 @@ def test_random_networks(spec: list[tuple[str, dict]], seed: int) -> None:
         if kind == "residual":
             # The SE block squeezes the branch's output; the trunk (x or the projection) is untouched.
             (source,) = _se_inputs(block)
-            assert source.op == "call_module" and source.target == "branch"
+            assert source == "branch"
         elif kind == "inception":
             (source,) = _se_inputs(block)
-            assert source.target is torch.cat
+            assert source is torch.cat  # after the concatenation: the block's own output
         elif kind == "dense":
             sources = _se_inputs(block)
-            assert [s.target for s in sources] == [f"layers.{i}" for i in range(len(sources))]
+            assert sources == [f"layers.{i}" for i in range(len(sources))]
 
 
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -120,7 +120,9 @@ def test_paper_gate_matches_timm_se_resnet_with_its_weights() -> None:
 def test_bad_plan_leaves_the_model_untouched() -> None:
     model = _resnet18()
     plan = find_sites(model)
-    broken = type(plan)(plan.sites[:-1] + (type(plan.sites[-1])(**{**plan.sites[-1].__dict__, "source": "layer4.1.nope"}),), ())
+    last = plan.sites[-1]
+    assert last.mechanism == "attached"  # a wrong module to attach to; for a rebuilt site, a wrong node
+    broken = type(plan)(plan.sites[:-1] + (type(last)(**{**last.__dict__, "attach": "nope"}),), ())
     with pytest.raises(PlanMismatchError, match="nope"):
         apply_plan(model, broken)
     assert not any(isinstance(m, SEBlock) for m in model.modules())
@@ -160,7 +162,8 @@ def test_remove_se_on_chosen_blocks_gives_their_cost_back(tmp_path) -> None:
     total = sum(p.numel() for p in model.parameters())
     remove_se(model, include=["layer1.*"])
     assert type(model.layer1[0]) is torchvision.models.resnet.BasicBlock
-    assert type(model.layer2[0]).__name__ == "BasicBlock" and type(model.layer2[0]) is not torchvision.models.resnet.BasicBlock
+    assert type(model.layer2[0]) is torchvision.models.resnet.BasicBlock and isinstance(model.layer2[0].se, SEBlock)
+    assert not hasattr(model.layer1[0], "se")
     assert layer1 > 0 and sum(p.numel() for p in model.parameters()) == total - layer1 > base
     assert [s.owner for s in getattr(model, PLAN_ATTR).sites] == [f"layer{i}.{j}" for i in (2, 3, 4) for j in (0, 1)]
     with torch.no_grad():

@@ -129,11 +129,27 @@ def test_untraceable_top_level_gets_sites_in_its_blocks() -> None:
     assert injected is model and type(model.block1).__name__ == "Residual"
 
 
-def test_root_owned_site_returns_the_rebuilt_root() -> None:
+def test_root_owned_site_is_attached_on_the_root_itself() -> None:
     model = RootResidual()
+    keys = set(model.state_dict())
+    injected = _identity(model, torch.randn(2, 3, 8, 8))
+    assert injected is model and isinstance(injected.se, SEBlock)  # its branch ends in conv2
+    assert keys <= set(injected.state_dict())
+
+
+def test_root_owned_site_returns_the_rebuilt_root() -> None:
+    model = RootFunctionEnd()
     injected = _identity(model, torch.randn(2, 3, 8, 8))
     assert injected is not model and isinstance(injected.se, SEBlock)
     assert set(model.state_dict()) <= set(injected.state_dict())
+
+
+class RootFunctionEnd(RootResidual):
+    """The root's own residual, its branch ending in a function: the root is rebuilt."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        return x + torch.tanh(self.conv2(torch.relu(self.conv1(x))))
 
 
 def test_selection_by_glob_and_channels() -> None:
@@ -180,7 +196,7 @@ def test_a_block_that_cannot_be_rebuilt_is_skipped_in_the_plan(monkeypatch) -> N
 
     import se_inject.analysis.owners as owners
 
-    model = nn.Sequential(Residual(4), Residual(4))
+    model = nn.Sequential(Residual(4, functional_end=True), Residual(4, functional_end=True))
     real = owners.trace
 
     def failing(module, **kwargs):

@@ -9,7 +9,7 @@ import copy
 
 import pytest
 import torch
-from nets import conv_bn, conv_bn_relu
+from nets import conv_bn, conv_bn_relu, force_rebuild
 from torch import nn
 
 from se_inject import SEBlock, SkipReason, find_sites, inject_se
@@ -213,6 +213,7 @@ def test_a_deliberately_unfaithful_rebuild_is_named_by_owner(monkeypatch) -> Non
             out.args = (doubled,)
 
     monkeypatch.setattr(rebuilt, "_insert_sites", corrupt)
+    force_rebuild(monkeypatch)  # its branches end in modules: attached, nothing to check
     model = nn.Sequential(conv_bn(3, 8), MultiBranch(8, 2), MultiBranch(8, 2)).eval()
     with pytest.raises(UnfaithfulRebuildError, match="rebuilt 2 ") as info:
         inject_se(model, example_input=X)

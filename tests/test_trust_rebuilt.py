@@ -8,7 +8,7 @@ import io
 import pickle
 
 import torch
-from nets import RootResidual
+from nets import RootResidual, force_rebuild
 from torch import nn
 
 import se_inject
@@ -67,7 +67,19 @@ class _Net(nn.Module):
         return self.other(self.block(self.stem(x)))
 
 
-def test_a_block_whose_forward_assigns_attributes_is_skipped_with_the_reason() -> None:
+def test_an_attached_block_keeps_the_side_effects_of_its_forward() -> None:
+    # Attached, the block's own forward runs: its counters count, nothing to refuse.
+    model = _Net(_Counting(), _Residual()).eval()
+    plan = se_inject.find_sites(model, example_input=X)
+    assert [(s.owner, s.mechanism) for s in plan.sites] == [("block", "attached"), ("other", "attached")]
+    injected = se_inject.inject_se(model, example_input=X)
+    before = injected.block.calls
+    injected(X)
+    assert injected.block.calls == before + 1 and injected.block.last_shape == torch.Size([2, 8, 16, 16])
+
+
+def test_a_block_whose_forward_assigns_attributes_is_skipped_with_the_reason(monkeypatch) -> None:
+    force_rebuild(monkeypatch)  # rebuilt, its graph would drop the assignments
     model = _Net(_Counting(), _Residual()).eval()
     plan = se_inject.find_sites(model, example_input=X)
     assert [s.owner for s in plan.sites] == ["other"]

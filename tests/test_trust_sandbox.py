@@ -21,12 +21,12 @@ import pytest
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from nets import PlainResidual
+from nets import PlainResidual, force_rebuild
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
 
 import se_inject.api
-import se_inject.inject.rewrite
+import se_inject.inject.build
 from se_inject import UnfaithfulRebuildError, find_sites, gate_statistics, inject_se
 from se_inject.inject.rebuilt import RebuiltBlock
 from se_inject.plan import PLAN_ATTR
@@ -255,13 +255,17 @@ def test_find_sites_leaves_the_model_as_it_found_it(name: str) -> None:
 
 
 @pytest.mark.filterwarnings("ignore:SE inserted at")  # the untraceable heads and tops are named
+@pytest.mark.parametrize("mechanism", ["attached", "rebuilt"])
 @pytest.mark.parametrize("name", list(MODELS))
-def test_inject_se_keeps_the_user_state(name: str) -> None:
+def test_inject_se_keeps_the_user_state(name: str, mechanism: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    if mechanism == "rebuilt":
+        force_rebuild(monkeypatch)
     model = _build(name)
     reference = copy.deepcopy(model)
     before = _user_state(model)
     injected = inject_se(model, example_input=torch.randn(2, 3, SIZE, SIZE))
-    assert any(isinstance(m, RebuiltBlock) for m in injected.modules())
+    assert mechanism in {s.mechanism for s in getattr(injected, PLAN_ATTR).sites}
+    assert any(isinstance(m, RebuiltBlock) for m in injected.modules()) == (mechanism == "rebuilt")
     assert _leaks(injected) == []
     _saves(injected)
     assert _user_state(injected) == before
@@ -269,11 +273,12 @@ def test_inject_se_keeps_the_user_state(name: str) -> None:
 
 
 def test_failed_install_leaves_the_model_as_it_was(monkeypatch: pytest.MonkeyPatch) -> None:
+    force_rebuild(monkeypatch)  # blocks swapped in one by one: the failure comes after the first
     model = _build("buffer-and-counter")
     reference = copy.deepcopy(model)
     before = _state(model)
     swapped = []
-    real = se_inject.inject.rewrite._replace_module
+    real = se_inject.inject.build.replace_module
 
     def fail_second(model: nn.Module, path: str, new: nn.Module) -> None:
         if swapped:
@@ -281,7 +286,7 @@ def test_failed_install_leaves_the_model_as_it_was(monkeypatch: pytest.MonkeyPat
         swapped.append(path)
         real(model, path, new)
 
-    monkeypatch.setattr(se_inject.inject.rewrite, "_replace_module", fail_second)
+    monkeypatch.setattr(se_inject.inject.build, "replace_module", fail_second)
     with pytest.raises(RuntimeError, match="mid-install"):
         inject_se(model, example_input=torch.randn(2, 3, SIZE, SIZE))
     assert swapped  # one block had been swapped in before the failure
@@ -293,16 +298,17 @@ def test_failed_install_leaves_the_model_as_it_was(monkeypatch: pytest.MonkeyPat
 
 @pytest.mark.parametrize("name", ["buffer-and-counter", "eval-dict-cache"])
 def test_failed_check_leaves_the_model_as_it_was(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    force_rebuild(monkeypatch)  # only rebuilt blocks are checked
     model = _build(name)
     reference = copy.deepcopy(model)
     before = _state(model)
-    real = se_inject.api.check_rebuilt
+    real = se_inject.inject.build.check_rebuilt
 
     def unfaithful(rebuilt: Any, calls: Any) -> None:
         real(rebuilt, calls)  # the check's forwards run, then it reports a difference
         raise UnfaithfulRebuildError("the rebuilt block computes other outputs", owner=next(iter(rebuilt)))
 
-    monkeypatch.setattr(se_inject.api, "check_rebuilt", unfaithful)
+    monkeypatch.setattr(se_inject.inject.build, "check_rebuilt", unfaithful)
     with pytest.raises(UnfaithfulRebuildError):
         inject_se(model, example_input=torch.randn(2, 3, SIZE, SIZE))
     assert _leaks(model) == []
@@ -329,7 +335,8 @@ def test_gate_statistics_leave_a_train_mode_model_as_they_found_it() -> None:
     before = _user_state(model)
     stats = gate_statistics(model, [torch.randn(2, 3, SIZE, SIZE)])
     assert stats and all(m.training for m in model.modules())
-    assert model.attn.original.cache == {} and _user_state(model) == before
+    attn = model.attn.original if isinstance(model.attn, RebuiltBlock) else model.attn
+    assert attn.cache == {} and _user_state(model) == before
 
 
 class _Nested(nn.Module):

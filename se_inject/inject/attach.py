@@ -25,10 +25,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import PlanMismatchError
 from ..plan import Site
-from ..se_block import SEBlock, SEHook
+from ..se_block import NOT_SCRIPTABLE, SEBlock, SEHook
 
-__all__ = ["PLACEHOLDER_FLAG", "se_block_for", "SEHook", "attach", "detach", "attached_hooks", "attachments", "base_class", "is_marked"]
+__all__ = ["PLACEHOLDER_FLAG", "se_block_for", "SEHook", "attach", "detach", "attached_hooks", "attachments", "base_class", "is_marked",
+           "SEGuard", "guard", "guarded", "unguard"]
 
 
 def _placement(module: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -127,6 +129,59 @@ def detach(module: nn.Module, se: SEBlock | None = None) -> None:
                 getattr(module, store, {}).pop(key, None)
     if not attached_hooks(module) and is_marked(module):
         module.__class__ = base_class(module)
+
+
+class SEGuard:
+    """Forward pre-hook on an owner with attached SE blocks: each attached module must still be
+    where the plan put it. A module swapped under the same name (a deploy method fusing conv+BN
+    into a conv and an ``Identity``) takes the SE hook over, so the SE block keeps scaling that
+    place; a name that is gone (a re-parameterisation that deletes the branch) makes the owner
+    refuse to run, instead of silently running without its SE block."""
+
+    def __init__(self) -> None:
+        self.sites: list[tuple[str, str, SEBlock]] = []  # (site name, attach path, SE block)
+
+    @property
+    def __name__(self) -> str:
+        raise AttributeError(NOT_SCRIPTABLE)  # see SEHook
+
+    def __call__(self, owner: nn.Module, args: tuple[Any, ...]) -> None:
+        for name, path, se in self.sites:
+            try:
+                current = owner.get_submodule(path) if path else owner
+            except AttributeError:
+                raise PlanMismatchError(
+                    f"{type(owner).__name__} no longer has {path!r}, which the SE block {name} is attached to "
+                    "(a method changed the block); it refuses to run rather than run without it. Call such "
+                    "methods before inject_se, or remove_se(model), call them, and inject again",
+                    owner=name.rpartition(".")[0],
+                ) from None
+            if not any(hook.se is se for _, hook in attached_hooks(current)):
+                attach(current, se)
+
+
+def guard(owner: nn.Module, name: str, path: str, se: SEBlock) -> None:
+    """Have ``owner`` check, before each forward, that ``se`` still scales what is at ``path``."""
+    found = [hook for hook in owner._forward_pre_hooks.values() if isinstance(hook, SEGuard)]
+    keeper = found[0] if found else SEGuard()
+    if not found:
+        owner.register_forward_pre_hook(keeper)
+    keeper.sites.append((name, path, se))
+
+
+def guarded(owner: nn.Module) -> list[tuple[str, str, SEBlock]]:
+    """The (site name, attach path, SE block) entries ``owner`` guards."""
+    return [entry for hook in owner._forward_pre_hooks.values() if isinstance(hook, SEGuard) for entry in hook.sites]
+
+
+def unguard(owner: nn.Module, se: SEBlock) -> None:
+    """Stop guarding ``se``; the guard goes when it guards nothing."""
+    for key, hook in list(owner._forward_pre_hooks.items()):
+        if isinstance(hook, SEGuard):
+            hook.sites = [entry for entry in hook.sites if entry[2] is not se]
+            if not hook.sites:
+                del owner._forward_pre_hooks[key]
+                getattr(owner, "_forward_pre_hooks_with_kwargs", {}).pop(key, None)
 
 
 def attachments(model: nn.Module) -> Iterator[tuple[str, nn.Module, SEHook]]:

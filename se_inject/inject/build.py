@@ -22,7 +22,7 @@ from ..errors import PlanMismatchError
 from ..plan import PLAN_ATTR, Plan, Site
 from ..sites import example_args
 from ..sites.mechanism import has_placeholder
-from .attach import PLACEHOLDER_FLAG, attach, se_block_for
+from .attach import PLACEHOLDER_FLAG, attach, guard, se_block_for
 from .rebuilt import RebuiltBlock, guard_loads
 from .rewrite import alias_paths, build_blocks, replace_module
 from .verify import check_rebuilt, record_owner_calls
@@ -132,6 +132,8 @@ def _install(model: nn.Module, plan: Plan, points: list[Attachment], rebuilt: di
             continue
         owner.add_module(site.attr, se)
         attach(module, se, first=module is owner)
+        if module is not owner:
+            guard(owner, site.name, site.attach or "", se)
     result = rebuilt.get("", model)
     aliases = alias_paths(model)
     for path in sorted((p for p in rebuilt if p), key=lambda p: (p.count("."), p)):

@@ -18,7 +18,7 @@ from torch import nn
 from ..analysis.owners import OwnerTraces
 from ..errors import PlanMismatchError
 from ..plan import PLAN_ATTR, Plan, Site
-from .attach import attachments, detach
+from .attach import attachments, detach, guarded, unguard
 from .rebuilt import RebuiltBlock, rebuild_block
 
 __all__ = ["alias_paths", "build_blocks", "replace_module", "remove_se"]
@@ -90,7 +90,20 @@ def remove_se(model: nn.Module, *, include: Sequence[str] | None = None) -> nn.M
     removed: set[str] = set()  # names of the SE modules taken out
     holders = {id(child): (path, parent, key) for path, parent in model.named_modules()
                for key, child in parent._modules.items() if child is not None}
-    for _, module, hook in list(attachments(model)):
+    # Guarded owners first: they know their SE blocks even when the module held is gone.
+    for path, owner in list(model.named_modules()):
+        for name, attach_path, se in guarded(owner):
+            attr = holders.get(id(se), ("", None, name.rpartition(".")[2]))[2]
+            if chosen(path, [attr]):
+                try:
+                    detach(owner.get_submodule(attach_path), se)
+                except AttributeError:
+                    pass  # the module was deleted by a method of the owner: nothing left to unhook
+                unguard(owner, se)
+                if owner._modules.get(attr) is se:
+                    delattr(owner, attr)
+                removed.add(f"{path}.{attr}" if path else attr)
+    for _, module, hook in list(attachments(model)):  # an owner's own output: no guard
         path, owner, attr = holders.get(id(hook.se), ("", None, ""))
         if owner is None or chosen(path, [attr]):
             detach(module, hook.se)

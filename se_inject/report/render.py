@@ -107,6 +107,18 @@ def _sites(console: Console, report: Report) -> None:
     console.print(table)
     if dropped:
         console.print(f"(left out at this width: {', '.join(dropped)}; --json has every column)")
+    console.print(_mechanisms(rows))
+
+
+def _mechanisms(rows: list[dict[str, Any]]) -> str:
+    """How the SE blocks get in: ``how: 15 attached (the blocks' code untouched), 1 rebuilt (checked)``."""
+    counts = {m: sum(1 for site in rows if site["mechanism"] == m) for m in ("attached", "placeholder", "rebuilt")}
+    notes = {"attached": "attached to a module's output", "placeholder": "in the block's own placeholder",
+             "rebuilt": "rebuilt and checked"}
+    parts = [f"{n} {notes[m]}" for m, n in counts.items() if n]
+    names = [site["name"] for site in rows if site["mechanism"] == "rebuilt"]
+    shown = f" ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})" if names and counts["rebuilt"] < len(rows) else ""
+    return f"how: {', '.join(parts)}{shown}"
 
 
 #: Column headers, full and compact (a narrow terminal or pipe: the names keep their width).

@@ -44,6 +44,9 @@ def _site_rows(plan: Plan, complexity: Complexity) -> list[dict[str, Any]]:
             "prefix_tokens": site.prefix_tokens,
             "source": site.source,
             "targets": list(site.targets),
+            # attached (a hook on the module ``attach`` names), placeholder, or rebuilt
+            "mechanism": site.mechanism,
+            "attach": site.attach,
             "params": site.added_params(plan.config.bias),
             "fc_macs": None if cost is None else cost.fc_macs,
             "pool_adds": None if cost is None else cost.pool_adds,

@@ -16,9 +16,9 @@ from ..analysis.sandbox import collection_paused, preserved_state
 from ..plan import Plan, Site, SiteKind, Skipped, SkipReason, Unanalysed
 from ..request import SEConfig, Selection
 from ..se_block import hidden_width
-from .mechanism import AttachFacts, attach_per_owner, attach_point, fills_placeholder, has_placeholder
 from .concatenation import concatenation
 from .inputs import check_input_fits, describe_input, example_args
+from .mechanism import AttachFacts, attach_per_owner, attach_point, fills_placeholder, has_placeholder
 from .plain import plain
 from .rebuild import drop_conflicting_owners, rebuildable
 from .records import Candidate, Context, Policy, Rule, Unit, skip
