@@ -8,21 +8,30 @@ attention-bias dict filled in eval mode (fx proxies as values, or tensors of the
 weights that go stale after ``load_state_dict``). :func:`preserved_state` puts every
 submodule back as it was: its attribute dictionary, the dicts, lists and sets found in it
 (in place, so references to them stay valid), its class, its buffers' values and its
-train/eval flag; and torch's random number generators.
+train/eval flag; and torch's random number generators. It also runs the body alone
+(:data:`analysis_lock`: one analysis at a time in the process).
 """
 
 from __future__ import annotations
 
 import gc
 import operator
+import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["collection_paused", "preserved_state"]
+__all__ = ["analysis_lock", "collection_paused", "preserved_state"]
+
+#: Held by every analysis forward and trace (:func:`preserved_state`; ``tracing.trace`` runs
+#: inside one). torch.fx patches process-wide globals while it traces (``nn.Module.__call__``
+#: and ``__getattr__``, the traced functions' globals), and the mode watch is process-wide
+#: too: two threads analysing at once would record into each other's graphs and restore each other's patches in the wrong order, leaving ``nn.Module.__call__``
+#: patched for good. Re-entrant, since analysis nests (a plan traces, a trace is sandboxed).
+analysis_lock = threading.RLock()
 
 _CONTAINERS = (dict, list, set)
 #: How deep nested containers are copied (``self.cache = {"cpu": [...]}`` is depth 2).
@@ -123,8 +132,11 @@ def _rng_preserved() -> Iterator[None]:
 
 
 @contextmanager
-def preserved_state(model: nn.Module, *, rng: bool = True, on_error_only: bool = False) -> Iterator[None]:
-    """Run the body, then put ``model`` back exactly as it was (also when the body raises).
+def preserved_state(
+    model: nn.Module, *, rng: bool = True, on_error_only: bool = False
+) -> Iterator[None]:
+    """Run the body alone (holding :data:`analysis_lock`), then put
+    ``model`` back exactly as it was (also when the body raises).
 
     Restored for every submodule: the entries of its ``__dict__`` (attributes, train/eval
     flags, and the ``_parameters``/``_buffers``/``_modules`` dicts, so reassigned buffers and
@@ -139,25 +151,22 @@ def preserved_state(model: nn.Module, *, rng: bool = True, on_error_only: bool =
         >>> with preserved_state(model):
         ...     record_module_inputs(model, [x])  # forwards on fake tensors, caches and all
     """
-    snapshot = _Snapshot(model)
-    if on_error_only:
-        try:
-            yield
-        except BaseException:
-            snapshot.restore()
-            raise
-        return
-    if not rng:
-        try:
-            yield
-        finally:
-            snapshot.restore()
-        return
-    with _rng_preserved():
-        try:
-            yield
-        finally:
-            snapshot.restore()
+    with analysis_lock:
+        snapshot = _Snapshot(model)
+        if on_error_only:
+            try:
+                yield
+            except BaseException:
+                snapshot.restore()
+                raise
+            return
+        with ExitStack() as stack:
+            if rng:
+                stack.enter_context(_rng_preserved())
+            try:
+                yield
+            finally:
+                snapshot.restore()
 
 
 @contextmanager

@@ -47,6 +47,8 @@ def build_plan(
 
     Analysis runs the user's modules on fake tensors and proxies: what their forwards cache on
     ``self`` (and the eval mode analysis sets) is put back, so the model is as it was.
+    Safe from several threads: analyses run one at a time (torch.fx patches process-wide
+    globals while it traces; ``analysis.sandbox.analysis_lock``).
 
     Raises:
         SelectionError: ``selection.stages`` or ``.resolutions`` name none of the model's (the
