@@ -74,7 +74,7 @@ def find_sites(
     builds: owners that cannot be rebuilt are skipped here as ``not-rewritable``.
 
     Thread-safe: calls from several threads run their analyses one at a time, behind one lock
-    (torch.fx patches process-wide globals while it traces).
+    (torch.fx patches process-wide globals while it traces). The model's hooks do not fire.
 
     Raises:
         ConfigError: an option has a bad value, both ``reduction`` and ``hidden`` are given, or

@@ -11,5 +11,5 @@ changes a model (``se_inject.inject.rewrite``).
 - ``attention``: existing channel attention; ``owners``: owner traces shared by planner and rewriter;
 - ``sandbox``: ``preserved_state``, which runs analysis alone (``analysis_lock``) and puts the
   user's modules back as they were after a forward, and ``collection_paused`` (no cyclic
-  garbage collection during analysis).
+  garbage collection during analysis); ``hooks``: the user's hooks off while analysis runs.
 """
