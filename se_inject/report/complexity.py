@@ -33,7 +33,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from ..analysis.sandbox import preserved_state
 from ..se_block import SEBlock
 
-__all__ = ["SECost", "Count", "Complexity", "count_params", "count", "compare"]
+__all__ = ["SECost", "Count", "Complexity", "count_params", "count", "compare", "NOT_COUNTED"]
+
+#: How the warning of a count whose forward passes all failed begins.
+NOT_COUNTED = "multiply-adds not counted"
 
 
 @dataclass(frozen=True)
@@ -206,7 +209,7 @@ def count(model: nn.Module, input_size: Sequence[int]) -> Count:
                     errors.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
             else:
                 warnings.warn(
-                    f"multiply-adds not counted: a forward pass at input size {size} failed ({errors[-1]})",
+                    f"{NOT_COUNTED}: a forward pass at input size {size} failed ({errors[-1]})",
                     UserWarning,
                     stacklevel=2,
                 )
