@@ -1,0 +1,68 @@
+"""SIGTERM during a write, output names the file system refuses, and weights that are no
+regular file (issue 31, items 5 to 7)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from cli_helpers import SMALL, _isolated, fails, run  # noqa: F401  (_isolated: autouse fixture)
+
+ROOT = Path(__file__).parent.parent
+
+# --- 5. SIGTERM while writing: as Ctrl-C, exit 143 ---------------------------------------------
+
+#: Runs the command with ``torch.save`` writing part of the file, then sending the process
+#: SIGTERM (what ``timeout`` and schedulers send) and writing on: the signal lands mid-write.
+_TERMINATED_MIDWAY = textwrap.dedent("""
+    import os, signal, sys
+    import torch
+    from se_inject.cli import main
+    from se_inject.io import checkpoint
+
+    real_save = torch.save
+
+    def save_terminated_midway(obj, handle, *args, **kwargs):
+        handle.write(b"partial data")
+        os.kill(os.getpid(), signal.SIGTERM)
+        real_save(obj, handle, *args, **kwargs)
+
+    checkpoint.torch.save = save_terminated_midway
+    sys.argv = ["se-inject", *sys.argv[1:]]
+    main()
+""")
+
+
+def test_sigterm_during_the_write_is_exit_143_one_line_old_file_intact(tmp_path) -> None:
+    (tmp_path / "model.pt").write_bytes(b"old checkpoint")
+    env = {**os.environ, "SE_INJECT_OFFLINE": "1", "COLUMNS": "120", "PYTHONDONTWRITEBYTECODE": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", _TERMINATED_MIDWAY, *SMALL, "-o", "model.pt"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 143, done.stderr
+    assert done.stderr == ("se-inject: error: terminated (SIGTERM): writing 'model.pt' stopped: the existing file "
+                           "is unchanged\n"), done.stderr
+    assert (tmp_path / "model.pt").read_bytes() == b"old checkpoint"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]  # no temporary file
+
+
+def test_sigterm_in_process_restores_the_handlers(tmp_path, monkeypatch) -> None:
+    from se_inject import workflow
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def unhandled(signum, frame):  # a CLI that left SIGTERM alone would end pytest itself
+        raise AssertionError("the command did not handle SIGTERM")
+
+    before = signal.signal(signal.SIGTERM, unhandled)
+    monkeypatch.setattr(workflow, "load_model", terminated)
+    try:
+        fails(run(*SMALL, "-o", "model.pt"), r"^se-inject: error: terminated \(SIGTERM\)$", tmp_path, code=143)
+        assert signal.getsignal(signal.SIGTERM) is unhandled
+    finally:
+        signal.signal(signal.SIGTERM, before)
