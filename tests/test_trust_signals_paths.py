@@ -66,3 +66,21 @@ def test_sigterm_in_process_restores_the_handlers(tmp_path, monkeypatch) -> None
         assert signal.getsignal(signal.SIGTERM) is unhandled
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+# --- 7. --weights that is no regular file: say what it is --------------------------------------
+
+
+def test_weights_that_are_a_fifo_a_device_or_a_dangling_link_say_what_they_are(tmp_path) -> None:
+    os.mkfifo(tmp_path / "pipe.pt")
+    os.mkfifo(tmp_path / "pipe.safetensors")
+    os.symlink(tmp_path / "gone.pt", tmp_path / "link.pt")
+    keep = ("link.pt", "pipe.pt", "pipe.safetensors")
+    fails(run(*SMALL, "--weights", "pipe.pt", "--dry-run"),
+          r"^se-inject: error: weights file 'pipe\.pt' is a FIFO \(named pipe\), not a regular file$", tmp_path, keep)
+    fails(run(*SMALL, "--weights", "/dev/zero", "--dry-run"),
+          r"^se-inject: error: weights file '/dev/zero' is a character device, not a regular file$", tmp_path, keep)
+    fails(run(*SMALL, "--weights", "link.pt", "--dry-run"),
+          r"^se-inject: error: weights file 'link\.pt' is a symbolic link to nothing", tmp_path, keep)
+    fails(run(*SMALL, "--weights", "pipe.safetensors", "--dry-run"),
+          r"^se-inject: error: weights file 'pipe\.safetensors' is a FIFO \(named pipe\), not a regular file$", tmp_path, keep)
