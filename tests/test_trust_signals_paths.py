@@ -84,3 +84,41 @@ def test_weights_that_are_a_fifo_a_device_or_a_dangling_link_say_what_they_are(t
           r"^se-inject: error: weights file 'link\.pt' is a symbolic link to nothing", tmp_path, keep)
     fails(run(*SMALL, "--weights", "pipe.safetensors", "--dry-run"),
           r"^se-inject: error: weights file 'pipe\.safetensors' is a FIFO \(named pipe\), not a regular file$", tmp_path, keep)
+
+
+# --- 6. names the file system refuses, and symlink loops ---------------------------------------
+
+LONG = "a" * 300 + ".pt"
+
+
+def test_an_output_name_over_255_bytes_is_one_line_exit_1(tmp_path) -> None:
+    fails(run(*SMALL, "-o", LONG), r"^se-inject: error: cannot write 'a{40}\.\.\.a{27}\.pt': its name is 303 bytes, "
+          r"longer than the 255 a file name may have$", tmp_path)
+    fails(run(*SMALL, "--dry-run", "--plot", f"runs/{LONG}.png"), r"the name 'a{40}\.\.\.a{23}\.pt\.png' is 307 bytes",
+          tmp_path)
+
+
+def test_save_to_a_name_over_255_bytes_raises_output_path_error(tmp_path) -> None:
+    import pytest
+    import torch
+    from nets import Residual
+
+    import se_inject
+    from se_inject.errors import OutputPathError
+
+    model = se_inject.inject_se(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), Residual(8)),
+                                example_input=torch.randn(1, 3, 8, 8))
+    with pytest.raises(OutputPathError, match="is 303 bytes, longer than the 255"):
+        se_inject.save(model, tmp_path / LONG)
+    os.symlink("loop.pt", tmp_path / "loop.pt")
+    with pytest.raises(OutputPathError, match="it is a symbolic link loop"):
+        se_inject.save(model, tmp_path / "loop.pt")
+    assert os.readlink(tmp_path / "loop.pt") == "loop.pt"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loop.pt"]
+
+
+def test_an_output_that_is_a_symlink_loop_is_refused_not_replaced(tmp_path) -> None:
+    os.symlink("loop.pt", tmp_path / "loop.pt")
+    fails(run(*SMALL, "-o", "loop.pt"), r"^se-inject: error: cannot write 'loop\.pt': it is a symbolic link loop",
+          tmp_path, keep=("loop.pt",))
+    assert (tmp_path / "loop.pt").is_symlink() and os.readlink(tmp_path / "loop.pt") == "loop.pt"

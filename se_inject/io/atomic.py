@@ -10,6 +10,7 @@ raised as :class:`Terminated`.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import stat
@@ -63,11 +64,18 @@ def output_target(path: str | os.PathLike[str]) -> Path:
         OutputPathError: ``path`` is (or links to) a device, FIFO or socket, which a write must
             never replace, or a folder.
     """
+    _check_name_lengths(Path(path))
     file = Path(os.path.realpath(path)) if Path(path).is_symlink() else Path(path)
     try:
         mode = file.stat().st_mode
-    except OSError:
+    except FileNotFoundError:
         return file  # nothing there yet: a new regular file
+    except OSError as e:
+        if e.errno == errno.ELOOP:  # (realpath gives up on a loop and returns the link itself)
+            raise OutputPathError(
+                f"cannot write {os.fspath(path)!r}: it is a symbolic link loop; give a file name such as model.pt"
+            ) from None
+        raise OutputPathError(f"cannot write {os.fspath(path)!r}: {e.strerror or e}") from None
     for is_kind, kind in _NOT_REGULAR:
         if is_kind(mode):
             raise OutputPathError(
@@ -76,6 +84,27 @@ def output_target(path: str | os.PathLike[str]) -> Path:
     if stat.S_ISDIR(mode):
         raise OutputPathError(f"cannot write {os.fspath(path)!r}: it is a directory; give a file name such as model.pt")
     return file
+
+
+#: Longest file name (one path component, in bytes) where the system does not say: Linux, macOS, Windows.
+_NAME_MAX = 255
+
+
+def _check_name_lengths(path: Path) -> None:
+    """Each part of ``path`` fits the file system's name limit (the OS would refuse it deep in a write)."""
+    for part in path.parts:
+        size = len(os.fsencode(part))
+        if size > _NAME_MAX:
+            which = "its name" if Path(part) == path else f"the name {_short(Path(part))}"
+            raise OutputPathError(
+                f"cannot write {_short(path)}: {which} is {size} bytes, longer than the {_NAME_MAX} a file name may have"
+            )
+
+
+def _short(path: Path) -> str:
+    """``path`` quoted, cut in the middle when long, so the error stays one readable line."""
+    text = os.fspath(path)
+    return repr(text) if len(text) <= 80 else repr(f"{text[:40]}...{text[-30:]}")
 
 
 class _RecordingHandle:
