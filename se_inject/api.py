@@ -71,6 +71,9 @@ def find_sites(
     (:func:`se_inject.models.input_size.model_input_size`). Every listed site is one ``inject_se``
     builds: owners that cannot be rebuilt are skipped here as ``not-rewritable``.
 
+    Thread-safe: calls from several threads run their analyses one at a time, behind one lock
+    (torch.fx patches process-wide globals while it traces). The model's hooks do not fire.
+
     Raises:
         ConfigError: an option has a bad value, both ``reduction`` and ``hidden`` are given, or
             an object (``config``/``selection``) and keywords of its group.

@@ -90,22 +90,28 @@ class _Command(TyperCommand):
         standalone_mode: bool = True,
         **extra: Any,
     ) -> Any:
+        from .io.atomic import Terminated, terminate_as_interrupt
+
         self._interrupted_while = ""
+        self._terminated = False
         try:
-            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            with terminate_as_interrupt():  # SIGTERM (timeout, schedulers) is handled as Ctrl-C
+                rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except _USAGE_ERRORS as e:  # bad option values, missing MODEL, unknown options
             _error_line(e.format_message())  # type: ignore[attr-defined]
             code = int(getattr(e, "exit_code", 2))
         except SEInjectError as e:
             _error_line(str(e))
             code = 1
-        except (KeyboardInterrupt, typer.Abort):
+        except (KeyboardInterrupt, typer.Abort) as e:
+            self._terminated = self._terminated or isinstance(e, Terminated)
             _error_line(self._interrupt_line())
-            code = 130
+            code = 143 if self._terminated else 130
         else:
             code = rv if isinstance(rv, int) else 0
             if code == 130:  # typer turns an interrupt into a silent exit code 130
                 _error_line(self._interrupt_line())
+                code = 143 if self._terminated else 130
         if standalone_mode:
             sys.exit(code)
         return code
@@ -118,11 +124,15 @@ class _Command(TyperCommand):
             return super().invoke(ctx)
         except KeyboardInterrupt as e:
             self._interrupted_while = str(e)
+            from .io.atomic import Terminated
+
+            self._terminated = isinstance(e, Terminated)
             raise
 
     def _interrupt_line(self) -> str:
         detail = getattr(self, "_interrupted_while", "")
-        return f"interrupted: {detail}" if detail else "interrupted"
+        what = "terminated (SIGTERM)" if getattr(self, "_terminated", False) else "interrupted"
+        return f"{what}: {detail}" if detail else what
 
 
 def _error_line(message: str) -> None:

@@ -347,6 +347,9 @@ class SEHook:
     """Forward hook scaling its module's output with one SE block (``inject.attach`` registers
     it; the analysis reads it, so an attached block counts as existing attention)."""
 
+    #: part of the injected model: analysis, which silences the user's hooks, keeps it
+    se_inject_own = True
+
     @property
     def __name__(self) -> str:
         # reason: TorchScript compiles hooks by function name; an object has none, and its

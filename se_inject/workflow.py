@@ -26,14 +26,15 @@ import torch
 from torch import nn
 
 from .analysis.owners import OwnerTraces
-from .errors import ConfigError, NoSitesError, SelectionError
+from .errors import ConfigError, ModelArgsError, NoSitesError, SelectionError
 from .inject.build import build
 from .io.checkpoint import check_output_path, save
+from .models.arguments import args_text
 from .models.loading import default_input_size, load_model
 from .models.names import ModelSpec
 from .models.weights import Network
 from .plan import Plan, SiteKind, SkipReason
-from .report.complexity import compare, count
+from .report.complexity import NOT_COUNTED, Count, compare, count
 from .report.summary import Report, build_report, size_text
 from .request import SEConfig, Selection
 from .sites import build_plan
@@ -146,6 +147,30 @@ def _warn_minimum_width(plan: Plan) -> None:
         )
 
 
+def _count_base(net: nn.Module, spec: ModelSpec, size: tuple[int, ...], args: Mapping[str, Any]) -> Count:
+    """Count the base model. Built with constructor arguments, a model that cannot run its input
+    is refused here, before anything is written: a typo (``drop_rate=0,2`` is a tuple,
+    ``drop_rate=O.2`` a string) builds a model whose every forward raises.
+
+    Raises:
+        ModelArgsError: with ``args``, no forward pass of the model at ``size`` ran.
+    """
+    if not args:
+        return count(net, size)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        counted = count(net, size)
+    if counted.macs is None:
+        failed = next((str(w.message) for w in caught if str(w.message).startswith(NOT_COUNTED)), "")
+        why = failed.partition(" failed ")[2] or "(its forward failed)"
+        raise ModelArgsError(
+            f"{spec} built with {args_text(args)} cannot run its input {size_text(size)} {why}; check the value"
+        )
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return counted
+
+
 def _plan(
     net: nn.Module, spec: ModelSpec, config: SEConfig, selection: Selection, size: tuple[int, ...], traces: OwnerTraces
 ) -> Plan:
@@ -197,7 +222,8 @@ def inject_named(
     Raises:
         UnknownModelError, WeightsError, UnsafeCheckpointError: the model or its weights.
         ConfigError: a bad input size, or stages / resolutions the model does not have.
-        ModelArgsError: the model's constructor does not take ``model_args``.
+        ModelArgsError: the model's constructor does not take ``model_args``, or the model built
+            with them cannot run its input (a forward raises: ``drop_rate=(0, 2)``).
         NoSitesError: not a dry run and the plan has no site (``error.plan`` holds the plan).
         OutputPathError: ``output`` cannot be written.
     """
@@ -213,7 +239,7 @@ def inject_named(
     net, spec = loaded.model, loaded.spec
     size = resolve_input_size(input_size, default_input_size(spec, net), model=str(spec))
     say(f"counting the base model at {size_text(size)}...")
-    before = count(net, size)
+    before = _count_base(net, spec, size, loaded.args)
     say("analysing the graph...")
     traces = OwnerTraces()
     plan = _plan(net, spec, config, selection, size, traces)

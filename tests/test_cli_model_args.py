@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import ast
 
+import pytest
 import timm
 import torch
 from cli_helpers import _isolated, fails, ok, report, run  # noqa: F401 - _isolated is an autouse fixture
 
 import se_inject
+from se_inject.errors import ModelArgsError
 from se_inject.io.signature import architecture_signature
+from se_inject.workflow import inject_named
 
 TIMM_SMALL = ["timm:resnet10t", "--weights", "random", "--input-size", "64"]
 
@@ -107,3 +110,23 @@ def test_a_fine_tuned_weights_file_records_its_class_count_with_the_other_argume
     assert data["model_args"] == {"global_pool": "max", "num_classes": 7}
     rebuilt = se_inject.load(tmp_path / "model.pt")
     assert rebuilt.fc.out_features == 7 and rebuilt.global_pool.pool_type == "max"
+
+
+def test_a_value_the_model_takes_but_cannot_run_with_is_one_line_exit_2_and_nothing_written(tmp_path) -> None:
+    """``drop_rate=0,2`` (a tuple) and ``drop_rate=O.2`` (a string) build a model whose forward
+    raises: refused before anything is written, naming the argument (issue 31, item 3)."""
+    (tmp_path / "model.pt").write_bytes(b"old")
+    for text, shown in (("drop_rate=0,2", r"drop_rate=\(0, 2\)"), ("drop_rate=O.2", r"drop_rate='O\.2'")):
+        fails(run(*TIMM_SMALL, "--model-arg", text, "-o", "model.pt"),
+              rf"Invalid value for '--model-arg': timm:resnet10t built with {shown} cannot run its input "
+              r"3x64x64 \((TypeError|ValueError): .*\); check the value$", tmp_path, keep=("model.pt",), code=2)
+        assert (tmp_path / "model.pt").read_bytes() == b"old"
+    fails(run(*TIMM_SMALL, "--model-arg", "drop_rate=O.2", "--dry-run"), r"built with drop_rate='O\.2'", tmp_path,
+          keep=("model.pt",), code=2)
+
+
+def test_inject_named_refuses_a_model_that_cannot_run_with_its_arguments(tmp_path) -> None:
+    with pytest.raises(ModelArgsError, match=r"built with drop_rate=\(0, 2\) cannot run its input 3x64x64"):
+        inject_named("timm:resnet10t", weights="random", input_size=(64,), model_args={"drop_rate": (0, 2)},
+                     output=tmp_path / "model.pt")
+    assert list(tmp_path.iterdir()) == []

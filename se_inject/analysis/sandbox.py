@@ -8,21 +8,34 @@ attention-bias dict filled in eval mode (fx proxies as values, or tensors of the
 weights that go stale after ``load_state_dict``). :func:`preserved_state` puts every
 submodule back as it was: its attribute dictionary, the dicts, lists and sets found in it
 (in place, so references to them stay valid), its class, its buffers' values and its
-train/eval flag; and torch's random number generators.
+train/eval flag; and torch's random number generators. It also runs the body alone
+(:data:`analysis_lock`: one analysis at a time in the process) and with the user's hooks off
+(``hooks.hooks_silenced``).
 """
 
 from __future__ import annotations
 
 import gc
 import operator
+import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["collection_paused", "preserved_state"]
+from .hooks import hooks_silenced
+
+__all__ = ["analysis_lock", "collection_paused", "preserved_state"]
+
+#: Held by every analysis forward and trace (:func:`preserved_state`; ``tracing.trace`` runs
+#: inside one). torch.fx patches process-wide globals while it traces (``nn.Module.__call__``
+#: and ``__getattr__``, the traced functions' globals), and the hook switch-off and the mode
+#: watch are process-wide too: two threads analysing at once would record into each other's
+#: graphs and restore each other's patches in the wrong order, leaving ``nn.Module.__call__``
+#: patched for good. Re-entrant, since analysis nests (a plan traces, a trace is sandboxed).
+analysis_lock = threading.RLock()
 
 _CONTAINERS = (dict, list, set)
 #: How deep nested containers are copied (``self.cache = {"cpu": [...]}`` is depth 2).
@@ -123,41 +136,45 @@ def _rng_preserved() -> Iterator[None]:
 
 
 @contextmanager
-def preserved_state(model: nn.Module, *, rng: bool = True, on_error_only: bool = False) -> Iterator[None]:
-    """Run the body, then put ``model`` back exactly as it was (also when the body raises).
+def preserved_state(
+    model: nn.Module, *, rng: bool = True, on_error_only: bool = False, run_hooks: bool = False
+) -> Iterator[None]:
+    """Run the body alone (holding :data:`analysis_lock`) with the model's hooks off, then put
+    ``model`` back exactly as it was (also when the body raises).
 
     Restored for every submodule: the entries of its ``__dict__`` (attributes, train/eval
     flags, and the ``_parameters``/``_buffers``/``_modules`` dicts, so reassigned buffers and
     added children come undone), the contents of the dicts, lists and sets it holds (caches
     filled in place), its class, and the values of buffers changed in place; with ``rng``,
     torch's CPU (and initialised CUDA) random number generator states. Parameters changed in
-    place are not restored (no analysis forward writes to them). With ``on_error_only`` the
+    place are not restored (no analysis forward writes to them). The user's forward and
+    backward hooks, per module and global, do not fire in the body (``hooks.hooks_silenced``)
+    unless ``run_hooks`` (a measurement on the user's own batches). With ``on_error_only`` the
     model is restored only when the body raises (a failed call leaves the model as it was; a
-    successful one keeps what it installed), and the generators are left alone.
+    successful one keeps what it installed), and the generators and hooks are left alone.
 
     Example:
         >>> with preserved_state(model):
         ...     record_module_inputs(model, [x])  # forwards on fake tensors, caches and all
     """
-    snapshot = _Snapshot(model)
-    if on_error_only:
-        try:
-            yield
-        except BaseException:
-            snapshot.restore()
-            raise
-        return
-    if not rng:
-        try:
-            yield
-        finally:
-            snapshot.restore()
-        return
-    with _rng_preserved():
-        try:
-            yield
-        finally:
-            snapshot.restore()
+    with analysis_lock:
+        snapshot = _Snapshot(model)
+        if on_error_only:
+            try:
+                yield
+            except BaseException:
+                snapshot.restore()
+                raise
+            return
+        with ExitStack() as stack:
+            if rng:
+                stack.enter_context(_rng_preserved())
+            if not run_hooks:
+                stack.enter_context(hooks_silenced(model))
+            try:
+                yield
+            finally:
+                snapshot.restore()
 
 
 @contextmanager

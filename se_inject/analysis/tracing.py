@@ -1,5 +1,7 @@
-"""Tracing: the fx tracer (timm's no-trace modules and functions, mode-dependent leaves),
-``trace`` that leaves the user's model as it was, and whether a trace read a ``training`` flag."""
+"""Tracing: the fx tracer (timm's no-trace modules and functions, mode-dependent leaves) and
+``trace`` that leaves the user's model as it was (``mode_reads``: whether it read a ``training``
+flag). One trace at a time in the process (``trace`` runs in the sandbox, which holds the
+analysis lock), and fx's patches of ``nn.Module`` never outlive it."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import dis
 import functools
 import inspect
 import operator
+import threading
 import types
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -19,6 +22,7 @@ from torch import nn
 from ..se_block import SEBlock, SEHook
 from .calls import PLAIN, VAR_KINDS, CallRecord, arg_kind
 from .causes import watch_jit_isinstance
+from .mode_reads import watch_mode_reads
 from .sandbox import preserved_state
 
 __all__ = ["SETracer", "Traced", "trace", "mode_dependent_leaves", "training_mode"]
@@ -84,6 +88,18 @@ class SETracer(fx.Tracer):
         #: Per submodule traced through: the node each call returned (None: not one traced value).
         self.module_outputs: dict[str, list[fx.Node | None]] = {}
         self._aliases: dict[int, list[str]] | None = None
+        self._thread = threading.get_ident()
+
+    def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
+        self._thread = threading.get_ident()
+        return super().trace(root, concrete_args)
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        # fx's patch of ``nn.Module.__getattr__`` is process-wide: another thread's modules
+        # get their plain attributes (see ``call_module``).
+        if threading.get_ident() != self._thread:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
 
     def path_of_module(self, mod: nn.Module) -> str:
         # A module registered under several names (ultralytics' Conv blocks share one SiLU) is
@@ -103,6 +119,11 @@ class SETracer(fx.Tracer):
         return super().path_of_module(mod)
 
     def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        # fx patches ``nn.Module.__call__`` for the whole process while it traces: a forward
+        # another thread runs meanwhile (not an analysis: those wait for the analysis lock) is
+        # the plain call, not a part of this trace.
+        if threading.get_ident() != self._thread:
+            return forward(*args, **kwargs)
         path = self.path_of_module(m)
         if self.is_leaf_module(m, path):
             returned = super().call_module(m, forward, args, kwargs)
@@ -313,7 +334,7 @@ def trace(
                 for path, m in module.named_modules()
             ]
             before = set(module.__dict__)
-            with _watch_mode_reads(module, reads), watch_jit_isinstance():
+            with watch_mode_reads(module, reads), watch_jit_isinstance(), _module_patches_undone():
                 graph = tracer.trace(module, concrete_args=concrete_args)
         added = {k: module.__dict__[k] for k in set(module.__dict__) - before}
         for path, m, attrs, state in saved:
@@ -328,6 +349,20 @@ def trace(
     return Traced(graph, added, tracer.module_calls, bool(reads), tuple(effects), tracer.module_outputs)
 
 
+@contextmanager
+def _module_patches_undone() -> Iterator[None]:
+    """fx patches ``nn.Module.__call__`` and ``__getattr__`` while it traces; whatever happens
+    in the trace (an error, an interrupt), they are torch's own again afterwards."""
+    call, getattr_ = nn.Module.__call__, nn.Module.__getattr__
+    try:
+        yield
+    finally:
+        if nn.Module.__call__ is not call:
+            nn.Module.__call__ = call  # type: ignore[method-assign]
+        if nn.Module.__getattr__ is not getattr_:
+            nn.Module.__getattr__ = getattr_  # type: ignore[method-assign]
+
+
 def _rebound(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """Keys of ``now`` bound to other objects than in its earlier copy ``before`` (or added, or gone)."""
     return [k for k in {*before, *now} if before.get(k, _MISSING) is not now.get(k, _MISSING)]
@@ -336,58 +371,6 @@ def _rebound(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
 #: ``nn.Module``'s dicts of parameters, buffers and children: a forward reassigning one of
 #: those changes the module's state, not a cache.
 _STATE_DICTS = ("_parameters", "_buffers", "_modules")
-
-
-# While tracing, every module's class is swapped for a subclass whose ``training`` is a
-# property that notes reads: a trace that read no ``training`` flag is the same in both
-# modes, so the other mode's trace can be skipped.
-_WATCHED_CLASSES: dict[type, type] = {}
-_reads_sink: list[list[str]] = []
-
-
-def _training_get(self: nn.Module) -> bool:
-    if _reads_sink:
-        _reads_sink[-1].append(type(self).__name__)
-    return self.__dict__["training"]
-
-
-def _training_set(self: nn.Module, value: bool) -> None:
-    self.__dict__["training"] = value
-
-
-def _watching(cls: type) -> type:
-    sub = _WATCHED_CLASSES.get(cls)
-    if sub is None:
-        body = {"training": property(_training_get, _training_set), "__module__": cls.__module__,
-                "__qualname__": cls.__qualname__}
-        sub = _WATCHED_CLASSES[cls] = type(cls.__name__, (cls,), body)
-    return sub
-
-
-@contextmanager
-def _watch_mode_reads(module: nn.Module, reads: list[str]):
-    """Record in ``reads`` each read of a ``training`` flag of ``module`` or its submodules;
-    a module whose class cannot be swapped counts as read (both modes are then traced)."""
-    swapped: list[tuple[nn.Module, type]] = []
-    try:
-        for m in module.modules():
-            cls = type(m)
-            if "training" not in m.__dict__:
-                reads.append(cls.__name__)
-                continue
-            try:
-                m.__class__ = _watching(cls)
-            except TypeError:
-                reads.append(cls.__name__)
-                continue
-            swapped.append((m, cls))
-        _reads_sink.append(reads)
-        yield
-    finally:
-        if _reads_sink and _reads_sink[-1] is reads:
-            _reads_sink.pop()
-        for m, cls in swapped:
-            m.__class__ = cls
 
 
 def _restore_parameter_names(graph: fx.Graph, concrete_args: dict[str, Any]) -> None:

@@ -138,6 +138,8 @@ class SEGuard:
     place; a name that is gone (a re-parameterisation that deletes the branch) makes the owner
     refuse to run, instead of silently running without its SE block."""
 
+    se_inject_own = True  # see SEHook
+
     def __init__(self) -> None:
         self.sites: list[tuple[str, str, SEBlock]] = []  # (site name, attach path, SE block)
 

@@ -14,13 +14,15 @@ from __future__ import annotations
 import copy
 import dataclasses
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
+from ..analysis.hooks import hooks_silenced
+from ..analysis.sandbox import analysis_lock
 from ..errors import UnfaithfulRebuildError
 from ..se_block import SEBlock
 
@@ -119,11 +121,19 @@ def _passthrough(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
 
 def check_rebuilt(rebuilt: Mapping[str, nn.Module], calls: OwnerCalls) -> None:
     """Run each rebuilt block on its owner's recorded calls; the first that differs or raises
-    is named in the error.
+    is named in the error. The hooks a rebuilt block took over from its original do not fire
+    (analysis runs no user hook).
 
     Raises:
         UnfaithfulRebuildError: a rebuilt block computes something else than its original.
     """
+    with analysis_lock, ExitStack() as stack:
+        for block in rebuilt.values():
+            stack.enter_context(hooks_silenced(block))
+        _check_rebuilt(rebuilt, calls)
+
+
+def _check_rebuilt(rebuilt: Mapping[str, nn.Module], calls: OwnerCalls) -> None:
     for path, block in rebuilt.items():
         hooks = [m.register_forward_hook(_passthrough) for m in block.modules() if isinstance(m, SEBlock)]
         where = path or "the model"

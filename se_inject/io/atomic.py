@@ -3,11 +3,14 @@ partial file.
 
 Torch's zip writer turns an ``OSError`` (disk full, file-size limit) or a Ctrl-C raised inside it
 into a ``RuntimeError``; so the handle given to the writer records the ``OSError`` its ``write``
-met, and a SIGINT handler records the interrupt, and the cause is reported, not the wrapping.
+met, and a SIGINT / SIGTERM handler records the interrupt, and the cause is reported, not the
+wrapping. SIGTERM (what ``timeout``, ``kill`` and job schedulers send) is treated as Ctrl-C and
+raised as :class:`Terminated`.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import stat
@@ -20,7 +23,31 @@ from typing import Any, BinaryIO
 
 from ..errors import OutputPathError, SEInjectError
 
-__all__ = ["atomic_write", "output_target"]
+__all__ = ["Terminated", "atomic_write", "output_target", "terminate_as_interrupt"]
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``timeout``, ``kill``, a job scheduler) arrived: handled as Ctrl-C is (an
+    interrupted write leaves the old file as it was and no temporary file); the command exits
+    143. A ``KeyboardInterrupt``, not an error of se-inject's: it stops the program."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+@contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises :class:`Terminated` in the body (the main thread only), as SIGINT raises
+    ``KeyboardInterrupt``; the previous handler is back afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 _NOT_REGULAR = (
     (stat.S_ISCHR, "a character device"),
@@ -37,11 +64,18 @@ def output_target(path: str | os.PathLike[str]) -> Path:
         OutputPathError: ``path`` is (or links to) a device, FIFO or socket, which a write must
             never replace, or a folder.
     """
+    _check_name_lengths(Path(path))
     file = Path(os.path.realpath(path)) if Path(path).is_symlink() else Path(path)
     try:
         mode = file.stat().st_mode
-    except OSError:
+    except FileNotFoundError:
         return file  # nothing there yet: a new regular file
+    except OSError as e:
+        if e.errno == errno.ELOOP:  # (realpath gives up on a loop and returns the link itself)
+            raise OutputPathError(
+                f"cannot write {os.fspath(path)!r}: it is a symbolic link loop; give a file name such as model.pt"
+            ) from None
+        raise OutputPathError(f"cannot write {os.fspath(path)!r}: {e.strerror or e}") from None
     for is_kind, kind in _NOT_REGULAR:
         if is_kind(mode):
             raise OutputPathError(
@@ -50,6 +84,27 @@ def output_target(path: str | os.PathLike[str]) -> Path:
     if stat.S_ISDIR(mode):
         raise OutputPathError(f"cannot write {os.fspath(path)!r}: it is a directory; give a file name such as model.pt")
     return file
+
+
+#: Longest file name (one path component, in bytes) where the system does not say: Linux, macOS, Windows.
+_NAME_MAX = 255
+
+
+def _check_name_lengths(path: Path) -> None:
+    """Each part of ``path`` fits the file system's name limit (the OS would refuse it deep in a write)."""
+    for part in path.parts:
+        size = len(os.fsencode(part))
+        if size > _NAME_MAX:
+            which = "its name" if Path(part) == path else f"the name {_short(Path(part))}"
+            raise OutputPathError(
+                f"cannot write {_short(path)}: {which} is {size} bytes, longer than the {_NAME_MAX} a file name may have"
+            )
+
+
+def _short(path: Path) -> str:
+    """``path`` quoted, cut in the middle when long, so the error stays one readable line."""
+    text = os.fspath(path)
+    return repr(text) if len(text) <= 80 else repr(f"{text[:40]}...{text[-30:]}")
 
 
 class _RecordingHandle:
@@ -71,12 +126,17 @@ class _RecordingHandle:
 
 
 class _Interrupts:
-    """SIGINT while writing: ``seen`` is set, and the interrupt is raised (``defer=False``) or
-    held until the end of the block (``defer=True``, for the move into place)."""
+    """SIGINT or SIGTERM while writing: ``seen`` is the signal, and the interrupt is raised
+    (``defer=False``) or held until the end of the block (``defer=True``, for the move into place)."""
 
     def __init__(self) -> None:
-        self.seen = False
+        self.seen: int | None = None
         self.defer = False
+
+    def interrupt(self, message: str, error: BaseException | None = None) -> KeyboardInterrupt:
+        """The interrupt to raise: :class:`Terminated` for SIGTERM, else ``KeyboardInterrupt``."""
+        terminated = self.seen == signal.SIGTERM or isinstance(error, Terminated)
+        return (Terminated if terminated else KeyboardInterrupt)(message)
 
     @contextmanager
     def watching(self) -> Iterator[None]:
@@ -85,15 +145,16 @@ class _Interrupts:
             return
 
         def handler(signum: int, frame: Any) -> None:
-            self.seen = True
+            self.seen = self.seen or signum
             if not self.defer:
-                raise KeyboardInterrupt
+                raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt
 
-        previous = signal.signal(signal.SIGINT, handler)
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             yield
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for sig, before in previous.items():
+                signal.signal(sig, before)
 
 
 def atomic_write(file: Path, write: Callable[[BinaryIO], object]) -> Path:
@@ -108,6 +169,7 @@ def atomic_write(file: Path, write: Callable[[BinaryIO], object]) -> Path:
             is left untouched and no temporary file remains.
         KeyboardInterrupt: Ctrl-C during the write, with a message that says the existing file
             is unchanged.
+        Terminated: SIGTERM during the write (a ``KeyboardInterrupt``, the same message).
     """
     target = output_target(file)
     try:
@@ -129,7 +191,7 @@ def atomic_write(file: Path, write: Callable[[BinaryIO], object]) -> Path:
     except BaseException as e:
         _remove(tmp)
         if interrupts.seen or isinstance(e, KeyboardInterrupt):
-            raise KeyboardInterrupt(f"writing {str(file)!r} stopped: the existing file is unchanged") from None
+            raise interrupts.interrupt(f"writing {str(file)!r} stopped: the existing file is unchanged", e) from None
         if isinstance(e, SEInjectError):
             raise
         cause = recorder.error if recorder is not None and recorder.error is not None else e
@@ -137,7 +199,7 @@ def atomic_write(file: Path, write: Callable[[BinaryIO], object]) -> Path:
             raise OutputPathError(f"cannot write {str(file)!r}: {cause.strerror or cause}") from e
         raise
     if interrupts.seen:  # Ctrl-C while moving the finished file into place: it is written
-        raise KeyboardInterrupt(f"interrupted after {str(file)!r} was written")
+        raise interrupts.interrupt(f"interrupted after {str(file)!r} was written")
     return file
 
 

@@ -11,6 +11,7 @@ record is refused with a message that names ``base_model=``. The format is descr
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Mapping
@@ -37,7 +38,7 @@ from ..plan import Plan
 from .checkpoint import FORMAT, FORMAT_VERSION, base_fingerprint, se_state_dict
 from .signature import signature_difference
 
-__all__ = ["load", "read_checkpoint"]
+__all__ = ["load", "read_checkpoint", "check_plan_fits_tensors"]
 
 
 def _base_differences(saved: Mapping[str, Any], base: nn.Module) -> str | None:
@@ -89,6 +90,53 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(data.get("plan"), Mapping):
         raise CheckpointError(f"{where} has no plan")
     return dict(data)
+
+
+def _se_shapes(channels: int, hidden: int, bias: bool) -> dict[str, tuple[int, ...]]:
+    """The SE block's tensors (``SEBlock``'s two linear layers) by key suffix."""
+    shapes = {"fc1.weight": (hidden, channels), "fc2.weight": (channels, hidden)}
+    if bias:
+        shapes.update({"fc1.bias": (hidden,), "fc2.bias": (channels,)})
+    return shapes
+
+
+def check_plan_fits_tensors(plan: Plan, state: Mapping[str, torch.Tensor], where: str) -> None:
+    """Refuse a plan whose SE blocks the file's tensors could not fill, before anything is built.
+
+    The plan says how big each SE block is (``channels``, ``hidden``); a strict load needs every
+    one of their tensors in the file, shaped so. A hostile or corrupt plan (``hidden=2000000``
+    next to tensors of (8, 64)) would otherwise allocate its blocks first, gigabytes, and only
+    then be refused: here each site's tensors that the file holds must have the plan's shapes,
+    and all SE blocks together cannot hold more values than the file does.
+
+    Raises:
+        CheckpointError: a site's shapes differ from its tensors, or the plan's SE blocks hold
+            more values than the file.
+    """
+    total = sum(t.numel() for t in state.values())
+    needed = 0
+    for site in plan.sites:
+        sizes = (site.channels, site.hidden)
+        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in sizes):
+            raise CheckpointError(
+                f"{where} has a plan with site {site.name!r} of {site.channels!r} channels and hidden width "
+                f"{site.hidden!r} (positive integers expected); the file is corrupt or was edited"
+            )
+        shapes = _se_shapes(site.channels, site.hidden, site.config.bias)
+        needed += sum(math.prod(shape) for shape in shapes.values())
+        for suffix, shape in shapes.items():
+            tensor = state.get(f"{site.name}.{suffix}")
+            if tensor is not None and tuple(tensor.shape) != shape:
+                raise CheckpointError(
+                    f"{where} has a plan that does not match its tensors: site {site.name} has {site.channels} "
+                    f"channels and hidden width {site.hidden}, so {suffix} would be {shape}, but the file holds "
+                    f"{tuple(tensor.shape)}; the file is corrupt or was edited"
+                )
+    if needed > total:
+        raise CheckpointError(
+            f"{where} has a plan whose {len(plan.sites)} SE blocks hold {needed:,} values, more than the "
+            f"{total:,} the file holds; the file is corrupt or was edited"
+        )
 
 
 def _spec(data: Mapping[str, Any], where: str) -> ModelSpec:
@@ -207,6 +255,7 @@ def load(path: str | os.PathLike[str], base_model: nn.Module | None = None, *, f
     where = f"checkpoint {str(path)!r}"
     plan = Plan.from_dict(data["plan"])
     state: Mapping[str, torch.Tensor] = data["state_dict"]
+    check_plan_fits_tensors(plan, state, where)  # before any model or SE block is built
     se_only = bool(data.get("se_only"))
     spec = None
     if base_model is not None:

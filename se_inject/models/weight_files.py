@@ -13,6 +13,7 @@ import os
 import pickle
 import pickletools
 import re
+import stat
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from torch import nn
 
 from ..errors import SEInjectError, UnsafeCheckpointError, WeightsError
 
-__all__ = ["read_pickle", "load_state_dict_file", "read_weights_file", "WeightsFile", "clean_state_dict", "load_strict",
+__all__ = ["not_a_file", "read_pickle", "load_state_dict_file", "read_weights_file", "WeightsFile", "clean_state_dict", "load_strict",
            "key_problems", "is_torch_file"]
 
 #: How many missing / unexpected keys an error message names.
@@ -98,6 +99,31 @@ def _pickle_globals(file: Path) -> list[str]:
     return found
 
 
+_KINDS = (
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def not_a_file(path: Path) -> str | None:
+    """Why ``path`` is no regular file to read, as the end of a sentence (``"is a FIFO ..."``),
+    or ``None`` when it is one. A FIFO or ``/dev/zero`` would block or never end a read."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as e:
+        if path.is_symlink():
+            return "is a symbolic link to nothing (its target does not exist)"
+        return "does not exist" if isinstance(e, FileNotFoundError) else f"cannot be read ({e.strerror or e})"
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "is a directory, not a file"
+    kind = next((kind for is_kind, kind in _KINDS if is_kind(mode)), "a special file")
+    return f"is {kind}, not a regular file"
+
+
 def read_pickle(file: str | os.PathLike[str], *, what: str, error: type[SEInjectError]) -> Any:
     """``torch.load(file, weights_only=True, map_location="cpu")`` with our errors.
 
@@ -107,10 +133,9 @@ def read_pickle(file: str | os.PathLike[str], *, what: str, error: type[SEInject
             unpickler refused it before anything ran.
     """
     path = Path(file)
-    if path.is_dir():
-        raise error(f"{what} {str(path)!r} is a directory, not a file")
-    if not path.is_file():
-        raise error(f"{what} {str(path)!r} does not exist")
+    problem = not_a_file(path)
+    if problem is not None:
+        raise error(f"{what} {str(path)!r} {problem}")
     if not is_torch_file(path):
         if _is_safetensors(path):
             raise error(f"{what} {str(path)!r} is a safetensors file, not a torch file")
@@ -180,8 +205,9 @@ def read_weights_file(path: str | os.PathLike[str], *, ema: bool = False) -> Wei
     """
     file = Path(path)
     if file.suffix == ".safetensors" or (file.is_file() and _is_safetensors(file)):
-        if not file.is_file():
-            raise WeightsError(f"weights file {str(file)!r} does not exist")
+        problem = not_a_file(file)
+        if problem is not None:
+            raise WeightsError(f"weights file {str(file)!r} {problem}")
         try:
             from safetensors.torch import load_file
 

@@ -33,7 +33,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from ..analysis.sandbox import preserved_state
 from ..se_block import SEBlock
 
-__all__ = ["SECost", "Count", "Complexity", "count_params", "count", "compare"]
+__all__ = ["SECost", "Count", "Complexity", "count_params", "count", "compare", "NOT_COUNTED"]
+
+#: How the warning of a count whose forward passes all failed begins.
+NOT_COUNTED = "multiply-adds not counted"
 
 
 @dataclass(frozen=True)
@@ -179,21 +182,22 @@ def count(model: nn.Module, input_size: Sequence[int]) -> Count:
     size = tuple(int(s) for s in input_size)
     calls: dict[str, list[int]] = {}  # SE block name -> [calls, input elements per sample]
     blocks: dict[str, SEBlock] = {}
-    handles = []
-    for name, block in model.named_modules():
-        if isinstance(block, SEBlock):
-            calls[name] = [0, 0]
-            blocks[name] = block
-
-            def hook(_: nn.Module, args: tuple[Any, ...], name: str = name) -> None:
-                x = args[0]
-                calls[name][0] += 1
-                calls[name][1] += x.numel() // max(1, x.shape[0])
-
-            handles.append(block.register_forward_pre_hook(hook))
     macs: int | None = None
-    try:
-        with _eval_mode(model):
+    # The sandbox first: the user's hooks are off in it, the counters registered inside run.
+    with _eval_mode(model):
+        handles = []
+        for name, block in model.named_modules():
+            if isinstance(block, SEBlock):
+                calls[name] = [0, 0]
+                blocks[name] = block
+
+                def hook(_: nn.Module, args: tuple[Any, ...], name: str = name) -> None:
+                    x = args[0]
+                    calls[name][0] += 1
+                    calls[name][1] += x.numel() // max(1, x.shape[0])
+
+                handles.append(block.register_forward_pre_hook(hook))
+        try:
             errors = []
             for fake in (True, False):
                 for value in calls.values():
@@ -205,13 +209,13 @@ def count(model: nn.Module, input_size: Sequence[int]) -> Count:
                     errors.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
             else:
                 warnings.warn(
-                    f"multiply-adds not counted: a forward pass at input size {size} failed ({errors[-1]})",
+                    f"{NOT_COUNTED}: a forward pass at input size {size} failed ({errors[-1]})",
                     UserWarning,
                     stacklevel=2,
                 )
-    finally:
-        for handle in handles:
-            handle.remove()
+        finally:
+            for handle in handles:
+                handle.remove()
     se = []
     for name, (n_calls, elements) in calls.items():
         block = blocks[name]

@@ -101,8 +101,9 @@ def gate_statistics(model: nn.Module, batches: Iterable[Any], *, tol: float = 0.
     handles = [b.register_forward_pre_hook(lambda m, a, name=name: hook(m, a, name)) for name, b in blocks]
     try:
         # A measurement: train/eval flags and what the forwards cache on the modules are put back
-        # (not the RNG state: the batches may draw on it as they are made).
-        with preserved_state(model, rng=False), torch.no_grad():
+        # (not the RNG state: the batches may draw on it as they are made). The user's hooks run:
+        # these are the user's own batches.
+        with preserved_state(model, rng=False, run_hooks=True), torch.no_grad():
             model.eval()
             for batch in batches:
                 inputs, y = _split(batch)

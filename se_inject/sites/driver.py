@@ -47,7 +47,9 @@ def build_plan(
     to keep those traces for the rewriter (``se_inject.inject.rewrite.build_blocks``).
 
     Analysis runs the user's modules on fake tensors and proxies: what their forwards cache on
-    ``self`` (and the eval mode analysis sets) is put back, so the model is as it was.
+    ``self`` (and the eval mode analysis sets) is put back, so the model is as it was,
+    and none of the user's hooks fires. Safe from several threads: analyses run one at a time (torch.fx patches process-wide
+    globals while it traces; ``analysis.sandbox.analysis_lock``).
 
     Raises:
         SelectionError: ``selection.stages`` or ``.resolutions`` name none of the model's (the
