@@ -216,6 +216,61 @@ def bench_cli(name: str, reps: int) -> tuple[str, float]:
     return table(["model", "build + torch.save s", "se-inject -o s", "ratio", "target", "met"], rows), ratio
 
 
+#: The zoo part's targets: median and worst inject_se / create_model over the timm zoo.
+ZOO_MEDIAN_TARGET, ZOO_WORST_TARGET = 0.5, 3.0
+
+
+def bench_zoo(reps: int) -> tuple[str, dict[str, float]]:
+    """``inject_se(m)`` over building ``m`` for the zoo sweep's models (every torchvision
+    classifier, random weights, and the smallest model of each timm module,
+    ``results/timm_smallest.json``), same model, paired per rep, after one untimed build and
+    injection (lazy imports, first-call caches)."""
+    import json
+    import warnings
+
+    import torchvision
+
+    timm_names = sorted(m["name"] for m in json.loads(
+        (Path(__file__).parent / "results" / "timm_smallest.json").read_text())["models"].values())
+    builders: dict[str, Callable[[], nn.Module]] = {
+        f"torchvision:{n}": (lambda n=n: torchvision.models.get_model(n, weights=None))
+        for n in sorted(torchvision.models.list_models(module=torchvision.models))
+    }
+    builders.update({n: (lambda n=n: timm.create_model(n)) for n in timm_names})
+    ratios: dict[str, float] = {}
+    failed: list[str] = []
+    for name, build in builders.items():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                inject_se(build().eval())
+                create, inject = [], []
+                for _ in range(reps):
+                    gc.collect()
+                    t0 = time.perf_counter()
+                    model = build().eval()
+                    t1 = time.perf_counter()
+                    inject_se(model)
+                    t2 = time.perf_counter()
+                    create.append(t1 - t0)
+                    inject.append(t2 - t1)
+        except Exception as e:  # noqa: BLE001 - named in the table, not hidden
+            failed.append(f"{name} ({type(e).__name__})")
+            continue
+        ratios[name] = paired_ratio(inject, create)
+    ordered = sorted(ratios.items(), key=lambda kv: kv[1])
+    mid, worst = median(list(ratios.values())), ordered[-1]
+    rows = [["median", f"{mid:.2f}", f"<= {ZOO_MEDIAN_TARGET:g}", "yes" if mid <= ZOO_MEDIAN_TARGET else "no"],
+            [f"worst ({worst[0]})", f"{worst[1]:.2f}", f"<= {ZOO_WORST_TARGET:g}",
+             "yes" if worst[1] <= ZOO_WORST_TARGET else "no"]]
+    text = table(["over " + str(len(ratios)) + " models", "inject / create", "target", "met"], rows)
+    text += "\n\nHighest five: " + ", ".join(f"{n} {r:.2f}" for n, r in ordered[-5:][::-1])
+    if failed:
+        text += f"\n\nNot measured ({len(failed)}): " + ", ".join(failed)
+    print(f"  zoo: median {mid:.2f}, worst {worst[1]:.2f} ({worst[0]})", flush=True)
+    return text, ratios
+
+
 def _relative_paths(line: str) -> str:
     """A profile line with file names relative to the repository or site-packages (no machine paths)."""
     import sysconfig
@@ -728,6 +783,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     sections = [
         f"# se-inject speed (CPU)\n\nMachine: {machine()}\n\nCommand: `python benchmarks/speed.py {' '.join(sys.argv[1:] if argv is None else argv)}`"
     ]
+    if "zoo" in parts:
+        print("zoo injection cost ...", flush=True)
+        text, _ = bench_zoo(max(1, args.injection_reps // 2))
+        sections.append(f"## Zoo: inject_se / create_model over the timm zoo (median of {max(1, args.injection_reps // 2)})\n\n{text}")
     if "cli" in parts:
         print("command end to end ...", flush=True)
         text, _ = bench_cli(CLI_MODEL, args.injection_reps)

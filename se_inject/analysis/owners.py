@@ -162,6 +162,13 @@ class OwnerTraces:
         every child kept as a call; shared, not to be edited."""
         return self._traced(owner, (), args, inputs)[0]
 
+    def names(self, graph: fx.Graph) -> dict[str, fx.Node]:
+        """The graph's nodes by owner-relative qualified name (kept per graph)."""
+        names = self._names.get(id(graph))
+        if names is None:
+            names = self._names[id(graph)] = {name: node for node, name in qualified_names(graph).items()}
+        return names
+
     def check(self, owner: nn.Module, owner_path: str, sites: Sequence[Site]) -> str | None:
         """Why ``owner`` cannot be rebuilt with ``sites`` (the first line of the error), or
         None when the rewriter will find every site's nodes in both modes' graphs."""

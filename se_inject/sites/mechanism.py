@@ -23,7 +23,7 @@ from dataclasses import replace
 import torch.fx as fx
 from torch import nn
 
-from ..analysis.node_names import call_stack, qualified_names
+from ..analysis.node_names import call_stack
 from ..analysis.owners import OwnerTraces
 from ..plan import Site
 from ..se_block import SEBlock
@@ -129,7 +129,7 @@ def fills_placeholder(owner: nn.Module, site: Site, traces: OwnerTraces) -> bool
             owner._modules[attr] = held
     prefix = len(site.owner) + 1 if site.owner else 0
     for graph in graphs.values():
-        names = {name: node for node, name in qualified_names(graph).items()}
+        names = traces.names(graph)
         call, source = names.get(attr), names.get(site.source[prefix:])
         if call is None or source is None or call.op != "call_module" or call.args != (source,) or call.kwargs:
             return False
