@@ -113,7 +113,7 @@ def _sites(console: Console, report: Report) -> None:
 def _mechanisms(rows: list[dict[str, Any]]) -> str:
     """How the SE blocks get in: ``how: 15 attached (the blocks' code untouched), 1 rebuilt (checked)``."""
     counts = {m: sum(1 for site in rows if site["mechanism"] == m) for m in ("attached", "placeholder", "rebuilt")}
-    notes = {"attached": "attached to a module's output", "placeholder": "in the block's own placeholder",
+    notes = {"attached": "attached to a module's output", "placeholder": "filling their blocks' empty placeholders",
              "rebuilt": "rebuilt and checked"}
     parts = [f"{n} {notes[m]}" for m, n in counts.items() if n]
     names = [site["name"] for site in rows if site["mechanism"] == "rebuilt"]
