@@ -11,14 +11,15 @@ from typing import Any
 import torch.fx as fx
 from torch import nn
 
+from ..analysis.batch import grown_args, once
 from ..analysis.owners import OwnerTraces
 from ..analysis.sandbox import collection_paused, preserved_state
 from ..plan import Plan, Site, SiteKind, Skipped, SkipReason, Unanalysed
 from ..request import SEConfig, Selection
 from ..se_block import hidden_width
-from .mechanism import AttachFacts, attach_per_owner, attach_point, fills_placeholder, has_placeholder
 from .concatenation import concatenation
 from .inputs import check_input_fits, describe_input, example_args
+from .mechanism import AttachFacts, attach_per_owner, attach_point, fills_placeholder, has_placeholder
 from .plain import plain
 from .rebuild import drop_conflicting_owners, rebuildable
 from .records import Candidate, Context, Policy, Rule, Unit, skip
@@ -63,7 +64,7 @@ def _plan(model: nn.Module, config: SEConfig, selection: Selection, example_inpu
     args = example_args(model, example_input)
     units: list[Unit] = []
     unanalysed: list[Unanalysed] = []
-    analyse(model, "", args, units, unanalysed, {})
+    analyse(model, "", args, units, unanalysed, {}, grown=once(lambda: grown_args(args)))
     check_input_fits(model, args, units, unanalysed, given=example_input is not None)
     policy = Policy(config.placement, selection.tokens)
     candidates = _candidates(units, RULES, policy)
@@ -249,6 +250,7 @@ def _finalise(
                 stage=stage,
                 inline=cand.inline,
                 prefix_tokens=cand.prefix_tokens,
+                batch_axis=cand.batch_axis,
                 spatial=spatial,
                 owner_args=cand.unit.owner_args(cand.owner_rel),
                 owner_inputs=cand.unit.owner_inputs(cand.owner_rel),

@@ -25,18 +25,23 @@ def check_tensor(cand: Candidate, node: fx.Node, policy: Policy | None = None) -
     if axis is None:
         skip(cand, SkipReason.UNKNOWN_CHANNEL_AXIS, f"shape {list(shape)}")
         return False
-    flattened = _flattened_map(cand, shape) if len(shape) == 3 and axis == 2 else None
+    batch = cand.unit.batch_axis(node)
+    if batch is None or batch == axis:
+        what = "grew no single axis other than the channels" if cand.unit.grown_values() is not None else "did not run"
+        skip(cand, SkipReason.UNKNOWN_BATCH_AXIS, f"shape {list(shape)}: one more sample {what}")
+        return False
+    flattened = _flattened_map(cand, shape) if len(shape) == 3 and axis == 2 and batch == 0 else None
     if flattened is not None:
         cand.map_size = flattened
     elif len(shape) == 3 and axis == 2:
         if policy is None or not policy.tokens:
             skip(cand, SkipReason.TOKEN_SEQUENCE, f"shape {list(shape)}, channels last")
             return False
-        cand.prefix_tokens = cand.unit.prefix_tokens()
+        cand.prefix_tokens = cand.unit.prefix_tokens(1 - batch)
     if axis not in (1, len(shape) - 1):
         skip(cand, SkipReason.UNKNOWN_CHANNEL_AXIS, f"channels on axis {axis} of {list(shape)}")
         return False
-    cand.shape, cand.channels = shape, shape[axis]
+    cand.shape, cand.channels, cand.batch_axis = shape, shape[axis], batch
     cand.axis = 1 if axis == 1 else -1
     return True
 

@@ -1,0 +1,213 @@
+"""Sequence models and encoders (issue 32): every SE layout squeezes each sample on its own,
+time-first token sequences ``[T, B, D]`` included (the batch axis is followed from the example
+input by growing its batch), and blocks that would need a guess are refused."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from nets import PlainResidual, perturb_se
+from torch import nn
+
+from se_inject import SEBlock, SkipReason, find_sites, inject_se
+from se_inject.plan import Plan
+
+
+class TokenLayer(nn.Module):
+    """A pre-norm transformer layer; ``batch_first=False`` runs it on ``[T, B, D]`` (the default
+    layout of ``nn.MultiheadAttention``, as in many speech encoders)."""
+
+    def __init__(self, d: int = 16, batch_first: bool = True) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(d, 2, batch_first=batch_first)
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.ff = nn.Sequential(nn.Linear(d, 32), nn.ReLU(), nn.Linear(32, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.ff(self.norm2(x))
+
+
+class TokenEncoder(nn.Module):
+    """Features ``[B, T, F]`` in and out; inside, batch first or time first, with an optional
+    class token in front of the sequence."""
+
+    def __init__(self, f: int = 8, d: int = 16, batch_first: bool = True, cls: bool = False) -> None:
+        super().__init__()
+        self.batch_first = batch_first
+        self.inp = nn.Linear(f, d)
+        self.cls = nn.Parameter(torch.randn(1, 1, d)) if cls else None
+        self.layers = nn.ModuleList(TokenLayer(d, batch_first) for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.inp(x)
+        if not self.batch_first:
+            x = x.transpose(0, 1)
+        if self.cls is not None:
+            if self.batch_first:
+                x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1)
+            else:
+                x = torch.cat([self.cls.expand(-1, x.shape[1], -1), x], 0)
+        for layer in self.layers:
+            x = layer(x)
+        return x if self.batch_first else x.transpose(0, 1)
+
+
+class UntracedEncoder(TokenEncoder):
+    """A time-first encoder whose own forward does not trace (it branches on data): its layers
+    are analysed on their own, with the inputs a forward gave them, their batch axis with them."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 1e9:  # branches on a traced value
+            x = x * 0.5
+        return super().forward(x)
+
+
+class ChannelsLastMap(nn.Module):
+    """A convolution stem, then an MLP residual on the channels-last map ``[B, H, W, C]``."""
+
+    def __init__(self, c: int = 16) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.norm = nn.LayerNorm(c)
+        self.mlp = nn.Sequential(nn.Linear(c, 2 * c), nn.GELU(), nn.Linear(2 * c, c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x).permute(0, 2, 3, 1)
+        return x + self.mlp(self.norm(x))
+
+
+class ConvResidual(nn.Module):
+    """``x + conv(relu(conv(x)))`` in 1, 2 or 3 spatial dimensions, channels first."""
+
+    def __init__(self, dims: int, c: int = 16) -> None:
+        super().__init__()
+        conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
+        self.stem = conv(3, c, 3, padding=1)
+        self.conv1, self.conv2 = conv(c, c, 3, padding=1), conv(c, c, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        return x + self.conv2(torch.relu(self.conv1(x)))
+
+
+class FixedBatch(nn.Module):
+    """A block whose code fixes the batch size (``reshape(2, ...)``): growing the batch does not
+    run, so which axis holds the samples of its sequence cannot be told."""
+
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.inp = nn.Linear(8, d)
+        self.ff = nn.Sequential(nn.Linear(d, 32), nn.ReLU(), nn.Linear(32, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.inp(x).reshape(2, -1, 16)
+        return x + self.ff(x)
+
+
+#: name -> (model, example input of two samples, tokens option, the batch axis of every site).
+LAYOUTS = {
+    "channels-first map": (lambda: PlainResidual(8), lambda: torch.randn(2, 8, 6, 6), False, 0),
+    "channels-last map": (ChannelsLastMap, lambda: torch.randn(2, 3, 6, 6), False, 0),
+    "[B, T, D]": (lambda: TokenEncoder(batch_first=True), lambda: torch.randn(2, 5, 8), True, 0),
+    "[T, B, D]": (lambda: TokenEncoder(batch_first=False), lambda: torch.randn(2, 5, 8), True, 1),
+    # as many time steps as samples: sizes alone cannot tell the axes apart
+    "[T, B, D], T == B": (lambda: TokenEncoder(batch_first=False), lambda: torch.randn(2, 2, 8), True, 1),
+    "[T, B, D] + class token": (lambda: TokenEncoder(batch_first=False, cls=True), lambda: torch.randn(2, 5, 8), True, 1),
+    "[B, T, D] + class token": (lambda: TokenEncoder(batch_first=True, cls=True), lambda: torch.randn(2, 5, 8), True, 0),
+    "[T, B, D], layers analysed alone": (
+        lambda: UntracedEncoder(batch_first=False), lambda: torch.randn(2, 5, 8), True, 1
+    ),
+    "1-D map": (lambda: ConvResidual(1), lambda: torch.randn(2, 3, 12), False, 0),
+    "3-D map": (lambda: ConvResidual(3), lambda: torch.randn(2, 3, 4, 4, 4), False, 0),
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_every_layout_squeezes_each_sample_on_its_own(layout: str) -> None:
+    make, example, tokens, batch_axis = LAYOUTS[layout]
+    torch.manual_seed(0)
+    model, x = make().eval(), example()
+    plan = find_sites(model, example_input=x, tokens=tokens)
+    assert plan.sites, plan.skipped
+    assert {s.batch_axis for s in plan.sites} == {batch_axis}
+    before = copy.deepcopy(model)
+    injected = inject_se(model, example_input=x, tokens=tokens)
+    with torch.no_grad():
+        assert torch.equal(injected(x), before(x))  # identity at insertion, bit for bit
+        perturb_se(injected)
+        moved = injected(x)
+        assert not torch.allclose(moved, before(x))  # the gates do move the output
+        for i in range(x.shape[0]):
+            alone = injected(x[i : i + 1])
+            torch.testing.assert_close(moved[i : i + 1], alone, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["[T, B, D]", "[T, B, D] + class token", "channels-last map", "1-D map"])
+def test_trains_forward_and_backward(layout: str) -> None:
+    make, example, tokens, _ = LAYOUTS[layout]
+    torch.manual_seed(0)
+    model, x = make(), example()
+    injected = inject_se(model, example_input=x, tokens=tokens).train()
+    injected(x).square().mean().backward()
+    blocks = [m for m in injected.modules() if isinstance(m, SEBlock)]
+    assert blocks and all(b.fc2.weight.grad is not None and b.fc2.weight.grad.abs().sum() > 0 for b in blocks)
+
+
+def test_time_first_class_token_stays_out_of_the_squeeze() -> None:
+    torch.manual_seed(0)
+    model, x = TokenEncoder(batch_first=False, cls=True).eval(), torch.randn(2, 5, 8)
+    plan = find_sites(model, example_input=x, tokens=True)
+    assert {s.prefix_tokens for s in plan.sites} == {1}
+    assert {s.spatial for s in plan.sites} == {(6,)}  # the time axis, not the batch
+
+
+def test_a_fixed_batch_size_refuses_the_site_with_its_reason() -> None:
+    plan = find_sites(FixedBatch().eval(), example_input=torch.randn(2, 5, 8), tokens=True)
+    assert not plan.sites
+    reasons = {s.reason for s in plan.skipped}
+    assert reasons == {SkipReason.UNKNOWN_BATCH_AXIS}
+    assert "did not run" in plan.skipped[0].detail
+
+
+def test_se_block_batch_axis_keeps_samples_apart() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(7, 3, 16)  # [T, B, D]
+    block = SEBlock(16, 4, channel_axis=-1, batch_axis=1, identity_init=False, gate="sigmoid")
+    module_path = copy.deepcopy(block)
+    module_path.fc1.register_forward_hook(lambda m, a, out: None)  # forces the module path
+    out = block(x)
+    torch.testing.assert_close(out, module_path(x))
+    for b in range(x.shape[1]):
+        torch.testing.assert_close(out[:, b : b + 1], block(x[:, b : b + 1]))
+    # the gate of sample b is computed from that sample's time steps only
+    gate = torch.sigmoid(block.fc2(torch.relu(block.fc1(x.mean(0)))))
+    torch.testing.assert_close(out, x * gate[None])
+
+
+def test_channels_before_batch_keeps_samples_apart() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(5, 16, 3)  # [T, D, B]
+    block = SEBlock(16, 4, channel_axis=1, batch_axis=2, identity_init=False, gate="sigmoid")
+    gate = torch.sigmoid(block.fc2(torch.relu(block.fc1(x.mean(0).t()))))  # [B, D]
+    torch.testing.assert_close(block(x), x * gate.t()[None])
+
+
+def test_batch_axis_on_the_channel_axis_is_refused() -> None:
+    from se_inject.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="batch_axis"):
+        SEBlock(16, 4, channel_axis=1, batch_axis=1)
+
+
+def test_plans_without_a_batch_axis_load_as_batch_first() -> None:
+    plan = find_sites(TokenEncoder(batch_first=False).eval(), example_input=torch.randn(2, 5, 8), tokens=True)
+    data = plan.to_dict()
+    assert {s["batch_axis"] for s in data["sites"]} == {1}
+    assert Plan.from_dict(data) == plan
+    for s in data["sites"]:
+        del s["batch_axis"]
+    assert {s.batch_axis for s in Plan.from_dict(data).sites} == {0}
