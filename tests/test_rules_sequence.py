@@ -126,16 +126,11 @@ LAYOUTS = {
 }
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_every_layout_squeezes_each_sample_on_its_own(layout: str) -> None:
-    make, example, tokens, batch_axis = LAYOUTS[layout]
-    torch.manual_seed(0)
-    model, x = make().eval(), example()
-    plan = find_sites(model, example_input=x, tokens=tokens)
-    assert plan.sites, plan.skipped
-    assert {s.batch_axis for s in plan.sites} == {batch_axis}
+def _exact_and_per_sample(model: nn.Module, x: torch.Tensor, **options: bool) -> nn.Module:
+    """Inject into ``model`` (eval mode): outputs bit-exact at insertion; with the gates moved,
+    each sample's output is the same as when it runs alone. Returns the injected model."""
     before = copy.deepcopy(model)
-    injected = inject_se(model, example_input=x, tokens=tokens)
+    injected = inject_se(model, example_input=x, **options)
     with torch.no_grad():
         assert torch.equal(injected(x), before(x))  # identity at insertion, bit for bit
         perturb_se(injected)
@@ -144,17 +139,33 @@ def test_every_layout_squeezes_each_sample_on_its_own(layout: str) -> None:
         for i in range(x.shape[0]):
             alone = injected(x[i : i + 1])
             torch.testing.assert_close(moved[i : i + 1], alone, rtol=1e-5, atol=1e-5)
+    return injected
+
+
+def _trains(model: nn.Module, x: torch.Tensor, **options: bool) -> None:
+    """Inject, then one train-mode forward and backward reaches every SE block's last layer."""
+    injected = inject_se(model, example_input=x, **options).train()
+    injected(x).square().mean().backward()
+    blocks = [m for m in injected.modules() if isinstance(m, SEBlock)]
+    assert blocks and all(b.fc2.weight.grad is not None and b.fc2.weight.grad.abs().sum() > 0 for b in blocks)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_every_layout_squeezes_each_sample_on_its_own(layout: str) -> None:
+    make, example, tokens, batch_axis = LAYOUTS[layout]
+    torch.manual_seed(0)
+    model, x = make().eval(), example()
+    plan = find_sites(model, example_input=x, tokens=tokens)
+    assert plan.sites, plan.skipped
+    assert {s.batch_axis for s in plan.sites} == {batch_axis}
+    _exact_and_per_sample(model, x, tokens=tokens)
 
 
 @pytest.mark.parametrize("layout", ["[T, B, D]", "[T, B, D] + class token", "channels-last map", "1-D map"])
 def test_trains_forward_and_backward(layout: str) -> None:
     make, example, tokens, _ = LAYOUTS[layout]
     torch.manual_seed(0)
-    model, x = make(), example()
-    injected = inject_se(model, example_input=x, tokens=tokens).train()
-    injected(x).square().mean().backward()
-    blocks = [m for m in injected.modules() if isinstance(m, SEBlock)]
-    assert blocks and all(b.fc2.weight.grad is not None and b.fc2.weight.grad.abs().sum() > 0 for b in blocks)
+    _trains(make(), example(), tokens=tokens)
 
 
 def test_time_first_class_token_stays_out_of_the_squeeze() -> None:
@@ -211,3 +222,104 @@ def test_plans_without_a_batch_axis_load_as_batch_first() -> None:
     for s in data["sites"]:
         del s["batch_axis"]
     assert {s.batch_axis for s in Plan.from_dict(data).sites} == {0}
+
+
+class WaveBlock(nn.Module):
+    """A WaveNet / temporal-convolution block returning ``(residual, skip)``; ``functional``
+    ends the residual in a function (its owner is then rebuilt, not hooked)."""
+
+    def __init__(self, c: int = 16, dilation: int = 1, functional: bool = False) -> None:
+        super().__init__()
+        self.functional = functional
+        self.filt = nn.Conv1d(c, 2 * c, 3, padding=dilation, dilation=dilation)
+        self.res, self.skip = nn.Conv1d(c, c, 1), nn.Conv1d(c, c, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a, b = self.filt(x).chunk(2, 1)
+        h = torch.tanh(a) * torch.sigmoid(b)
+        r = self.res(h)
+        return (torch.tanh(r) if self.functional else r), self.skip(h)
+
+
+class WaveNet(nn.Module):
+    """``r, s = block(x); x = x + r; skips = skips + s``: residuals and a sum of skip outputs."""
+
+    def __init__(self, c: int = 16, functional: bool = False) -> None:
+        super().__init__()
+        self.stem = nn.Conv1d(1, c, 1)
+        self.blocks = nn.ModuleList(WaveBlock(c, 2**i, functional) for i in range(3))
+        self.head = nn.Conv1d(c, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        skips = 0
+        for block in self.blocks:
+            r, s = block(x)
+            x = x + r
+            skips = skips + s
+        return self.head(torch.relu(skips + x))  # the last residual is read too
+
+
+class PreActBody(nn.Module):
+    """A pre-activation ResNet body returning ``(conv_out, pre_activation)``."""
+
+    def __init__(self, c: int = 8, functional: bool = False) -> None:
+        super().__init__()
+        self.functional = functional
+        self.bn1, self.conv1 = nn.BatchNorm2d(c), nn.Conv2d(c, c, 3, padding=1)
+        self.bn2, self.conv2 = nn.BatchNorm2d(c), nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pre = torch.relu(self.bn1(x))
+        y = self.conv2(torch.relu(self.bn2(self.conv1(pre))))
+        return (torch.tanh(y) if self.functional else y), pre
+
+
+class PreActBlock(nn.Module):
+    def __init__(self, c: int = 8, functional: bool = False) -> None:
+        super().__init__()
+        self.body = PreActBody(c, functional)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x
+        y, pre = self.body(x)
+        return y + identity
+
+
+class PreActNet(nn.Module):
+    def __init__(self, functional: bool = False) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.blocks = nn.Sequential(PreActBlock(8, functional), PreActBlock(8, functional))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(self.stem(x))
+
+
+@pytest.mark.parametrize("functional", [False, True], ids=["hooked", "rebuilt"])
+def test_blocks_returning_residual_and_skip(functional: bool) -> None:
+    torch.manual_seed(0)
+    model, x = WaveNet(functional=functional).eval(), torch.randn(2, 1, 32)
+    plan = find_sites(model, example_input=x)
+    # one SE per block, on the residual element (hooked on ``res`` or after its function)
+    assert sorted(s.node for s in plan.sites) == ["add", "add_2", "add_4"]
+    assert {s.mechanism for s in plan.sites} == {"rebuilt" if functional else "attached"}
+    if not functional:
+        assert sorted(s.attach for s in plan.sites) == ["blocks.0.res", "blocks.1.res", "blocks.2.res"]
+    # the sums of skip outputs are aggregations of block outputs, no sites
+    aggregated = [s for s in plan.skipped if s.reason is SkipReason.FUSION]
+    assert len(aggregated) == 2 and all("skip or side output" in s.detail for s in aggregated)
+    _exact_and_per_sample(model, x)
+    _trains(WaveNet(functional=functional), x)
+
+
+@pytest.mark.parametrize("functional", [False, True], ids=["hooked", "rebuilt"])
+def test_pre_activation_body_returning_its_pre_activation(functional: bool) -> None:
+    torch.manual_seed(0)
+    model, x = PreActNet(functional).eval(), torch.randn(2, 3, 8, 8)
+    plan = find_sites(model, example_input=x)
+    assert [s.owner for s in plan.sites] == ["blocks.0", "blocks.1"], plan.skipped
+    assert {s.mechanism for s in plan.sites} == {"rebuilt" if functional else "attached"}
+    _exact_and_per_sample(model, x)
+    _trains(PreActNet(functional), x)
+

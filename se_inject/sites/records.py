@@ -230,6 +230,10 @@ class Context:
     #: The trunk of each residual sum in ``finished`` (a later branch summed into it from the
     #: same fork shares that trunk: multi-branch residuals).
     trunks: dict[fx.Node, fx.Node] = field(default_factory=dict)
+    #: Branch-side nodes of the residual sums in ``finished`` (fork and sum left out), to their
+    #: sum: a later sum's "trunk" computed in there is a side output of that block (WaveNet's
+    #: skip), no shortcut.
+    branch_nodes: dict[fx.Node, fx.Node] = field(default_factory=dict)
     #: Rule 3: outputs of dense concatenations seen so far: carried features wherever they
     #: flow next (DPN's dense path, concatenated again by every later block).
     dense: set[fx.Node] = field(default_factory=set)
