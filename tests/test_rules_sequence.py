@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from nets import PlainResidual, perturb_se
 from torch import nn
 
@@ -323,3 +324,71 @@ def test_pre_activation_body_returning_its_pre_activation(functional: bool) -> N
     _exact_and_per_sample(model, x)
     _trains(PreActNet(functional), x)
 
+
+class GluBlock(nn.Module):
+    """``x + GLU(conv(x))``: a convolution to 2C channels, halved by a gated linear unit
+    (``nn.GLU(dim=1)`` or ``F.glu(dim=1)``)."""
+
+    def __init__(self, c: int = 16, spelling: str = "module") -> None:
+        super().__init__()
+        self.spelling = spelling
+        self.conv = nn.Conv1d(c, 2 * c, 3, padding=1)
+        self.glu = nn.GLU(dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(torch.relu(x))
+        if self.spelling == "function":
+            return x + F.glu(h, dim=1)
+        return x + self.glu(h)
+
+
+class GluNet(nn.Module):
+    def __init__(self, spelling: str = "module") -> None:
+        super().__init__()
+        self.stem = nn.Conv1d(4, 16, 3, padding=1)
+        self.blocks = nn.Sequential(GluBlock(16, spelling), GluBlock(16, spelling))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(self.stem(x))
+
+
+@pytest.mark.parametrize("spelling", ["module", "function"])
+def test_glu_at_the_end_of_a_branch(spelling: str) -> None:
+    torch.manual_seed(0)
+    model, x = GluNet(spelling).eval(), torch.randn(2, 4, 20)
+    plan = find_sites(model, example_input=x)
+    assert [(s.owner, s.channels, s.channel_axis) for s in plan.sites] == [("blocks.0", 16, 1), ("blocks.1", 16, 1)]
+    assert {s.mechanism for s in plan.sites} == {"attached" if spelling == "module" else "rebuilt"}
+    _exact_and_per_sample(model, x)
+    _trains(GluNet(spelling), x)
+
+
+class OpaqueGate(nn.Module):
+    """``GLU(conv(x))`` in a part that does not trace (``int()`` on a shape)."""
+
+    def __init__(self, c: int = 16) -> None:
+        super().__init__()
+        self.conv, self.glu = nn.Conv1d(c, 2 * c, 3, padding=1), nn.GLU(dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.glu(self.conv(x)) * float(int(x.shape[-1]) > 0)
+
+
+def test_glu_inside_a_part_that_does_not_trace() -> None:
+    """The channel axis of an opaque part's output is followed through its GLU too."""
+
+    class Outer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem, self.gated = nn.Conv1d(4, 16, 3, padding=1), OpaqueGate(16)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.stem(x)
+            return x + self.gated(torch.relu(x))
+
+    torch.manual_seed(0)
+    model, x = Outer().eval(), torch.randn(2, 4, 20)
+    plan = find_sites(model, example_input=x)
+    assert [(s.node, s.channels) for s in plan.sites] == [("add", 16)], (plan.skipped, plan.unanalysed)
+    assert [u.path for u in plan.unanalysed] == ["gated"]
+    _exact_and_per_sample(model, x)
