@@ -392,3 +392,54 @@ def test_glu_inside_a_part_that_does_not_trace() -> None:
     assert [(s.node, s.channels) for s in plan.sites] == [("add", 16)], (plan.skipped, plan.unanalysed)
     assert [u.path for u in plan.unanalysed] == ["gated"]
     _exact_and_per_sample(model, x)
+
+
+class ChannelsLastConv(nn.Module):
+    """A ``Conv1d`` on ``[B, T, C]``: transposed in and out (speech front ends, TTS encoders)."""
+
+    def __init__(self, cin: int, cout: int, k: int = 3) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(cin, cout, k, padding=k // 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x.transpose(1, 2)).transpose(1, 2)
+
+
+class ChannelsLastConvBlock(nn.Module):
+    def __init__(self, c: int = 16) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = ChannelsLastConv(c, c), ChannelsLastConv(c, c)
+        self.norm = nn.LayerNorm(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.norm(self.conv2(torch.relu(self.conv1(x))))
+
+
+class ChannelsLastConvNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = ChannelsLastConv(8, 16)
+        self.blocks = nn.Sequential(ChannelsLastConvBlock(), ChannelsLastConvBlock())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(self.inp(x))
+
+
+def test_channels_last_1d_convolution_maps_are_sites_by_default() -> None:
+    torch.manual_seed(0)
+    model, x = ChannelsLastConvNet().eval(), torch.randn(2, 12, 8)
+    plan = find_sites(model, example_input=x)
+    assert [(s.owner, s.channel_axis, s.spatial, s.prefix_tokens) for s in plan.sites] == [
+        ("blocks.0", -1, (12,), 0), ("blocks.1", -1, (12,), 0)
+    ]
+    _exact_and_per_sample(model, x)
+    _trains(ChannelsLastConvNet(), x)
+
+
+def test_token_sequences_of_linear_layers_stay_opt_in() -> None:
+    """The same layout made by linear layers and attention is a token sequence: no site unless
+    ``tokens=True``."""
+    plan = find_sites(TokenEncoder().eval(), example_input=torch.randn(2, 5, 8))
+    assert not plan.sites
+    assert {s.reason for s in plan.skipped} == {SkipReason.TOKEN_SEQUENCE}
+

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from ..analysis.axes import channel_axis
-from ..analysis.ops import tensor_shape
+from ..analysis.ops import is_conv, is_layout, is_unary_elementwise, tensor_shape
 from ..plan import SkipReason
 from .records import Candidate, Policy, skip
 
@@ -33,7 +33,7 @@ def check_tensor(cand: Candidate, node: fx.Node, policy: Policy | None = None) -
     flattened = _flattened_map(cand, shape) if len(shape) == 3 and axis == 2 and batch == 0 else None
     if flattened is not None:
         cand.map_size = flattened
-    elif len(shape) == 3 and axis == 2:
+    elif len(shape) == 3 and axis == 2 and not _convolution_map(cand, node):
         if policy is None or not policy.tokens:
             skip(cand, SkipReason.TOKEN_SEQUENCE, f"shape {list(shape)}, channels last")
             return False
@@ -47,6 +47,25 @@ def check_tensor(cand: Candidate, node: fx.Node, policy: Policy | None = None) -
 
 
 _FLATTENING = frozenset({"reshape", "view", "flatten"})
+
+#: How many layout and pointwise ops may separate a convolution from the tensor it makes.
+_MAX_HOPS = 16
+
+
+def _convolution_map(cand: Candidate, node: fx.Node) -> bool:
+    """A 1-D convolution's map ``[B, C, T]`` viewed channels last ``[B, T, C]`` (a conv wrapper
+    transposing around ``Conv1d``, a speech front end), through layout ops, norms and
+    activations only: a feature map squeezed over T, as its 2-D counterpart is, not a token
+    sequence."""
+    flow = cand.unit.flow
+    for _ in range(_MAX_HOPS):
+        if is_conv(cand.unit.module, node):
+            return len(tensor_shape(node) or ()) == 3
+        live = flow.live_inputs(node)
+        if len(live) != 1 or not (is_layout(flow, node) or is_unary_elementwise(flow, node)):
+            return False
+        node = live[0]
+    return False
 
 
 def _flattened_map(cand: Candidate, shape: tuple[int, ...]) -> tuple[int, int] | None:
