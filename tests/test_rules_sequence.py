@@ -443,3 +443,55 @@ def test_token_sequences_of_linear_layers_stay_opt_in() -> None:
     assert not plan.sites
     assert {s.reason for s in plan.skipped} == {SkipReason.TOKEN_SEQUENCE}
 
+
+class WindowedBlock(nn.Module):
+    """``x + conv2(relu(conv1(x)))``; with a window size its forward branches on the input's
+    size (padding to whole windows, as windowed ViT encoders do), which does not trace."""
+
+    def __init__(self, c: int = 8, window: int = 0) -> None:
+        super().__init__()
+        self.window = window
+        self.conv1, self.conv2 = nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv1(x))
+        if self.window > 0 and x.shape[-1] % self.window:  # branches on a traced value
+            h = h * 1.0
+        return x + self.conv2(h)
+
+
+class WindowedEncoder(nn.Module):
+    """Windowed blocks and global ones (window size 0) of one class, interleaved."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.blocks = nn.ModuleList(WindowedBlock(8, w) for w in (4, 0, 4, 0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_a_trace_failure_is_reused_only_for_blocks_that_take_the_same_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    import se_inject.sites.units as units
+
+    traced: list[str] = []
+    trace_unit = units._trace_unit
+
+    def counting(module: nn.Module, path: str, *args: object, **kwargs: object) -> object:
+        traced.append(path)
+        return trace_unit(module, path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(units, "_trace_unit", counting)
+    torch.manual_seed(0)
+    model, x = WindowedEncoder().eval(), torch.randn(2, 3, 6, 6)
+    plan = find_sites(model, example_input=x)
+    assert [u.path for u in plan.unanalysed if u.path.startswith("blocks")] == ["blocks.0", "blocks.2"]
+    assert [s.owner for s in plan.sites] == ["blocks.1", "blocks.3"]
+    # the second windowed block reuses the first one's failure: it is never traced whole
+    assert traced.count("blocks.0") >= 1 and "blocks.2" not in traced
+    _exact_and_per_sample(model, x)
+    _trains(WindowedEncoder(), x)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -19,11 +18,11 @@ from ..analysis.causes import describe_failure, raised_inside
 from ..analysis.dataflow import DataFlow
 from ..analysis.node_names import call_stack, qualified_names
 from ..analysis.ops import is_add, is_cat, is_conv
-from ..analysis.owners import block_signature
 from ..analysis.shapes import RecordedInputs, propagate_shapes, record_module_inputs
 from ..analysis.tracing import trace
 from ..plan import Unanalysed
 from .inputs import NOT_REACHED
+from .memo import NOTHING, failure_key, nothing_key
 from .records import Unit
 
 log = logging.getLogger(__name__)
@@ -46,13 +45,6 @@ def _join_path(path: str, name: str) -> str:
     return f"{path}.{name}" if path and name else path or name
 
 
-def _args_key(args: Sequence[Any]) -> tuple[Any, ...]:
-    return tuple(
-        (tuple(a.shape), a.dtype) if isinstance(a, torch.Tensor) else a if isinstance(a, (bool, int, str)) else type(a).__name__
-        for a in args
-    )
-
-
 def analyse(
     module: nn.Module,
     path: str,
@@ -72,25 +64,27 @@ def analyse(
     the paths of the parts left opaque in its unit, or None when it could not be analysed as
     one unit.
 
-    ``memo`` remembers per (class, argument kinds) why a module failed to trace, so the 58
-    dense layers of timm's DenseNet-121 (no-trace leaves taking a list) fail once, not 58
-    times; and per (block signature, argument shapes) blocks whose trace has nothing to
+    ``memo`` remembers per (class, argument kinds, block signature) why a module failed to
+    trace, so the 58 dense layers of timm's DenseNet-121 (no-trace leaves taking a list) fail
+    once, not 58 times, while blocks of one class that take other paths (a window size of 0)
+    are traced on their own; and per (block signature, argument shapes) blocks whose trace has nothing to
     analyse (timm's ``BatchNormAct2d``), so such blocks are traced once per kind.
 
     ``grown`` gives ``args`` with one sample more (``analysis.batch``; None: the batch is not
     known), ``grown_recorded`` the same for ``recorded``; both are called on first need.
     """
-    key = (type(module), tuple(type(a).__name__ for a in args))
-    leaf_key = _leaf_key(module, args)
-    if leaf_key is not None and memo.get(leaf_key) == _NOTHING:
+    key = failure_key(module, args, memo)
+    leaf_key = nothing_key(module, args)
+    if leaf_key is not None and memo.get(leaf_key) == NOTHING:
         return frozenset()
     try:
-        if key in memo:
+        if key is not None and key in memo:
             raise _KnownFailure(memo[key])
         unit = _trace_unit(module, path, args, frozenset(), extra_keywords, grown)
     except Exception as e:  # noqa: BLE001 - any failure means "analyse the parts"
         reason = str(e) if isinstance(e, _KnownFailure) else describe_failure(e, module)
         log.debug("%s does not trace (%s); analysing its parts", path or "model", reason)
+        key = key or failure_key(module, args, memo, failed=True)
         memo.setdefault(key, reason)
         part_units: list[Unit] = []
         part_unanalysed: list[Unanalysed] = []
@@ -192,7 +186,7 @@ def _keep_unit(
     that may hold sites (timm's no-trace blocks), each on its own."""
     if not opaque and _nothing_inside(unit):
         if leaf_key is not None:
-            memo[leaf_key] = _NOTHING
+            memo[leaf_key] = NOTHING
         return
     units.append(unit)
     for node in unit.graph.nodes:
@@ -223,21 +217,6 @@ def _grown_call(unit: Unit, node: fx.Node, device: torch.device) -> Callable[[],
 
 class _KnownFailure(Exception):
     """A module of a class that already failed to trace with these argument kinds."""
-
-
-_NOTHING = "nothing to analyse"
-
-
-#: Blocks with more submodules than this are not memoised as "nothing inside" (the ones
-#: that repeat by the hundred, like timm's BatchNormAct2d, are small; big ones rarely repeat).
-_MEMO_MAX_MODULES = 16
-
-
-def _leaf_key(module: nn.Module, args: Sequence[Any]) -> tuple[Any, ...] | None:
-    if sum(1 for _ in itertools.islice(module.modules(), _MEMO_MAX_MODULES + 1)) > _MEMO_MAX_MODULES:
-        return None
-    signature = block_signature(module)
-    return None if signature is None else ("leaf", signature, _args_key(args))
 
 
 def _nothing_inside(unit: Unit) -> bool:
