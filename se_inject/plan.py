@@ -51,6 +51,7 @@ class SkipReason(enum.StrEnum):
     NOT_REWRITABLE = "not-rewritable"
     NO_SPATIAL_CONV = "no-spatial-conv"
     LINEAR_BLOCK = "linear-block"
+    UNKNOWN_BATCH_AXIS = "unknown-batch-axis"
 
 
 #: One human sentence per reason; the enum value is for machines.
@@ -71,6 +72,10 @@ REASON_TEXT: dict[SkipReason, str] = {
     SkipReason.LINEAR_BLOCK: (
         "parallel linear branches (no non-linearity between fork and merge) are one layer in disguise, "
         "re-parameterisable into a single convolution: no SE inside"
+    ),
+    SkipReason.UNKNOWN_BATCH_AXIS: (
+        "which axis holds the samples could not be told (growing the batch did not run, or grew no "
+        "single axis): a squeeze over it would mix the samples of a batch"
     ),
 }
 
@@ -94,6 +99,9 @@ class Site:
             the owner is rebuilt because ``source`` or ``targets`` lie inside them; all other
             submodules stay calls.
         prefix_tokens: leading tokens (class, distillation) left out of the squeeze.
+        batch_axis: axis of ``source`` holding the samples of the batch (0; 1 for a time-first
+            sequence ``[T, B, D]``): the squeeze pools each sample on its own. Plans saved
+            before it was recorded load as 0, what their blocks assumed.
         spatial: the non-channel, non-batch sizes of ``source`` at the analysis input.
         owner_args: positional tensors the owner is called with, optional ones included (DLA's
             ``block(x, shortcut)``), a tuple of traced values counted as one; 0 means its
@@ -126,6 +134,7 @@ class Site:
     stage: int = 0
     inline: tuple[str, ...] = ()
     prefix_tokens: int = 0
+    batch_axis: int = 0
     spatial: tuple[int, ...] = ()
     owner_args: int = 0
     owner_inputs: int = 0

@@ -88,7 +88,8 @@ class SEBlock(nn.Module):
     Departures from the paper (and from timm's ``SEModule``):
 
     * the channel axis is a parameter (1 for NCHW / NCL / NCDHW, -1 for channels-last maps), and
-      the squeeze pools over every axis except batch and channel;
+      so is the batch axis (0, or 1 for time-first sequences ``[T, B, D]``): the squeeze pools
+      over every axis except those two, so each sample is squeezed on its own;
     * the excitation layers are ``nn.Linear`` on the pooled vector (timm uses 1x1 convolutions);
       timm-shaped ``[out, in, 1, 1]`` weights still load, so ``seresnet*`` SE weights can be reused;
     * with ``identity_init`` the gate is ``2 * sigmoid(z)`` and the last layer starts at zero, so
@@ -106,6 +107,7 @@ class SEBlock(nn.Module):
         pool: str = "avg",
         identity_init: bool = True,
         prefix_tokens: int = 0,
+        batch_axis: int = 0,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -118,6 +120,8 @@ class SEBlock(nn.Module):
             raise ConfigError(f"gate {gate!r} is not 1 at z = 0, so it cannot start as an identity")
         if channels < 1 or hidden < 1:
             raise ConfigError(f"channels and hidden must be >= 1, got {channels} and {hidden}")
+        if batch_axis < 0 or (channel_axis >= 0 and batch_axis == channel_axis):
+            raise ConfigError(f"batch_axis must be a non-negative axis other than the channel axis, got {batch_axis}")
         dd = {"device": device, "dtype": dtype}
         self.channels = channels
         self.hidden = hidden
@@ -125,6 +129,7 @@ class SEBlock(nn.Module):
         self.gate_name = gate
         self.pool_name = pool
         self.prefix_tokens = prefix_tokens
+        self.batch_axis = batch_axis
         self.fc1 = nn.Linear(channels, hidden, bias=bias, **dd)
         self.act = nn.ReLU(inplace=True)
         if identity_init:
@@ -144,13 +149,14 @@ class SEBlock(nn.Module):
             if not self.prefix_tokens and self._layers_are_stock():
                 fc1, fc2 = self.fc1, self.fc2
                 return _se(
-                    x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, self.channel_axis, self.pool_name, self.gate_name
+                    x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, self.channel_axis, self.pool_name, self.gate_name,
+                    self.batch_axis,
                 )
         # Layers replaced or hooked (adapters, feature hooks), a token sequence, or TorchScript:
         # call them as modules.
-        squeezed = _squeeze(x, self.channel_axis, self.pool_name, self.prefix_tokens)
+        squeezed = _squeeze(x, self.channel_axis, self.pool_name, self.prefix_tokens, self.batch_axis)
         z = self.fc2(self.act(self.fc1(squeezed)))
-        return _excite(x, _gate(z, self.gate_name), self.channel_axis)
+        return _excite(x, _gate(z, self.gate_name), self.channel_axis, self.batch_axis)
 
     def _layers_are_stock(self) -> bool:
         """fc1, act and fc2 are the stock layers, unhooked, so their functional form is the same call."""
@@ -163,16 +169,25 @@ class SEBlock(nn.Module):
             f"channels={self.channels}, hidden={self.hidden}, channel_axis={self.channel_axis}, "
             f"gate={self.gate_name}, pool={self.pool_name}"
             + (f", prefix_tokens={self.prefix_tokens}" if self.prefix_tokens else "")
+            + (f", batch_axis={self.batch_axis}" if self.batch_axis else "")
         )
 
 
-def _pooled_dims(ndim: int, axis: int) -> list[int]:
-    """Every axis except batch (0) and ``axis``."""
+def _pooled_dims(ndim: int, axis: int, batch: int = 0) -> list[int]:
+    """Every axis except ``batch`` and ``axis`` (both non-negative)."""
     dims: list[int] = []
-    for d in range(1, ndim):
-        if d != axis:
+    for d in range(ndim):
+        if d != axis and d != batch:
             dims.append(d)
     return dims
+
+
+def _gate_view(x: torch.Tensor, gate: torch.Tensor, axis: int, batch: int) -> torch.Tensor:
+    """``gate`` [B, C] shaped to broadcast over ``x``: B on ``batch``, C on ``axis``."""
+    shape = [1] * x.dim()
+    shape[batch], shape[axis] = gate.shape[0], gate.shape[1]
+    # reason: a view keeps the order of gate's axes; channels before batch need them swapped.
+    return (gate if batch < axis else gate.t()).reshape(shape)
 
 
 def _pool(x: torch.Tensor, dims: list[int], pool: str) -> torch.Tensor:
@@ -200,22 +215,24 @@ def _gate(z: torch.Tensor, gate: str) -> torch.Tensor:
 # Wrapped for torch.fx: they depend on ``x.ndim``, which a symbolic tracer cannot branch on,
 # so an injected model stays traceable by any fx tracer (feature extractors included).
 @torch.fx.wrap
-def _squeeze(x: torch.Tensor, channel_axis: int, pool: str, prefix_tokens: int = 0) -> torch.Tensor:
+def _squeeze(
+    x: torch.Tensor, channel_axis: int, pool: str, prefix_tokens: int = 0, batch_axis: int = 0
+) -> torch.Tensor:
     """[B, C]: ``pool`` over every axis except batch and channel, leaving out the first
-    ``prefix_tokens`` positions of axis 1 (class and distillation tokens of a token sequence)."""
+    ``prefix_tokens`` positions of the token axis (class and distillation tokens of a token
+    sequence: axis 1 of ``[B, N, C]``, axis 0 of ``[N, B, C]``)."""
     axis = channel_axis % x.dim()
+    dims = _pooled_dims(x.dim(), axis, batch_axis)
     if prefix_tokens:
-        x = x.narrow(1, prefix_tokens, x.shape[1] - prefix_tokens)
-    return _pool(x, _pooled_dims(x.dim(), axis), pool)
+        x = x.narrow(dims[0], prefix_tokens, x.shape[dims[0]] - prefix_tokens)
+    pooled = _pool(x, dims, pool)
+    return pooled if batch_axis < axis else pooled.t()
 
 
 @torch.fx.wrap
-def _excite(x: torch.Tensor, gate: torch.Tensor, channel_axis: int) -> torch.Tensor:
+def _excite(x: torch.Tensor, gate: torch.Tensor, channel_axis: int, batch_axis: int = 0) -> torch.Tensor:
     """``x`` scaled channel-wise by ``gate`` [B, C]."""
-    shape = [1] * x.dim()
-    shape[0] = -1
-    shape[channel_axis % x.dim()] = gate.shape[-1]
-    return x * gate.view(shape)
+    return x * _gate_view(x, gate, channel_axis % x.dim(), batch_axis)
 
 
 def _stock(module: nn.Module, cls: type[nn.Module]) -> bool:
@@ -253,6 +270,7 @@ def _se(
     channel_axis: int,
     pool: str,
     gate: str,
+    batch_axis: int = 0,
 ) -> torch.Tensor:
     """The whole block as functional calls: the same arithmetic as the module path, fewer steps.
 
@@ -267,7 +285,7 @@ def _se(
     """
     ndim = x.dim()
     axis = channel_axis % ndim
-    dims = _pooled_dims(ndim, axis)
+    dims = _pooled_dims(ndim, axis, batch_axis)
     if pool == "avg" and not _graph_capture():
         n = 1
         for d in dims:
@@ -276,13 +294,13 @@ def _se(
         s = x.sum(dims, dtype=x.dtype) * (1.0 / n) if n > 0 else x.mean(dims)
     else:
         s = _pool(x, dims, pool)
+    if batch_axis > axis:
+        s = s.t()
     z = torch.nn.functional.linear(torch.relu_(torch.nn.functional.linear(s, w1, b1)), w2, b2)
     g = _gate(z, gate)
-    if axis == 1:
+    if axis == 1 and batch_axis == 0:
         return x * g.view((g.shape[0], g.shape[1]) + (1,) * (ndim - 2))
-    shape = [1] * ndim
-    shape[0], shape[axis] = g.shape[0], g.shape[1]
-    return x * g.view(shape)
+    return x * _gate_view(x, g, axis, batch_axis)
 
 
 #: The gate of timm's ``SEModule``, whose 1x1-conv weights [out, in, 1, 1] SEBlock accepts.

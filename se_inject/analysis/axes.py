@@ -36,6 +36,10 @@ _CHANNEL_FIRST_FUNCTIONS = {
     F.batch_norm, F.group_norm, F.instance_norm,
 }
 _CHANNEL_LAST_FUNCTIONS = {F.linear, F.layer_norm, F.rms_norm}
+#: Gated linear units: one half of ``dim`` times a gate of the other, so ``dim`` halves and every
+#: axis stays where it was (a convolution's 2C channels become C).
+_HALVING_MODULES: tuple[type[nn.Module], ...] = (nn.GLU,)
+_HALVING_FUNCTIONS = {F.glu, torch._C._nn.glu}
 
 
 def channel_axis(node: fx.Node, flow: DataFlow, _memo: dict[fx.Node, int | None] | None = None, _depth: int = 0) -> int | None:
@@ -91,6 +95,9 @@ def _channel_axis(node: fx.Node, flow: DataFlow, memo: dict[fx.Node, int | None]
     )
     if spatial_only and first is not None:
         return channel_axis(first, flow, memo, depth + 1)  # pooling, resizing, padding keep channels
+    halving = (node.op == "call_function" and node.target in _HALVING_FUNCTIONS) or isinstance(module, _HALVING_MODULES)
+    if halving and first is not None and len(tensor_shape(first) or ()) == ndim:
+        return channel_axis(first, flow, memo, depth + 1)
 
     def axis_of(p: fx.Node) -> int | None:
         return channel_axis(p, flow, memo, depth + 1)

@@ -184,6 +184,8 @@ class _AxisTracker(TorchFunctionMode):
             return reshaped_axis(tuple(first.shape), tuple(out.shape), axis)
         if name == "narrow" and axis is not None:
             return axis
+        if name == "glu" and axis is not None and first is not None and out.ndim == first.ndim:
+            return axis  # a gated linear unit halves its dim; every axis stays where it was
         if name == "getitem" and axis is not None and first is not None and len(args) > 1:
             return indexed_axis(first.ndim, args[1], axis, lambda i: isinstance(i, int) and not isinstance(i, bool))
         if func in SPATIAL_ONLY_FUNCTIONS:

@@ -76,6 +76,25 @@ def block_signature(module: nn.Module) -> tuple[Any, ...] | None:
     return tuple(items)
 
 
+def trace_signature(module: nn.Module) -> tuple[Any, ...] | None:
+    """What a trace of ``module`` can branch on: the class and plain attributes (``window_size``,
+    ``downsample is None``) of the block and of every module inside it whose forward is traced
+    through; torch's own layers stay calls, so their class is all that counts. Sizes of weights
+    and of torch's layers are left out: blocks that differ only in widths (DenseNet's layers)
+    trace alike. ``None`` (never shared) when an attribute is data of some other kind."""
+    items: list[Any] = []
+    for path, sub in module.named_modules(remove_duplicate=False):
+        if sub is not module and type(sub).__module__.startswith("torch.nn"):
+            items.append((path, type(sub)))
+            continue
+        attrs = _plain_attributes(sub)
+        if attrs is None:
+            return None
+        unset = tuple(k for table in (sub._modules, sub._parameters, sub._buffers) for k, v in table.items() if v is None)
+        items.append((path, type(sub), attrs, unset))
+    return tuple(items)
+
+
 class SideEffectError(RuntimeError):
     """The owner's forward assigns attributes: a rebuilt graph would silently drop that."""
 

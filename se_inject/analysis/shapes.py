@@ -171,6 +171,18 @@ class RecordedInputs(dict[str, tuple[Any, ...]]):
         super().__init__()
         self.extra_keywords: dict[str, tuple[str, ...]] = {}
 
+    def under(self, rel: str) -> RecordedInputs:
+        """The entries under the submodule ``rel``, with paths relative to it."""
+        sub = RecordedInputs()
+        prefix = rel + "."
+        for key, value in self.items():
+            if key.startswith(prefix):
+                sub[key[len(prefix):]] = value
+        for key, value in self.extra_keywords.items():
+            if key.startswith(prefix):
+                sub.extra_keywords[key[len(prefix):]] = value
+        return sub
+
 
 def record_module_inputs(
     module: nn.Module, args: Sequence[Any], enough: Callable[[RecordedInputs], bool] | None = None

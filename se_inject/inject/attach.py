@@ -53,6 +53,7 @@ def se_block_for(site: Site, near: nn.Module) -> SEBlock:
         pool=site.config.pool,
         identity_init=site.config.identity_init,
         prefix_tokens=site.prefix_tokens,
+        batch_axis=site.batch_axis,
         device=device,
         dtype=dtype,
     )

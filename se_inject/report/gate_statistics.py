@@ -67,7 +67,7 @@ class GateStats:
 
 def _gates(block: SEBlock, x: torch.Tensor) -> torch.Tensor:
     """[B, C] gates of ``block`` for its input ``x`` (the same arithmetic as its forward)."""
-    squeezed = _squeeze(x, block.channel_axis, block.pool_name, block.prefix_tokens)
+    squeezed = _squeeze(x, block.channel_axis, block.pool_name, block.prefix_tokens, block.batch_axis)
     z = block.fc2(torch.relu(block.fc1(squeezed)))
     return GATES[block.gate_name][0](z)
 

@@ -11,6 +11,7 @@ from typing import Any
 import torch.fx as fx
 from torch import nn
 
+from ..analysis.batch import grown_args, once
 from ..analysis.owners import OwnerTraces
 from ..analysis.sandbox import collection_paused, preserved_state
 from ..plan import Plan, Site, SiteKind, Skipped, SkipReason, Unanalysed
@@ -65,7 +66,7 @@ def _plan(model: nn.Module, config: SEConfig, selection: Selection, example_inpu
     args = example_args(model, example_input)
     units: list[Unit] = []
     unanalysed: list[Unanalysed] = []
-    analyse(model, "", args, units, unanalysed, {})
+    analyse(model, "", args, units, unanalysed, {}, grown=once(lambda: grown_args(args)))
     check_input_fits(model, args, units, unanalysed, given=example_input is not None)
     policy = Policy(config.placement, selection.tokens)
     candidates = _candidates(units, RULES, policy)
@@ -251,6 +252,7 @@ def _finalise(
                 stage=stage,
                 inline=cand.inline,
                 prefix_tokens=cand.prefix_tokens,
+                batch_axis=cand.batch_axis,
                 spatial=spatial,
                 owner_args=cand.unit.owner_args(cand.owner_rel),
                 owner_inputs=cand.unit.owner_inputs(cand.owner_rel),

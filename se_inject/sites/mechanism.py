@@ -113,7 +113,9 @@ def fills_placeholder(owner: nn.Module, site: Site, traces: OwnerTraces) -> bool
     calls it on the site's scaled tensor alone and feeds the site's targets (all of the
     tensor's readers) with what it returns, in every mode's trace."""
     attr = site.attr
-    probe = SEBlock(site.channels, site.hidden, channel_axis=site.channel_axis, device="meta")
+    probe = SEBlock(
+        site.channels, site.hidden, channel_axis=site.channel_axis, batch_axis=site.batch_axis, device="meta"
+    )
     held = owner.__dict__.pop(attr, None) if attr in owner.__dict__ else owner._modules.pop(attr, None)
     in_dict = attr not in owner._modules
     owner._modules[attr] = probe

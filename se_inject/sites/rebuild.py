@@ -53,6 +53,8 @@ def represent(cand: Candidate) -> Candidate:
             rep_src, inline, key = _rep(unit, src, cand.owner_rel, depth)
         if key is not None and any(key in dict(call_stack(u)) for u in src.users):
             continue  # the source is not the output of that call
+        if key is not None and not _returns(unit, key, src):
+            continue  # that call returns more than the source (``return residual, skip``): look inside
         reps, ok = [], True
         for t in cand.targets:
             rep_t, inline_t, _ = _rep(unit, t, cand.owner_rel, depth)
@@ -69,6 +71,19 @@ def represent(cand: Candidate) -> Candidate:
         cand.inline = tuple(sorted({p[prefix:] for p in inline}))
         return cand
     return skip(cand, SkipReason.NOT_REWRITABLE, "the scaled tensor is buried too deep inside the block's children")
+
+
+def _returns(unit: Unit, key: str, src: fx.Node) -> bool:
+    """Whether the child call ``key`` returned ``src`` itself, not a tuple or list holding it
+    (calls whose output was not recorded count as returning it, as before)."""
+    path = dict(call_stack(src)).get(key)
+    if path is None:
+        return True
+    index = int(key.rsplit("@", 1)[1]) if "@" in key else 0
+    outputs = unit.outputs.get(path)
+    if outputs is None or index >= len(outputs):
+        return True
+    return outputs[index] is src
 
 
 def rebuildable(

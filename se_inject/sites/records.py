@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch.fx as fx
 from torch import nn
 
 from ..analysis.attention import gating_products
+from ..analysis.batch import batch_axis, grown_call_args, grown_values
 from ..analysis.calls import CallRecord, leading_tensors, standalone_call, tuple_call
 from ..analysis.dataflow import DataFlow
 from ..analysis.node_names import node_scope
@@ -48,10 +50,17 @@ class Unit:
     #: Per submodule traced through (relative path): the node each of its calls returned, or
     #: None when a call returned something else than one traced value.
     outputs: dict[str, list[fx.Node | None]] = field(default_factory=dict)
+    #: The tensor constants the trace made (shape propagation reads them).
+    constants: dict[str, Any] = field(default_factory=dict)
+    #: The unit's inputs with one sample more (``analysis.batch``), None when its batch is not
+    #: known; asked on first need only (a second shape propagation tells the batch axes).
+    grown_inputs: Callable[[], Sequence[Any] | None] | None = None
     #: Cache: the nodes performed inside each owner (relative path -> nodes in graph order).
     _owned: dict[str, list[fx.Node]] = field(default_factory=dict)
     #: Cache: the gating products (existing attention) among each owner's nodes.
     _gated: dict[str, list[fx.Node]] = field(default_factory=dict)
+    #: Cache: each node's value on the grown inputs (one entry once asked; None: not known).
+    _grown: list[dict[fx.Node, Any] | None] = field(default_factory=list)
 
     def full(self, rel: str) -> str:
         """The model-level path of ``rel``, a path relative to the unit."""
@@ -87,21 +96,37 @@ class Unit:
         calls = self.calls.get(owner_rel) if owner_rel else None
         return tuple_call(self.module.get_submodule(owner_rel), *calls[0])[1] if calls else 0
 
-    def prefix_tokens(self) -> int:
-        """Class and distillation tokens in front of a token sequence: timm's
+    def grown_values(self) -> dict[fx.Node, Any] | None:
+        """Each node's value on the unit's inputs with one sample more; None when not known."""
+        if not self._grown:
+            grown = self.grown_inputs() if self.grown_inputs is not None else None
+            self._grown.append(None if grown is None else grown_values(self.module, self.graph, self.constants, grown))
+        return self._grown[0]
+
+    def batch_axis(self, node: fx.Node) -> int | None:
+        """The axis of ``node``'s output holding the samples of the batch; None when not known."""
+        grown = self.grown_values()
+        return None if grown is None else batch_axis(node.meta.get("val"), grown.get(node))
+
+    def grown_call(self, node: fx.Node) -> tuple[Any, ...] | None:
+        """The arguments of the call ``node`` with one sample more (for a block analysed alone)."""
+        return grown_call_args(node, self.grown_values())
+
+    def prefix_tokens(self, token_axis: int = 1) -> int:
+        """Class and distillation tokens in front of a token sequence (on ``token_axis``): timm's
         ``num_prefix_tokens``, else the constant tokens concatenated in front of the patches."""
         declared = getattr(self.module, "num_prefix_tokens", None)
         if isinstance(declared, int):
             return declared
         for node in self.flow.order:
             shape = tensor_shape(node)
-            if not is_cat(node) or shape is None or len(shape) != 3 or cat_dim(node) % 3 != 1:
+            if not is_cat(node) or shape is None or len(shape) != 3 or cat_dim(node) % 3 != token_axis:
                 continue
             count = 0
             for a in node.args[0] if isinstance(node.args[0], (list, tuple)) else ():
                 if not isinstance(a, fx.Node) or self.flow.live.get(a):
                     break
-                count += (tensor_shape(a) or (0, 0))[1]
+                count += (tensor_shape(a) or (0, 0, 0))[token_axis]
             if count:
                 return count
         return 0
@@ -172,6 +197,8 @@ class Candidate:
     shape: tuple[int, ...] = ()
     #: Class and distillation tokens left out of the squeeze (token sequences, ``tokens=True``).
     prefix_tokens: int = 0
+    #: Axis of the scaled tensor holding the samples (0; 1 for time-first ``[T, B, D]``).
+    batch_axis: int = 0
     #: ``(H, W)`` of the feature map a token sequence flattens (timm's Swin MLP), else empty.
     map_size: tuple[int, ...] = ()
 
@@ -203,6 +230,10 @@ class Context:
     #: The trunk of each residual sum in ``finished`` (a later branch summed into it from the
     #: same fork shares that trunk: multi-branch residuals).
     trunks: dict[fx.Node, fx.Node] = field(default_factory=dict)
+    #: Branch-side nodes of the residual sums in ``finished`` (fork and sum left out), to their
+    #: sum: a later sum's "trunk" computed in there is a side output of that block (WaveNet's
+    #: skip), no shortcut.
+    branch_nodes: dict[fx.Node, fx.Node] = field(default_factory=dict)
     #: Rule 3: outputs of dense concatenations seen so far: carried features wherever they
     #: flow next (DPN's dense path, concatenated again by every later block).
     dense: set[fx.Node] = field(default_factory=set)

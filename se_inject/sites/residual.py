@@ -82,6 +82,20 @@ def _shortcut_fork(
     return best
 
 
+def _side_output(
+    flow: DataFlow, trunk: fx.Node, fork: fx.Node, region: set[fx.Node], ctx: Context
+) -> fx.Node | None:
+    """The finished residual sum whose branch computes ``trunk`` (a block returning ``(residual,
+    skip)``: WaveNet's ``skips = skips + s``); None for a real shortcut (the fork, a projection
+    of it, a finished sum)."""
+    if trunk is fork:
+        return None
+    for node in sorted(flow.ancestors_within(trunk, region) | {trunk}, key=flow.index.__getitem__):
+        if node in ctx.branch_nodes:
+            return ctx.branch_nodes[node]
+    return None
+
+
 def _earlier_sum(flow: DataFlow, operands: list[fx.Node], fork: fx.Node, ctx: Context) -> fx.Node | None:
     """Rule 1 for multi-branch residuals (``x + a(x) + b(x)``, PolyNet): an operand that is a
     residual sum from the same fork carries the trunk; the other operand is one more branch."""
@@ -128,6 +142,10 @@ def _residual(unit: Unit, add: fx.Node, ctx: Context) -> Candidate | None:
             return skip(cand, SkipReason.NO_TRUNK, f"both operands have {cost[a]} parametric layers")
         branch, trunk = (a, b) if cost[a] > cost[b] else (b, a)
         trunk_cost = cost[trunk]
+        side = _side_output(flow, trunk, fork, region, ctx)
+        if side is not None:
+            return skip(cand, SkipReason.FUSION, f"a sum of block outputs: the shorter operand is computed in the "
+                        f"residual branch of {unit.names[side]} (a skip or side output), not a shortcut")
     if cost[branch] <= trunk_cost:
         return skip(cand, SkipReason.NO_TRUNK, f"the branch has no more parametric layers than the trunk ({trunk_cost})")
     if trunk_cost > TRUNK_MAX_PARAMETRIC:
@@ -137,6 +155,7 @@ def _residual(unit: Unit, add: fx.Node, ctx: Context) -> Candidate | None:
         return skip(cand, SkipReason.FUSION, f"the branch changes resolution at {unit.names[upsampled]}: a multi-scale merge")
     cand.structural = True
     cand.region = region
+    ctx.branch_nodes.update(dict.fromkeys((flow.ancestors_within(branch, region) | {branch}) - {fork}, add))
     ctx.trunks[add] = ctx.trunks[earlier] if earlier is not None else trunk
     cand.source, cand.targets = _branch_output(flow, branch, add, region, fork)
     if cost.get(cand.source, 0) == 0:

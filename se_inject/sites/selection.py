@@ -24,7 +24,7 @@ NOT_INCLUDED = "not matched by include"
 
 def _spatial(cand: Candidate) -> tuple[int, ...]:
     axis = cand.axis % len(cand.shape)
-    return tuple(size for d, size in enumerate(cand.shape) if d not in (0, axis))
+    return tuple(size for d, size in enumerate(cand.shape) if d not in (cand.batch_axis, axis))
 
 
 def _stage_spatial(cand: Candidate) -> tuple[int, ...]:
@@ -39,7 +39,9 @@ def _stage_spatial(cand: Candidate) -> tuple[int, ...]:
     # joins an NCHW trunk), so its own channel axis is asked for, not the site's.
     anchor_axis = channel_axis(cand.anchor, cand.unit.flow)
     axis = (cand.axis if anchor_axis is None else anchor_axis) % len(shape)
-    return tuple(size for d, size in enumerate(shape) if d not in (0, axis))
+    anchor_batch = cand.unit.batch_axis(cand.anchor)
+    batch = cand.batch_axis if anchor_batch is None else anchor_batch
+    return tuple(size for d, size in enumerate(shape) if d not in (batch, axis))
 
 
 def number_stages(candidates: list[Candidate]) -> dict[int, tuple[int, tuple[int, ...]]]:

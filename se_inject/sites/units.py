@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import itertools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,16 +12,17 @@ import torch.fx as fx
 from torch import nn
 from torch.utils._pytree import tree_map
 
+from ..analysis.batch import grown_part, grown_record, grown_under, once
 from ..analysis.calls import call_concrete_args, passes_var_positional, standalone_call
 from ..analysis.causes import describe_failure, raised_inside
 from ..analysis.dataflow import DataFlow
 from ..analysis.node_names import call_stack, qualified_names
 from ..analysis.ops import is_add, is_cat, is_conv
-from ..analysis.owners import block_signature
 from ..analysis.shapes import RecordedInputs, propagate_shapes, record_module_inputs
 from ..analysis.tracing import trace
 from ..plan import Unanalysed
 from .inputs import NOT_REACHED
+from .memo import NOTHING, failure_key, nothing_key
 from .records import Unit
 
 log = logging.getLogger(__name__)
@@ -45,13 +45,6 @@ def _join_path(path: str, name: str) -> str:
     return f"{path}.{name}" if path and name else path or name
 
 
-def _args_key(args: Sequence[Any]) -> tuple[Any, ...]:
-    return tuple(
-        (tuple(a.shape), a.dtype) if isinstance(a, torch.Tensor) else a if isinstance(a, (bool, int, str)) else type(a).__name__
-        for a in args
-    )
-
-
 def analyse(
     module: nn.Module,
     path: str,
@@ -61,6 +54,8 @@ def analyse(
     memo: dict[Any, Any],
     extra_keywords: tuple[str, ...] = (),
     recorded: RecordedInputs | None = None,
+    grown: Grown = None,
+    grown_recorded: Callable[[], RecordedInputs | None] | None = None,
 ) -> frozenset[str] | None:
     """Trace ``module`` into a unit; if it does not trace, analyse its parts on their own.
 
@@ -69,30 +64,37 @@ def analyse(
     the paths of the parts left opaque in its unit, or None when it could not be analysed as
     one unit.
 
-    ``memo`` remembers per (class, argument kinds) why a module failed to trace, so the 58
-    dense layers of timm's DenseNet-121 (no-trace leaves taking a list) fail once, not 58
-    times; and per (block signature, argument shapes) blocks whose trace has nothing to
+    ``memo`` remembers per (class, argument kinds, block signature) why a module failed to
+    trace, so the 58 dense layers of timm's DenseNet-121 (no-trace leaves taking a list) fail
+    once, not 58 times, while blocks of one class that take other paths (a window size of 0)
+    are traced on their own; and per (block signature, argument shapes) blocks whose trace has nothing to
     analyse (timm's ``BatchNormAct2d``), so such blocks are traced once per kind.
+
+    ``grown`` gives ``args`` with one sample more (``analysis.batch``; None: the batch is not
+    known), ``grown_recorded`` the same for ``recorded``; both are called on first need.
     """
-    key = (type(module), tuple(type(a).__name__ for a in args))
-    leaf_key = _leaf_key(module, args)
-    if leaf_key is not None and memo.get(leaf_key) == _NOTHING:
+    key = failure_key(module, args, memo)
+    leaf_key = nothing_key(module, args)
+    if leaf_key is not None and memo.get(leaf_key) == NOTHING:
         return frozenset()
     try:
-        if key in memo:
+        if key is not None and key in memo:
             raise _KnownFailure(memo[key])
-        unit = _trace_unit(module, path, args, frozenset(), extra_keywords)
+        unit = _trace_unit(module, path, args, frozenset(), extra_keywords, grown)
     except Exception as e:  # noqa: BLE001 - any failure means "analyse the parts"
         reason = str(e) if isinstance(e, _KnownFailure) else describe_failure(e, module)
         log.debug("%s does not trace (%s); analysing its parts", path or "model", reason)
+        key = key or failure_key(module, args, memo, failed=True)
         memo.setdefault(key, reason)
         part_units: list[Unit] = []
         part_unanalysed: list[Unanalysed] = []
-        opaque = _analyse_parts(module, path, args, part_units, part_unanalysed, memo, recorded)
+        opaque = _analyse_parts(
+            module, path, args, part_units, part_unanalysed, memo, recorded, grown, grown_recorded
+        )
         unit = None
         if opaque:
             try:
-                unit = _trace_unit(module, path, args, opaque, extra_keywords)
+                unit = _trace_unit(module, path, args, opaque, extra_keywords, grown)
             except Exception as e2:  # noqa: BLE001 - its own code does not trace either
                 own = describe_failure(e2, module)
                 log.debug("%s does not trace with its parts opaque either (%s)", path or "model", own)
@@ -136,8 +138,17 @@ def _within(path: str, ancestor: str) -> bool:
     return path == ancestor or path.startswith(ancestor + ".") or not ancestor
 
 
+#: A unit's inputs with one sample more, on first need (None: the batch is not known).
+Grown = Callable[[], Sequence[Any] | None] | None
+
+
 def _trace_unit(
-    module: nn.Module, path: str, args: Sequence[Any], opaque: frozenset[str], extra_keywords: tuple[str, ...] = ()
+    module: nn.Module,
+    path: str,
+    args: Sequence[Any],
+    opaque: frozenset[str],
+    extra_keywords: tuple[str, ...] = (),
+    grown: Grown = None,
 ) -> Unit:
     prefix = len(path) + 1 if path else 0
     traced = trace(
@@ -157,7 +168,10 @@ def _trace_unit(
         issue = "called with values other than tensors and defaults"
     else:
         issue = ""
-    return Unit(path, module, graph, DataFlow(graph, module), qualified_names(graph, path), calls, issue, traced.outputs)
+    return Unit(
+        path, module, graph, DataFlow(graph, module), qualified_names(graph, path), calls, issue, traced.outputs,
+        constants, grown,
+    )
 
 
 def _keep_unit(
@@ -172,7 +186,7 @@ def _keep_unit(
     that may hold sites (timm's no-trace blocks), each on its own."""
     if not opaque and _nothing_inside(unit):
         if leaf_key is not None:
-            memo[leaf_key] = _NOTHING
+            memo[leaf_key] = NOTHING
         return
     units.append(unit)
     for node in unit.graph.nodes:
@@ -188,26 +202,21 @@ def _keep_unit(
         # map_arg reaches nodes inside tuples too (EdgeNeXt's ``pos_embd((B, H, W))``): the block
         # must get the values, never the caller's graph nodes.
         vals = tuple(fx.node.map_arg(tuple(node.args), lambda a, on=device: _on_device(a.meta.get("val"), on)))
-        analyse(child, child_path, vals, units, unanalysed, memo)
+        analyse(child, child_path, vals, units, unanalysed, memo, grown=once(_grown_call(unit, node, device)))
+
+
+def _grown_call(unit: Unit, node: fx.Node, device: torch.device) -> Callable[[], tuple[Any, ...] | None]:
+    """The arguments of the call ``node`` in ``unit`` with one sample more, on ``device``."""
+
+    def grown() -> tuple[Any, ...] | None:
+        args = unit.grown_call(node)
+        return None if args is None else _on_device(args, device)
+
+    return grown
 
 
 class _KnownFailure(Exception):
     """A module of a class that already failed to trace with these argument kinds."""
-
-
-_NOTHING = "nothing to analyse"
-
-
-#: Blocks with more submodules than this are not memoised as "nothing inside" (the ones
-#: that repeat by the hundred, like timm's BatchNormAct2d, are small; big ones rarely repeat).
-_MEMO_MAX_MODULES = 16
-
-
-def _leaf_key(module: nn.Module, args: Sequence[Any]) -> tuple[Any, ...] | None:
-    if sum(1 for _ in itertools.islice(module.modules(), _MEMO_MAX_MODULES + 1)) > _MEMO_MAX_MODULES:
-        return None
-    signature = block_signature(module)
-    return None if signature is None else ("leaf", signature, _args_key(args))
 
 
 def _nothing_inside(unit: Unit) -> bool:
@@ -238,6 +247,8 @@ def _analyse_parts(
     unanalysed: list[Unanalysed],
     memo: dict[Any, Any],
     recorded: RecordedInputs | None = None,
+    grown: Grown = None,
+    grown_recorded: Callable[[], RecordedInputs | None] | None = None,
 ) -> frozenset[str]:
     """Analyse the children of a module that did not trace, with the inputs a forward pass
     gave them; containers (``nn.ModuleList``, ``nn.Sequential``, ``nn.ModuleDict``) and
@@ -253,7 +264,10 @@ def _analyse_parts(
     def enough(rec: RecordedInputs) -> bool:
         return not _missing_inputs(module, "", rec, memo)
 
-    inputs = recorded if recorded is not None and enough(recorded) else record_module_inputs(module, args, enough)
+    reused = recorded is not None and enough(recorded)
+    inputs = recorded if reused and recorded is not None else record_module_inputs(module, args, enough)
+    # The same forward with one sample more: what each part's batch axis is read from.
+    grown_inputs = grown_recorded if reused and grown_recorded is not None else once(grown_record(module, grown, enough))
     opaque: set[str] = set()
 
     def visit(parent: nn.Module, rel: str) -> None:
@@ -265,7 +279,8 @@ def _analyse_parts(
             if child_rel in inputs:
                 extra = inputs.extra_keywords.get(child_rel, ())
                 inner = analyse(
-                    child, child_path, inputs[child_rel], units, unanalysed, memo, extra, _sub_record(inputs, child_rel)
+                    child, child_path, inputs[child_rel], units, unanalysed, memo, extra, inputs.under(child_rel),
+                    once(grown_part(grown_inputs, child_rel)), once(grown_under(grown_inputs, child_rel)),
                 )
                 opaque.update({child_path} if inner is None else inner)
                 continue
@@ -282,19 +297,6 @@ def _analyse_parts(
 
     visit(module, "")
     return frozenset(opaque)
-
-
-def _sub_record(recorded: RecordedInputs, rel: str) -> RecordedInputs:
-    """The entries of ``recorded`` under ``rel``, relative to it."""
-    sub = RecordedInputs()
-    prefix = rel + "."
-    for key, value in recorded.items():
-        if key.startswith(prefix):
-            sub[key[len(prefix):]] = value
-    for key, value in recorded.extra_keywords.items():
-        if key.startswith(prefix):
-            sub.extra_keywords[key[len(prefix):]] = value
-    return sub
 
 
 @dataclass(frozen=True)
