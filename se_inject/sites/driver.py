@@ -19,7 +19,14 @@ from ..request import SEConfig, Selection
 from ..se_block import hidden_width
 from .concatenation import concatenation
 from .inputs import check_input_fits, describe_input, example_args
-from .mechanism import AttachFacts, attach_per_owner, attach_point, fills_placeholder, has_placeholder
+from .mechanism import (
+    AttachFacts,
+    PlaceholderVerdicts,
+    attach_per_owner,
+    attach_point,
+    fills_placeholder,
+    has_placeholder,
+)
 from .plain import plain
 from .rebuild import drop_conflicting_owners, rebuildable
 from .records import Candidate, Context, Policy, Rule, Unit, skip
@@ -162,7 +169,7 @@ def _mechanisms(
     """Each site's way into the model: the owner's own placeholder, a hook on the module whose
     output it scales, or (neither) rebuilding the owner."""
     facts = AttachFacts(model)
-    probes = OwnerTraces()  # traces with a probe in the placeholder: never the rewriter's
+    probes = PlaceholderVerdicts()  # traces with a probe in the placeholder: never the rewriter's
     decided = []
     for i, site in enumerate(sites):
         owner = model.get_submodule(site.owner) if site.owner else model

@@ -1,7 +1,7 @@
 """Where an SE block can be attached instead of rebuilding its owner.
 
 A site whose name is a placeholder the owner already has (``self.se = None`` in timm's blocks
-built without attention) is filled when the owner's own trace, made with an SE block in the
+built without attention) is filled when the owner's own trace, made with a module in the
 placeholder, calls it on the scaled tensor and feeds the site's targets with the result: the
 owner's code then runs the SE block itself, where timm's SE-ResNets run theirs.
 
@@ -19,17 +19,20 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import replace
+from typing import Any
 
 import torch.fx as fx
 from torch import nn
 
 from ..analysis.node_names import call_stack
-from ..analysis.owners import OwnerTraces
+from ..analysis.owners import OwnerTraces, trace_signature
 from ..plan import Site
-from ..se_block import SEBlock
 from .records import Unit
 
-__all__ = ["AttachFacts", "attach_point", "attach_per_owner", "fills_placeholder", "has_placeholder"]
+__all__ = [
+    "AttachFacts", "PlaceholderVerdicts", "attach_point", "attach_per_owner", "fills_placeholder", "has_placeholder",
+    "probe_placeholder",
+]
 
 
 class AttachFacts:
@@ -108,14 +111,38 @@ def has_placeholder(owner: nn.Module, attr: str) -> bool:
     )
 
 
-def fills_placeholder(owner: nn.Module, site: Site, traces: OwnerTraces) -> bool:
-    """Whether the owner's forward, with an SE block in its ``None`` placeholder ``site.attr``,
+class PlaceholderVerdicts:
+    """Per plan: the probe traces, and each verdict by what the owner's trace can branch on
+    (``trace_signature``: classes, plain attributes, unset children; not widths), so ResNet-152's
+    50 bottlenecks are traced a handful of times, not once per width."""
+
+    def __init__(self) -> None:
+        self.traces = OwnerTraces()
+        self.held: dict[tuple[Any, ...], bool] = {}
+
+
+def fills_placeholder(owner: nn.Module, site: Site, verdicts: PlaceholderVerdicts) -> bool:
+    """:func:`probe_placeholder`, once per kind of owner and site (see :class:`PlaceholderVerdicts`)."""
+    signature = trace_signature(owner)
+    prefix = len(site.owner) + 1 if site.owner else 0
+    key = None if signature is None else (
+        signature, site.attr, site.source[prefix:], tuple(t[prefix:] for t in site.targets), site.owner_args,
+        site.owner_inputs,
+    )
+    if key is not None and key in verdicts.held:
+        return verdicts.held[key]
+    verdict = probe_placeholder(owner, site, verdicts.traces)
+    if key is not None:
+        verdicts.held[key] = verdict
+    return verdict
+
+
+def probe_placeholder(owner: nn.Module, site: Site, traces: OwnerTraces) -> bool:
+    """Whether the owner's forward, with a module in its ``None`` placeholder ``site.attr``,
     calls it on the site's scaled tensor alone and feeds the site's targets (all of the
     tensor's readers) with what it returns, in every mode's trace."""
     attr = site.attr
-    probe = SEBlock(
-        site.channels, site.hidden, channel_axis=site.channel_axis, batch_axis=site.batch_axis, device="meta"
-    )
+    probe = nn.Identity()  # a leaf: its call is one node, wherever the owner's code puts it
     held = owner.__dict__.pop(attr, None) if attr in owner.__dict__ else owner._modules.pop(attr, None)
     in_dict = attr not in owner._modules
     owner._modules[attr] = probe
