@@ -131,3 +131,110 @@ def test_a_merge_of_scales_stays_a_fusion(why: str) -> None:
     assert all(s.owner != "1" or s.name.startswith("1.body.") for s in plan.sites)
     if why == "inner":  # the inner block keeps its own site
         assert _sites(plan) == [("1.body.1.se", "residual", "1.body.1.conv2")]
+
+
+# --- B. normalised halves concatenated (IBN) --------------------------------------------------
+
+
+class IBN(nn.Module):
+    """IBN-Net's layer: instance norm on the first half of the channels, batch norm on the rest."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.half = c // 2
+        self.IN = nn.InstanceNorm2d(self.half, affine=True)
+        self.BN = nn.BatchNorm2d(c - self.half)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.IN(x[:, : self.half]), self.BN(x[:, self.half :])], 1)
+
+
+class IBNDenseLayer(nn.Module):
+    """A DenseNet layer whose first norm is an IBN layer, called with the list of features."""
+
+    def __init__(self, cin: int, growth: int, ibn: bool = True) -> None:
+        super().__init__()
+        self.norm1 = IBN(cin) if ibn else nn.BatchNorm2d(cin)
+        self.conv1, self.norm2 = nn.Conv2d(cin, 2 * growth, 1, bias=False), nn.BatchNorm2d(2 * growth)
+        self.conv2 = nn.Conv2d(2 * growth, growth, 3, 1, 1, bias=False)
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        x = torch.cat(features, 1)
+        return self.conv2(F.relu(self.norm2(self.conv1(F.relu(self.norm1(x))))))
+
+
+class IBNDenseBlock(nn.Module):
+    def __init__(self, cin: int, growth: int, layers: int, ibn: bool = True) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(IBNDenseLayer(cin + i * growth, growth, ibn) for i in range(layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = [x]
+        for layer in self.layers:
+            features.append(layer(features))
+        return torch.cat(features, 1)
+
+
+class IBNBottleneck(nn.Module):
+    """IBN-Net-a's bottleneck: the first norm of the branch is an IBN layer."""
+
+    def __init__(self, c: int, width: int, ibn: bool = True) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, width, 1, bias=False), IBN(width) if ibn else nn.BatchNorm2d(width)
+        self.conv2, self.bn2 = nn.Conv2d(width, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width)
+        self.conv3, self.bn3 = nn.Conv2d(width, c, 1, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = F.relu(self.bn2(self.conv2(y)))
+        return F.relu(x + self.bn3(self.conv3(y)))
+
+
+@pytest.mark.parametrize("kind", ["dense", "bottleneck"])
+def test_normalised_halves_concatenated_are_no_inception_point(kind: str) -> None:
+    def make(ibn: bool) -> nn.Module:
+        torch.manual_seed(0)
+        if kind == "dense":
+            return nn.Sequential(conv_bn(3, 8), IBNDenseBlock(8, 4, 3, ibn))
+        return nn.Sequential(conv_bn(3, 16), IBNBottleneck(16, 8, ibn), IBNBottleneck(16, 8, ibn))
+
+    model = make(ibn=True)
+    plan = find_sites(model, example_input=X)
+    # The enclosing block keeps exactly the sites it has with a plain batch norm there.
+    assert _sites(plan) == _sites(find_sites(make(ibn=False), example_input=X))
+    assert plan.sites and not any(".norm1" in s.source or ".bn1" in s.source for s in plan.sites)
+    ibn_cats = [s for s in plan.skipped if s.node.endswith(("norm1.cat", "bn1.cat"))]
+    assert len(ibn_cats) == (3 if kind == "dense" else 2)
+    if kind == "dense":  # no block encloses a dense layer's IBN: the reason is its own
+        assert all(s.reason is SkipReason.LINEAR_BLOCK and "normalisation" in s.detail for s in ibn_cats)
+    _exact(model, X)
+
+
+def test_a_chain_of_ibn_layers_is_plain_not_inception() -> None:
+    # An IBN layer between a convolution and its activation is the convolution's norm: no site
+    # by default, and plain=True puts SE after the activation as for a batch norm.
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), IBN(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), IBN(8), nn.ReLU())
+    plan = find_sites(model, example_input=X)
+    assert plan.sites == () and [r for _, r in _skips(plan)] == [SkipReason.LINEAR_BLOCK] * 2
+    plain = find_sites(model, example_input=X, plain=True)
+    assert [(str(s.kind), s.source) for s in plain.sites] == [("plain", "2"), ("plain", "5")]
+    _exact(model, X, plain=True)
+
+
+def test_a_densenet_built_with_ibn_layers_keeps_its_dense_sites() -> None:
+    import torchvision
+
+    def make(ibn: bool) -> nn.Module:
+        model = torchvision.models.densenet121(weights=None)
+        if ibn:
+            for name, m in list(model.named_modules()):
+                if name.endswith(".norm1") and isinstance(m, nn.BatchNorm2d):
+                    model.set_submodule(name, IBN(m.num_features))
+        return model.eval()
+
+    x = torch.randn(1, 3, 64, 64)
+    model = make(True)
+    plan, plain = find_sites(model, example_input=x), find_sites(make(False), example_input=x)
+    layers = sum(isinstance(m, IBN) for m in model.modules())  # one dense site per layer, no more
+    assert len(plan.sites) == layers and [(s.name, s.source) for s in plan.sites] == [(s.name, s.source) for s in plain.sites]
+    assert {s.reason for s in plan.skipped if s.node.endswith("norm1.cat")} == {SkipReason.LINEAR_BLOCK}

@@ -17,7 +17,7 @@ from ..analysis.ops import cat_dim, is_add, is_cat, is_conv, is_layout, is_scali
 from ..plan import SiteKind, Skipped, SkipReason
 from .existing_attention import block_gates
 from .fit import check_tensor
-from .linear import linear_block
+from .linear import linear_block, split_norm
 from .rebuild import common_owner, represent
 from .records import TRUNK_MAX_PARAMETRIC, Candidate, Context, Policy, Unit, skip
 
@@ -81,7 +81,7 @@ def _concatenation(
         return [skip(cand, SkipReason.FUSION, "inputs come from different inputs of the model")]
     region = flow.region(fork, cat)
     cost, pooled = flow.path_costs(fork, region)
-    if (linear := linear_block(unit, region, cost)) is not None:
+    if (linear := linear_block(unit, region, cost) or split_norm(unit, fork, region)) is not None:
         return [skip(cand, SkipReason.LINEAR_BLOCK, linear)]
     ancestors = {i: flow.ancestors_within(i, region) for i in inputs}
     trunks = _sum_trunks(flow, inputs, finished, cost) | _projected_trunks(flow, sum_trunks or {}, region)

@@ -9,7 +9,7 @@ from ..analysis.node_names import node_scope
 from ..analysis.ops import is_activation, is_add, is_cat, is_conv, is_norm, trailing_scaling_input
 from ..plan import SiteKind, SkipReason
 from .fit import check_tensor
-from .linear import linear_block
+from .linear import linear_block, split_norm
 from .rebuild import represent
 from .records import Candidate, Context, Unit, skip
 
@@ -30,13 +30,25 @@ def plain(unit: Unit, node: fx.Node, ctx: Context) -> list[Candidate] | None:
         merge = inner
     if merge is not None and (is_add(merge) or is_cat(merge)) and _linear_merge(unit, merge):
         return [_after_block(unit, node, _scope_of(merge))]
-    if producer is not None and is_norm(unit.module, producer) and len(flow.preds[producer]) == 1:
-        producer = flow.preds[producer][0]
+    if producer is not None:
+        producer = _norm_input(unit, producer)
     if producer is None or not is_conv(unit.module, producer):
         return []
     owner = unit.rewritable_owner(_scope_of(node))
     cand = Candidate(unit, SiteKind.PLAIN, node, owner, source=node)
     return [represent(cand) if check_tensor(cand, node) else cand]
+
+
+def _norm_input(unit: Unit, node: fx.Node) -> fx.Node:
+    """What a norm normalises: its input, also for normalised channel slices concatenated back
+    (an IBN layer, rule 10); ``node`` itself when it is no norm."""
+    flow = unit.flow
+    if is_norm(unit.module, node) and len(flow.preds[node]) == 1:
+        return flow.preds[node][0]
+    fork = flow.idom.get(node)
+    if is_cat(node) and fork is not None and split_norm(unit, fork, flow.region(fork, node)) is not None:
+        return fork
+    return node
 
 
 def _linear_merge(unit: Unit, merge: fx.Node) -> bool:
