@@ -238,3 +238,54 @@ def test_a_densenet_built_with_ibn_layers_keeps_its_dense_sites() -> None:
     layers = sum(isinstance(m, IBN) for m in model.modules())  # one dense site per layer, no more
     assert len(plan.sites) == layers and [(s.name, s.source) for s in plan.sites] == [(s.name, s.source) for s in plain.sites]
     assert {s.reason for s in plan.skipped if s.node.endswith("norm1.cat")} == {SkipReason.LINEAR_BLOCK}
+
+
+# --- C. sparse aggregation (SparseNet) --------------------------------------------------------
+
+
+def _sparse(n: int) -> list[int]:
+    """The exponentially spaced features before the ``n``-th: ``n-1, n-2, n-4, n-8, ...``."""
+    out, k = [], 1
+    while k <= n:
+        out.append(n - k)
+        k *= 2
+    return out
+
+
+class SparseBlock(nn.Module):
+    """SparseNet's aggregation: layer ``i`` reads only the outputs of layers ``i-1, i-2, i-4,
+    ...`` (the block input counted as layer 0), and so does the block's output."""
+
+    def __init__(self, cin: int, growth: int, layers: int) -> None:
+        super().__init__()
+        widths = [cin] + [growth] * layers
+        self.out_channels = sum(widths[j] for j in _sparse(layers + 1))
+        self.layers = nn.ModuleList()
+        for i in range(layers):
+            c = sum(widths[j] for j in _sparse(i + 1))
+            self.layers.append(nn.Sequential(nn.BatchNorm2d(c), nn.ReLU(), nn.Conv2d(c, growth, 3, 1, 1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = [x]
+        for layer in self.layers:
+            picked = [features[j] for j in _sparse(len(features))]
+            features.append(layer(torch.cat(picked, 1) if len(picked) > 1 else picked[0]))
+        return torch.cat([features[j] for j in _sparse(len(features))], 1)
+
+
+def test_sparse_aggregation_gets_one_se_per_new_input() -> None:
+    first, second = SparseBlock(8, 4, 12), SparseBlock(8, 4, 9)
+    model = nn.Sequential(conv_bn(3, 8), first, conv_bn(first.out_channels, 8), second, nn.Conv2d(second.out_channels, 8, 1))
+    plan = find_sites(model, example_input=X)
+    expected = [f"{b}.layers.{i}" for b, n in ((1, 12), (3, 9)) for i in range(n)]
+    assert [(str(s.kind), s.source) for s in plan.sites] == [("dense", e) for e in expected]
+    # Each SE scales a layer's output for every concatenation that reads it; the block inputs
+    # (carried features) are never scaled, nothing is an Inception site.
+    reads = {f"1.layers.{i}": sum(i + 1 in _sparse(n) for n in range(i + 2, 14)) for i in range(12)}
+    for site in plan.sites[:12]:
+        assert len(site.targets) == reads[site.source]
+    assert plan.skipped == ()
+    layers = _outputs(model, X, *expected)
+    _, seen = _exact(model, X)
+    for site in plan.sites:
+        assert torch.equal(seen[site.name], layers[site.source])

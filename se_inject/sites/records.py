@@ -197,6 +197,9 @@ class Context:
     #: Producers already given a dense candidate (rule 3: one SE per producer, however many
     #: concatenations read it).
     producers: set[fx.Node | None] = field(default_factory=set)
+    #: Rule 3: the producers among those taken as new inputs of a dense concatenation: read
+    #: again by a later concatenation, they are carried features there (SparseNet).
+    dense_producers: set[fx.Node | None] = field(default_factory=set)
     #: Rule 9: ends of finished blocks (residual sums, aggregation roots) seen so far: their
     #: outputs are trunk, not new features.
     finished: set[fx.Node] = field(default_factory=set)
