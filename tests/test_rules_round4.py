@@ -289,3 +289,93 @@ def test_sparse_aggregation_gets_one_se_per_new_input() -> None:
     _, seen = _exact(model, X)
     for site in plan.sites:
         assert torch.equal(seen[site.name], layers[site.source])
+
+
+# --- D. plain=True on a network that already has squeeze-excitation --------------------------
+
+
+class Swish(nn.Module):
+    """A hand-written Swish, traced through: ``x * sigmoid(x)``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(x)
+
+
+class Squeeze(nn.Module):
+    """An existing squeeze-excitation, its activation the network's shared one."""
+
+    def __init__(self, c: int, act: nn.Module) -> None:
+        super().__init__()
+        self.reduce, self.expand, self.act = nn.Conv2d(c, c // 2, 1), nn.Conv2d(c // 2, c, 1), act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(self.expand(self.act(self.reduce(x.mean((2, 3), keepdim=True)))))
+
+
+class MBConv(nn.Module):
+    """An inverted residual without shortcut, with its own SE and the network's one activation."""
+
+    def __init__(self, cin: int, cout: int, act: nn.Module, stride: int = 1) -> None:
+        super().__init__()
+        mid = 2 * cin
+        self.conv_pw, self.bn1 = nn.Conv2d(cin, mid, 1, bias=False), nn.BatchNorm2d(mid)
+        self.conv_dw, self.bn2 = nn.Conv2d(mid, mid, 3, stride, 1, groups=mid, bias=False), nn.BatchNorm2d(mid)
+        self.se, self.act = Squeeze(mid, act), act
+        self.conv_pwl, self.bn3 = nn.Conv2d(mid, cout, 1, bias=False), nn.BatchNorm2d(cout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act(self.bn1(self.conv_pw(x)))
+        y = self.act(self.bn2(self.conv_dw(y)))
+        return self.bn3(self.conv_pwl(self.se(y)))
+
+
+class SharedActNet(nn.Module):
+    """One activation instance used by the stem, every block and every squeeze (as the
+    EfficientNet ports that keep one ``Swish`` do)."""
+
+    def __init__(self, act: nn.Module) -> None:
+        super().__init__()
+        self.swish = act
+        self.stem, self.bn = nn.Conv2d(3, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8)
+        self.blocks = nn.Sequential(MBConv(8, 8, act), MBConv(8, 16, act, 2), MBConv(16, 16, act))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(self.swish(self.bn(self.stem(x))))
+
+
+@pytest.mark.parametrize("act", [nn.SiLU, Swish])
+def test_plain_with_a_shared_activation_builds_what_it_lists_outside_the_squeezes(act: type[nn.Module]) -> None:
+    model = SharedActNet(act())
+    plan = find_sites(model, example_input=X, plain=True)
+    assert all(str(s.kind) == "plain" and ".se." not in s.source for s in plan.sites)
+    # The stem and both convolutions of every block, each at its own width: the one module
+    # called everywhere owns no SE block, its callers are rebuilt around each call.
+    assert [(s.owner, s.channels) for s in plan.sites] == [
+        ("", 8), ("blocks.0", 16), ("blocks.0", 16), ("blocks.1", 16), ("blocks.1", 16), ("blocks.2", 32), ("blocks.2", 32)
+    ]
+    inside = [s for s in plan.skipped if ".se." in s.node]
+    assert len(inside) == 6 and all(s.reason is SkipReason.ALREADY_ATTENDED for s in inside)
+    _exact(model, X, plain=True)
+
+
+def test_plain_on_efficientnet_stays_out_of_its_squeeze_excitation() -> None:
+    import torchvision
+    from torchvision.ops import Conv2dNormActivation, SqueezeExcitation
+
+    model = torchvision.models.efficientnet_b0(weights=None).eval()
+    x = torch.randn(1, 3, 64, 64)
+    plan = find_sites(model, example_input=x, plain=True)
+    squeezes = [n for n, m in model.named_modules() if isinstance(m, SqueezeExcitation)]
+    convs = [n for n, m in model.named_modules() if isinstance(m, Conv2dNormActivation) and isinstance(m[-1], nn.SiLU)]
+    assert squeezes and [s.source for s in plan.sites] == [f"{n}.2" for n in convs]
+    assert not any(s.source.startswith(tuple(f"{q}." for q in squeezes)) for s in plan.sites)
+    assert all(max(s.spatial) > 1 for s in plan.sites)
+    _exact(model, x, plain=True)
+
+
+def test_plain_puts_nothing_on_maps_without_spatial_extent() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Conv2d(8, 8, 1), nn.ReLU())
+    plan = find_sites(model, example_input=X, plain=True)
+    assert [s.source for s in plan.sites] == ["1"]
+    assert [(s.node, s.reason) for s in plan.skipped] == [("4", SkipReason.NO_SPATIAL_EXTENT)]
+    _exact(model, X, plain=True)
