@@ -379,3 +379,51 @@ def test_plain_puts_nothing_on_maps_without_spatial_extent() -> None:
     assert [s.source for s in plan.sites] == ["1"]
     assert [(s.node, s.reason) for s in plan.skipped] == [("4", SkipReason.NO_SPATIAL_EXTENT)]
     _exact(model, X, plain=True)
+
+
+# --- E. control flow on sizes -----------------------------------------------------------------
+
+
+class CroppedIdentity(nn.Module):
+    """A residual unit with unpadded convolutions: the identity is cropped when sizes differ."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x
+        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        if out.size(-1) != identity.size(-1):
+            identity = identity[..., 1:-1, 1:-1]
+        return F.relu(out + identity)
+
+
+def test_control_flow_on_sizes_is_decided_at_the_analysis_input() -> None:
+    model = nn.Sequential(conv_bn(3, 8), CroppedIdentity(8), CroppedIdentity(8))
+    plan = find_sites(model, example_input=X)
+    assert _sites(plan) == [("1.se", "residual", "1.bn2"), ("2.se", "residual", "2.bn2")]
+    assert plan.unanalysed == () and plan.skipped == ()
+    # The plan says it was decided for this input size.
+    assert len(plan.specialised) == 1 and "CroppedIdentity.forward branches on sizes" in plan.specialised[0]
+    assert type(plan).from_dict(plan.to_dict()).specialised == plan.specialised
+    branches = _outputs(model, X, "1.bn2", "2.bn2")
+    _, seen = _exact(model, X)
+    assert torch.equal(seen["1.se"], branches["1.bn2"]) and torch.equal(seen["2.se"], branches["2.bn2"])
+    # Attached: the block's own code runs, so the injected model still works at other sizes.
+    injected = inject_se(model, example_input=X).eval()
+    with torch.no_grad():
+        assert injected(torch.randn(1, 3, 21, 21)).shape == model(torch.randn(1, 3, 21, 21)).shape
+
+
+def test_control_flow_on_data_stays_unanalysed() -> None:
+    class OnData(CroppedIdentity):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+            if out.mean() > 0:  # reads values, not sizes: no trace can decide it
+                out = out * 2
+            return F.relu(out + x[..., 1:-1, 1:-1])
+
+    plan = find_sites(nn.Sequential(conv_bn(3, 8), OnData(8)), example_input=X)
+    assert [u.path for u in plan.unanalysed] == ["1"] and plan.specialised == ()

@@ -48,6 +48,9 @@ class Unit:
     #: Per submodule traced through (relative path): the node each of its calls returned, or
     #: None when a call returned something else than one traced value.
     outputs: dict[str, list[fx.Node | None]] = field(default_factory=dict)
+    #: Where its code branched on sizes, decided at the analysis input: the unit's graph holds
+    #: for that input size only.
+    specialised: tuple[str, ...] = ()
     #: Cache: the nodes performed inside each owner (relative path -> nodes in graph order).
     _owned: dict[str, list[fx.Node]] = field(default_factory=dict)
     #: Cache: the gating products (existing attention) among each owner's nodes.
