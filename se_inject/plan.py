@@ -208,6 +208,8 @@ class Plan:
     input: str = ""
     #: which sites were asked for (with ``config``, the request this plan answers)
     selection: Selection = field(default_factory=Selection)
+    #: modules whose code branched on sizes, decided at ``input``: the plan holds for that size
+    specialised: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return len(self.sites)
@@ -246,6 +248,7 @@ class Plan:
             "config": self.config.to_dict(),
             "input": self.input,
             "selection": self.selection.to_dict(),
+            "specialised": list(self.specialised),
         }
 
     @classmethod
@@ -275,7 +278,8 @@ class Plan:
             selection = Selection.from_dict(data.get("selection", {}))  # plans before it was recorded: the default
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"malformed plan: {e}") from e
-        return cls(sites, skipped, unanalysed, config, str(data.get("input", "")), selection)
+        specialised = tuple(str(w) for w in data.get("specialised", ()))
+        return cls(sites, skipped, unanalysed, config, str(data.get("input", "")), selection, specialised)
 
 
 def _attach_path(raw: Any) -> str | None:

@@ -20,7 +20,7 @@ from .tracing import training_mode
 
 log = logging.getLogger(__name__)
 
-__all__ = ["propagate_shapes", "record_module_inputs", "RecordedInputs", "meta_copy"]
+__all__ = ["propagate_shapes", "record_module_inputs", "RecordedInputs", "meta_copy", "traced_value"]
 
 
 def _fake_mode():
@@ -231,3 +231,25 @@ def record_module_inputs(
         for h in handles:
             h.remove()
     return recorded
+
+
+def traced_value(module: nn.Module, args: Sequence[Any], graph: fx.Graph, node: fx.Node) -> Any:
+    """The value of ``node`` in ``graph``, a trace of ``module`` still being made, at the
+    analysis input ``args``, on meta tensors only: a size, or a condition on sizes, comes out
+    as a Python value; anything read from data stays a meta tensor (never a real run)."""
+    needed: set[fx.Node] = set()
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n not in needed:
+            needed.add(n)
+            stack.extend(n.all_input_nodes)
+    part = fx.Graph()
+    copies: dict[fx.Node, fx.Node] = {}
+    for n in graph.nodes:
+        if n.op == "placeholder" or n in needed:
+            copies[n] = part.node_copy(n, copies.__getitem__)
+    part.output(copies[node])
+    with torch.no_grad(), ShapeShortcuts():
+        _MetaProp(module, part).run(*meta_copy(list(args)))
+    return copies[node].meta.get("val")

@@ -24,6 +24,7 @@ from .calls import PLAIN, VAR_KINDS, CallRecord, arg_kind
 from .causes import watch_jit_isinstance
 from .mode_reads import watch_mode_reads
 from .sandbox import preserved_state
+from .size_decisions import decide_on_sizes
 
 __all__ = ["SETracer", "Traced", "trace", "mode_dependent_leaves", "training_mode"]
 
@@ -76,6 +77,7 @@ class SETracer(fx.Tracer):
         inline: Iterable[str] | None = None,
         var_positional: bool = False,
         opaque: Iterable[str] = (),
+        sizes: Callable[[fx.Graph, fx.Node], Any] | None = None,
     ) -> None:
         timm_modules, timm_functions = _timm_notrace()
         super().__init__(autowrap_functions=tuple(autowrap_functions) + timm_functions)
@@ -89,6 +91,11 @@ class SETracer(fx.Tracer):
         self.module_outputs: dict[str, list[fx.Node | None]] = {}
         self._aliases: dict[int, list[str]] | None = None
         self._thread = threading.get_ident()
+        self.sizes, self.specialised, self.evaluating = sizes, list[str](), False  # see size_decisions
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        decided = decide_on_sizes(self, obj.node)
+        return super().to_bool(obj) if decided is None else decided
 
     def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
         self._thread = threading.get_ident()
@@ -97,7 +104,7 @@ class SETracer(fx.Tracer):
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
         # fx's patch of ``nn.Module.__getattr__`` is process-wide: another thread's modules
         # get their plain attributes (see ``call_module``).
-        if threading.get_ident() != self._thread:
+        if threading.get_ident() != self._thread or self.evaluating:
             return attr_val
         return super().getattr(attr, attr_val, parameter_proxy_cache)
 
@@ -122,7 +129,7 @@ class SETracer(fx.Tracer):
         # fx patches ``nn.Module.__call__`` for the whole process while it traces: a forward
         # another thread runs meanwhile (not an analysis: those wait for the analysis lock) is
         # the plain call, not a part of this trace.
-        if threading.get_ident() != self._thread:
+        if threading.get_ident() != self._thread or self.evaluating:
             return forward(*args, **kwargs)
         path = self.path_of_module(m)
         if self.is_leaf_module(m, path):
@@ -297,6 +304,8 @@ class Traced(NamedTuple):
     side_effects: tuple[str, ...] = ()
     #: Per submodule traced through, the node each of its calls returned (None: not one value).
     outputs: dict[str, list[fx.Node | None]] = {}
+    #: Where control flow was decided on sizes at the analysis input (``trace(sizes=...)``).
+    specialised: tuple[str, ...] = ()
 
 
 _MISSING = object()
@@ -310,10 +319,12 @@ def trace(
     concrete_args: dict[str, Any] | None = None,
     var_positional: bool = False,
     opaque: Iterable[str] = (),
+    sizes: Callable[[fx.Graph, fx.Node], Any] | None = None,
 ) -> Traced:
     """Trace ``module`` in the given mode; ``var_positional``: the call passes arguments into
     the forward's ``*args`` (else it is traced empty, as ``**kwargs`` always is); ``opaque``:
-    paths of submodules kept as calls (parts that do not trace themselves).
+    paths of submodules kept as calls (parts that do not trace themselves); ``sizes``: the value of
+    a node at the analysis input, to decide conditions on sizes (``size_decisions``).
 
     The tracer stores tensor constants as attributes of the traced root; they are removed from
     ``module`` again and returned, so tracing never changes the user's model.
@@ -322,7 +333,7 @@ def trace(
     # timm's LeViT fills a dict of attention biases) would keep proxies: the sandbox puts every
     # module back as it was, keeping only the constants the tracer added to the root. What
     # changed is noted first: side effects a rebuilt block would lose.
-    tracer = SETracer(inline=inline, var_positional=var_positional, opaque=opaque)
+    tracer = SETracer(inline=inline, var_positional=var_positional, opaque=opaque, sizes=sizes)
     reads: list[str] = []
     effects: list[str] = []
     with preserved_state(module, rng=False):
@@ -346,7 +357,8 @@ def trace(
             changed += [name for k, held in state.items() for name in _rebound(held, attrs[k])]
             effects += [f"{path}.{k}" if path else k for k in sorted(set(changed)) if k != "training"]
     _restore_parameter_names(graph, concrete_args or {})
-    return Traced(graph, added, tracer.module_calls, bool(reads), tuple(effects), tracer.module_outputs)
+    found = tracer.module_calls, bool(reads), tuple(effects), tracer.module_outputs, tuple(tracer.specialised)
+    return Traced(graph, added, *found)
 
 
 @contextmanager

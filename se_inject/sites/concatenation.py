@@ -17,7 +17,7 @@ from ..analysis.ops import cat_dim, is_add, is_cat, is_conv, is_layout, is_scali
 from ..plan import SiteKind, Skipped, SkipReason
 from .existing_attention import block_gates
 from .fit import check_tensor
-from .linear import linear_block
+from .linear import linear_block, split_norm
 from .rebuild import common_owner, represent
 from .records import TRUNK_MAX_PARAMETRIC, Candidate, Context, Policy, Unit, skip
 
@@ -31,7 +31,7 @@ def concatenation(unit: Unit, node: fx.Node, ctx: Context) -> list[Candidate] | 
     if not is_cat(node):
         return None
     found = []
-    cands = _concatenation(unit, node, ctx.policy, ctx.producers, ctx.finished, ctx.trunks, ctx.dense)
+    cands = _concatenation(unit, node, ctx.policy, ctx.producers, ctx.finished, ctx.trunks, ctx.dense, ctx.dense_producers)
     if len(cands) == 1 and cands[0].skip is not None and cands[0].skip.reason is SkipReason.NO_COMPUTED_BRANCH:
         ctx.finished.add(node)  # an aggregation root (DLA, CSP): trunk, like the sums it joins
     for cand in cands:
@@ -39,6 +39,8 @@ def concatenation(unit: Unit, node: fx.Node, ctx: Context) -> list[Candidate] | 
         if cand.kind is SiteKind.DENSE and cand.source in ctx.producers:
             continue
         ctx.producers.add(cand.source)
+        if cand.kind is SiteKind.DENSE:
+            ctx.dense_producers.add(cand.source)
         found.append(cand)
     return found
 
@@ -51,13 +53,14 @@ def _concatenation(
     finished: Set[fx.Node] = frozenset(),
     sum_trunks: Mapping[fx.Node, fx.Node] | None = None,
     dense: set[fx.Node] | None = None,
+    reread: Set[fx.Node | None] = frozenset(),
 ) -> list[Candidate]:
     """Inception, dense or fusion (rules 2, 3, 9-12); ``done``: producers already given a
     dense candidate by an earlier concatenation (one SE per producer); ``finished``: the ends of
     finished blocks before ``cat``: residual sums (not fusions, not linear merges) and
     aggregation roots; ``sum_trunks``: the trunk of each of those sums; ``dense``: outputs of
     the dense concatenations before ``cat`` (carried features), to which ``cat`` is added
-    when it is one."""
+    when it is one; ``reread``: producers an earlier dense concatenation took as new."""
     flow = unit.flow
     raw = cat.args[0] if cat.args else cat.kwargs.get("tensors", ())
     inputs: list[fx.Node] = []
@@ -81,7 +84,7 @@ def _concatenation(
         return [skip(cand, SkipReason.FUSION, "inputs come from different inputs of the model")]
     region = flow.region(fork, cat)
     cost, pooled = flow.path_costs(fork, region)
-    if (linear := linear_block(unit, region, cost)) is not None:
+    if (linear := linear_block(unit, region, cost) or split_norm(unit, fork, region)) is not None:
         return [skip(cand, SkipReason.LINEAR_BLOCK, linear)]
     ancestors = {i: flow.ancestors_within(i, region) for i in inputs}
     trunks = _sum_trunks(flow, inputs, finished, cost) | _projected_trunks(flow, sum_trunks or {}, region)
@@ -97,8 +100,14 @@ def _concatenation(
             or (cost[i] == 0 and not (pool_is_branch and pooled[i]))
             or (channel_slice_of(flow, i) or i) in trunks
             or i in earlier_dense
+            or reused(i)
             or _after_residual(unit, i, fork, finished)
         )
+
+    def reused(i: fx.Node) -> bool:
+        # Rule 3: a producer an earlier concatenation already took as new is carried here
+        # (SparseNet's layers read exponentially spaced earlier outputs, each again and again).
+        return (channel_slice_of(flow, i) or i) in reread
 
     computed = [i for i in inputs if not carried(i, pool_is_branch=False)]
     coarse = _coarser_path(unit, cat, shape, axis, [i for i in inputs if i is not fork], ancestors)
@@ -106,7 +115,7 @@ def _concatenation(
         return [skip(cand, SkipReason.FUSION, coarse)]
     shortest = flow.shortest_costs(fork, region)
     nearest = min(shortest.get(i, 0) for i in inputs)
-    if nearest > TRUNK_MAX_PARAMETRIC:
+    if nearest > TRUNK_MAX_PARAMETRIC and not any(reused(i) for i in inputs):
         # Rule 12: no input lies within a handful of layers of the fork (NASNet's two-input
         # cells meet only far back): a fusion of distant features, not one module.
         return [skip(cand, SkipReason.FUSION, f"every input is {nearest}+ parametric layers from {unit.names[fork]}")]

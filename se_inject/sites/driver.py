@@ -82,7 +82,8 @@ def _plan(model: nn.Module, config: SEConfig, selection: Selection, example_inpu
     if selection.plain and not any(c.skip is None for c in candidates):
         candidates += _candidates(units, PLAIN_RULES, policy)
     sites, skipped = _finalise(model, candidates, config, selection, traces)
-    return Plan(tuple(sites), tuple(skipped), tuple(unanalysed), config, describe_input(args), selection)
+    specialised = tuple(f"{u.path or 'model'}: {where}" for u in units for where in u.specialised)
+    return Plan(tuple(sites), tuple(skipped), tuple(unanalysed), config, describe_input(args), selection, specialised)
 
 
 #: The placement rules, asked in this order for every live node of every unit; the first

@@ -1,13 +1,16 @@
-"""Placement rule 10: a merge whose region is linear is one layer in disguise (RepVGG, MixConv)."""
+"""Placement rule 10: a merge whose region is linear is one layer in disguise (RepVGG, MixConv),
+and so are normalisations of channel slices concatenated back (IBN layers)."""
 
 from __future__ import annotations
 
+import torch
 import torch.fx as fx
 
-from ..analysis.ops import is_linear, is_scaling
+from ..analysis.axes import channel_slice_of
+from ..analysis.ops import is_linear, is_norm, is_scaling
 from .records import Unit
 
-__all__ = ["linear_block"]
+__all__ = ["linear_block", "split_norm"]
 
 
 def linear_block(unit: Unit, region: set[fx.Node], cost: dict[fx.Node, int]) -> str | None:
@@ -26,3 +29,20 @@ def linear_block(unit: Unit, region: set[fx.Node], cost: dict[fx.Node, int]) -> 
         return "no parametric layer and no non-linearity between fork and merge"
     names = sorted(unit.names[n] for n in heads)
     return f"{len(heads)} parallel linear paths ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+
+
+def split_norm(unit: Unit, fork: fx.Node, region: set[fx.Node]) -> str | None:
+    """Rule 10 for a concatenation: every node between ``fork`` and it is a channel slice of the
+    fork or a normalisation (IBN's ``cat([IN(x[:, :h]), BN(x[:, h:])])``): one normalisation
+    layer applied per channel group, with no non-linearity, like a split convolution; a detail
+    string, or ``None`` for anything else."""
+    flow = unit.flow
+    norms = sorted(unit.names[n] for n in region if is_norm(unit.module, n))
+    if not norms:
+        return None
+    for n in region:
+        sliced = channel_slice_of(flow, n) is fork
+        split = not isinstance(n.meta.get("val"), torch.Tensor) and flow.live_inputs(n) == [fork]
+        if not (sliced or split or is_norm(unit.module, n)):
+            return None
+    return f"normalisations of channel slices of {unit.names[fork]} ({', '.join(norms)}): one normalisation layer"

@@ -6,10 +6,19 @@ from __future__ import annotations
 import torch.fx as fx
 
 from ..analysis.node_names import node_scope
-from ..analysis.ops import is_activation, is_add, is_cat, is_conv, is_norm, trailing_scaling_input
+from ..analysis.ops import (
+    is_activation,
+    is_add,
+    is_cat,
+    is_conv,
+    is_mul,
+    is_norm,
+    tensor_shape,
+    trailing_scaling_input,
+)
 from ..plan import SiteKind, SkipReason
 from .fit import check_tensor
-from .linear import linear_block
+from .linear import linear_block, split_norm
 from .rebuild import represent
 from .records import Candidate, Context, Unit, skip
 
@@ -30,13 +39,69 @@ def plain(unit: Unit, node: fx.Node, ctx: Context) -> list[Candidate] | None:
         merge = inner
     if merge is not None and (is_add(merge) or is_cat(merge)) and _linear_merge(unit, merge):
         return [_after_block(unit, node, _scope_of(merge))]
-    if producer is not None and is_norm(unit.module, producer) and len(flow.preds[producer]) == 1:
-        producer = flow.preds[producer][0]
+    if producer is not None:
+        producer = _norm_input(unit, producer)
     if producer is None or not is_conv(unit.module, producer):
         return []
-    owner = unit.rewritable_owner(_scope_of(node))
-    cand = Candidate(unit, SiteKind.PLAIN, node, owner, source=node)
-    return [represent(cand) if check_tensor(cand, node) else cand]
+    out = _self_gated(unit, node)
+    cand = Candidate(unit, SiteKind.PLAIN, node, _single_call_owner(unit, _scope_of(out)), source=out)
+    refused = _refused(unit, cand, out)
+    if refused is not None:
+        return [refused]
+    return [represent(cand) if check_tensor(cand, out) else cand]
+
+
+def _self_gated(unit: Unit, act: fx.Node) -> fx.Node:
+    """The non-linearity's output: ``x * sigmoid(x)`` (a hand-written Swish) ends at the product."""
+    flow = unit.flow
+    users = [u for u in act.users if act in flow.preds.get(u, ())]
+    if len(users) == 1 and is_mul(users[0]) and set(flow.live_inputs(users[0])) == {act, *flow.preds[act]}:
+        return users[0]
+    return act
+
+
+def _single_call_owner(unit: Unit, scope: str) -> str:
+    """The owner for a plain site in ``scope``: the nearest rewritable block whose module is
+    called once in the unit. A module called several times (one activation instance shared by
+    every block, also under several names) runs one forward for all its calls: an SE block
+    rebuilt into it would scale every call with one width; its caller is rebuilt instead."""
+    owner = unit.rewritable_owner(scope)
+    while owner and _calls(unit, owner) > 1:
+        owner = unit.rewritable_owner(owner.rpartition(".")[0])
+    return owner
+
+
+def _calls(unit: Unit, path: str) -> int:
+    """How many times the module at ``path`` is called in the unit, under any of its names."""
+    module = unit.module.get_submodule(path)
+    return sum(len(calls) for rel, calls in unit.calls.items() if unit.module.get_submodule(rel) is module)
+
+
+def _refused(unit: Unit, cand: Candidate, out: fx.Node) -> Candidate | None:
+    """Places a plain SE never goes (rule 5): inside an existing channel attention block (its
+    squeeze's 1x1 maps, its gate), or on a map without spatial extent; None elsewhere."""
+    flow = unit.flow
+    for product in unit.owner_gates(""):
+        fork = flow.idom.get(product)
+        if fork is not None and cand.anchor in flow.region(fork, product):
+            return skip(cand, SkipReason.ALREADY_ATTENDED, f"inside the channel attention gated at {unit.names[product]}")
+    shape = tensor_shape(out)
+    if shape is not None and len(shape) > 2 and check_tensor(cand, out):
+        if all(d == 1 for k, d in enumerate(shape) if k not in (0, cand.axis % len(shape))):
+            return skip(cand, SkipReason.NO_SPATIAL_EXTENT, f"shape {list(shape)}")
+    return None
+
+
+def _norm_input(unit: Unit, node: fx.Node) -> fx.Node:
+    """What a norm normalises: its input, also for normalised channel slices concatenated back
+    (an IBN layer, rule 10); ``node`` itself when it is no norm."""
+    flow = unit.flow
+    if is_norm(unit.module, node) and len(flow.preds[node]) == 1:
+        return flow.preds[node][0]
+    fork = flow.idom.get(node)
+    if is_cat(node) and fork is not None and split_norm(unit, fork, flow.region(fork, node)) is not None:
+        return fork
+    return node
 
 
 def _linear_merge(unit: Unit, merge: fx.Node) -> bool:

@@ -55,6 +55,9 @@ class Unit:
     #: The unit's inputs with one sample more (``analysis.batch``), None when its batch is not
     #: known; asked on first need only (a second shape propagation tells the batch axes).
     grown_inputs: Callable[[], Sequence[Any] | None] | None = None
+    #: Where its code branched on sizes, decided at the analysis input: the unit's graph holds
+    #: for that input size only.
+    specialised: tuple[str, ...] = ()
     #: Cache: the nodes performed inside each owner (relative path -> nodes in graph order).
     _owned: dict[str, list[fx.Node]] = field(default_factory=dict)
     #: Cache: the gating products (existing attention) among each owner's nodes.
@@ -224,6 +227,9 @@ class Context:
     #: Producers already given a dense candidate (rule 3: one SE per producer, however many
     #: concatenations read it).
     producers: set[fx.Node | None] = field(default_factory=set)
+    #: Rule 3: the producers among those taken as new inputs of a dense concatenation: read
+    #: again by a later concatenation, they are carried features there (SparseNet).
+    dense_producers: set[fx.Node | None] = field(default_factory=set)
     #: Rule 9: ends of finished blocks (residual sums, aggregation roots) seen so far: their
     #: outputs are trunk, not new features.
     finished: set[fx.Node] = field(default_factory=set)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from ..analysis.attention import gating_products
-from ..analysis.axes import channel_slice_of
+from ..analysis.axes import channel_axis, channel_slice_of
 from ..analysis.dataflow import DataFlow
 from ..analysis.node_names import node_scope
 from ..analysis.ops import (
@@ -150,9 +150,9 @@ def _residual(unit: Unit, add: fx.Node, ctx: Context) -> Candidate | None:
         return skip(cand, SkipReason.NO_TRUNK, f"the branch has no more parametric layers than the trunk ({trunk_cost})")
     if trunk_cost > TRUNK_MAX_PARAMETRIC:
         return skip(cand, SkipReason.FUSION, f"the shorter operand still has {trunk_cost} parametric layers")
-    upsampled = next((n for n in sorted(region, key=flow.index.__getitem__) if is_upsample(unit.module, n)), None)
-    if upsampled is not None:
-        return skip(cand, SkipReason.FUSION, f"the branch changes resolution at {unit.names[upsampled]}: a multi-scale merge")
+    merge = _multi_scale_merge(unit, fork, add, region, trunk_cost, ctx)
+    if merge is not None:
+        return skip(cand, SkipReason.FUSION, merge)
     cand.structural = True
     cand.region = region
     ctx.branch_nodes.update(dict.fromkeys((flow.ancestors_within(branch, region) | {branch}) - {fork}, add))
@@ -181,6 +181,37 @@ def _residual(unit: Unit, add: fx.Node, ctx: Context) -> Candidate | None:
     if not check_tensor(cand, cand.source, policy):
         return cand
     return represent(cand)
+
+
+def _multi_scale_merge(
+    unit: Unit, fork: fx.Node, add: fx.Node, region: set[fx.Node], trunk_cost: int, ctx: Context
+) -> str | None:
+    """Rule 12 for a branch that upsamples: why the sum is a multi-scale merge, or None for a
+    residual unit whose branch leaves its resolution and comes back.
+
+    A branch that pools, convolves and interpolates back beside an identity trunk (hourglass
+    and attention-residual units, self-calibrated convolutions) is a residual branch, and so
+    is a decoder unit whose branch and projection trunk both upsample from a coarser fork (the
+    mirror of a downsampling unit). A merge stays a fusion when the upsampled operand holds
+    finished blocks (an FPN's or an encoder-decoder's deeper stages: the operands meet at no
+    nearby fork) or when a projection at the sum's own resolution meets it (an FPN lateral)."""
+    flow = unit.flow
+    ordered = sorted(region, key=flow.index.__getitem__)
+    upsampled = next((n for n in ordered if is_upsample(unit.module, n)), None)
+    if upsampled is None:
+        return None
+    where = f"the branch changes resolution at {unit.names[upsampled]}"
+    finished = next((n for n in ordered if n in ctx.finished), None)
+    if finished is not None:
+        return f"{where} and holds the finished block {unit.names[finished]}: a multi-scale merge"
+    fork_shape, add_shape = tensor_shape(fork), tensor_shape(add)
+    if fork_shape is None or add_shape is None or len(fork_shape) != len(add_shape):
+        return f"{where}: a multi-scale merge"
+    axis = channel_axis(add, flow)
+    same = all(a == b for d, (a, b) in enumerate(zip(fork_shape, add_shape, strict=True)) if d not in (0, axis))
+    if same and trunk_cost > 0:
+        return f"{where} beside a projection at its input's resolution: a multi-scale merge"
+    return None
 
 
 def _branch_output(

@@ -18,7 +18,7 @@ from ..analysis.causes import describe_failure, raised_inside
 from ..analysis.dataflow import DataFlow
 from ..analysis.node_names import call_stack, qualified_names
 from ..analysis.ops import is_add, is_cat, is_conv
-from ..analysis.shapes import RecordedInputs, propagate_shapes, record_module_inputs
+from ..analysis.shapes import RecordedInputs, propagate_shapes, record_module_inputs, traced_value
 from ..analysis.tracing import trace
 from ..plan import Unanalysed
 from .inputs import NOT_REACHED
@@ -151,14 +151,24 @@ def _trace_unit(
     grown: Grown = None,
 ) -> Unit:
     prefix = len(path) + 1 if path else 0
-    traced = trace(
-        module,
-        concrete_args=call_concrete_args(module, args),
-        var_positional=passes_var_positional(module, len(args)),
-        opaque={p[prefix:] for p in opaque},
-    )
+    options = {
+        "concrete_args": call_concrete_args(module, args),
+        "var_positional": passes_var_positional(module, len(args)),
+        "opaque": {p[prefix:] for p in opaque},
+    }
+    try:
+        traced = trace(module, **options)
+    except fx.proxy.TraceError as e:
+        # Control flow on sizes (a cropped identity): decided at the analysis input, where the
+        # shapes are known; the unit then holds for that input size (``Unit.specialised``).
+        try:
+            traced = trace(module, **options, sizes=lambda graph, node: traced_value(module, args, graph, node))
+        except Exception:  # noqa: BLE001 - it branches on more than sizes: the first error stands
+            raise e from None
     graph, constants, calls = traced.graph, traced.constants, traced.calls
     propagate_shapes(module, args, graph=graph, constants=constants)
+    if traced.specialised:
+        _drop_decided_sizes(graph)
     # A list or dict of tensors (a detector's images, a dict batch) is a placeholder of the
     # trace as a tensor is, so the rebuilt forward takes it the same way.
     record = tuple(("tensor" if _holds_tensors(a) else type(a).__name__, a) for a in args)
@@ -168,10 +178,24 @@ def _trace_unit(
         issue = "called with values other than tensors and defaults"
     else:
         issue = ""
+    names = qualified_names(graph, path)
     return Unit(
-        path, module, graph, DataFlow(graph, module), qualified_names(graph, path), calls, issue, traced.outputs,
-        constants, grown,
+        path, module, graph, DataFlow(graph, module), names, calls, issue, traced.outputs, constants, grown,
+        traced.specialised,
     )
+
+
+def _drop_decided_sizes(graph: fx.Graph) -> None:
+    """Remove what computed the conditions decided on sizes (``out.size(-1) != ...``), read by
+    nothing once decided: a size is no reader of the tensor, which may then take an SE hook."""
+    changed = True
+    while changed:
+        changed = False
+        for node in reversed(graph.nodes):
+            dead = not node.users and node.op in ("call_method", "call_function") and not node.is_impure()
+            if dead and not isinstance(node.meta.get("val"), torch.Tensor):
+                graph.erase_node(node)
+                changed = True
 
 
 def _keep_unit(
