@@ -12,7 +12,7 @@ from torch import nn
 from .analysis.owners import OwnerTraces
 from .inject.build import build
 from .inject.rewrite import remove_se
-from .plan import Plan
+from .plan import Plan, SkipReason
 from .request import SEConfig, Selection, make_request
 from .sites import build_plan
 from .sites.diagnostics import no_sites_warning, unanalysed_warning
@@ -177,12 +177,15 @@ def inject_se(
         if thin is not None:
             warnings.warn(thin, UserWarning, stacklevel=2)
         return injected
+    # ``tokens=True`` turns token-sequence skips into sites and changes nothing else: without
+    # such a skip it finds none, and the second analysis it would cost is not run.
+    tokens_skipped = any(s.reason is SkipReason.TOKEN_SEQUENCE for s in plan.skipped)
     alternatives = {
         f"{flag}=True": (
             lambda flag=flag: build_plan(model, config, replace(selection, **{flag: True}), example_input=example_input)
         )
         for flag in ("plain", "tokens")
-        if not getattr(selection, flag)
+        if not getattr(selection, flag) and (flag != "tokens" or tokens_skipped)
     }
     warnings.warn(no_sites_warning(name, plan, alternatives), UserWarning, stacklevel=2)
     return model

@@ -7,9 +7,10 @@ What is counted:
 * **Multiply-adds (MACs)**: ``torch.utils.flop_counter.FlopCounterMode`` over one forward pass
   of a single input, halved (it counts 2 FLOPs per multiply-add). It has formulas for
   convolutions, matrix products and attention only; element-wise ops, normalisation, pooling
-  and activations count as zero. The pass runs on fake tensors (shapes only, no arithmetic), so
-  ResNet-152 at 224x224 takes well under a second; models whose forward depends on data values
-  (detection heads) fall back to a real forward pass on zeros.
+  and activations count as zero. The pass runs on meta tensors (the parameters swapped for meta
+  stand-ins with ``torch.func.functional_call``: shapes only, no arithmetic), else on fake
+  tensors, so ResNet-152 at 224x224 takes well under a second; models whose forward depends on
+  data values (detection heads) fall back to a real forward pass on zeros.
 * **SE costs**, per inserted :class:`~se_inject.se_block.SEBlock` and per sample:
   ``fc_macs`` = ``C*h + h*C``, the two bottleneck layers (exactly what FlopCounterMode adds);
   ``pool_adds`` = one addition per input element (the squeeze); ``scale_muls`` = one
@@ -154,9 +155,21 @@ def _device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _forward_macs(model: nn.Module, input_size: Sequence[int], *, fake: bool) -> int:
+def _meta_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Meta stand-ins for every parameter and buffer, by name (``torch.func.functional_call``)."""
+    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    return {name: torch.empty_like(t, device="meta") for name, t in named if t is not None}
+
+
+def _forward_macs(model: nn.Module, input_size: Sequence[int], *, way: str) -> int:
     with FlopCounterMode(display=False) as counter, torch.no_grad():
-        if fake:
+        if way == "meta":
+            # Parameters swapped for meta tensors for the call: shapes only, no copy of the model
+            # and no fake-tensor wrapping (about twice as fast for a ResNet-50).
+            from torch.func import functional_call
+
+            functional_call(model, _meta_state(model), (torch.empty(1, *input_size, device="meta"),), strict=False)
+        elif way == "fake":
             # torch's own fake tensors (the mode the flop counter's docs use): shapes without
             # arithmetic; real parameters are wrapped on the fly, the model is not copied.
             from torch._subclasses.fake_tensor import FakeTensorMode
@@ -172,7 +185,7 @@ def count(model: nn.Module, input_size: Sequence[int]) -> Count:
     """Count parameters, multiply-adds and per-SE-block costs of ``model`` for one input.
 
     ``input_size`` excludes the batch (``(3, 224, 224)``). The model is not changed (its
-    train/eval flags, attributes, caches and the RNG state are restored). When neither a fake nor a real forward pass works, ``macs``
+    train/eval flags, attributes, caches and the RNG state are restored). When no meta, fake or real forward pass works, ``macs``
     is ``None`` and a :class:`UserWarning` says why.
 
     Example:
@@ -199,11 +212,11 @@ def count(model: nn.Module, input_size: Sequence[int]) -> Count:
                 handles.append(block.register_forward_pre_hook(hook))
         try:
             errors = []
-            for fake in (True, False):
+            for way in ("meta", "fake", "real"):
                 for value in calls.values():
                     value[:] = [0, 0]
                 try:
-                    macs = _forward_macs(model, size, fake=fake)
+                    macs = _forward_macs(model, size, way=way)
                     break
                 except Exception as e:  # any failure of a forward pass: try the next way, then give up
                     errors.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
