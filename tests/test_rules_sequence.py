@@ -495,3 +495,59 @@ def test_a_trace_failure_is_reused_only_for_blocks_that_take_the_same_path(monke
     assert traced.count("blocks.0") >= 1 and "blocks.2" not in traced
     _exact_and_per_sample(model, x)
     _trains(WindowedEncoder(), x)
+
+
+# --------------------------------------------------------------------------------------------
+# Item 6: an existing SE block whose forward does not trace is still existing attention
+
+
+class _UntracedSE(nn.Module):
+    """An SE block with a data-dependent early exit: fx cannot trace it, so the graph calls it whole."""
+
+    def __init__(self, c: int, gate: bool = True) -> None:
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Conv2d(c, c // 4, 1), nn.ReLU(), nn.Conv2d(c // 4, c, 1)
+        self.gate = nn.Sigmoid() if gate else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bool(x.abs().sum() == 0):
+            return x
+        return x * self.gate(self.fc2(self.act(self.fc1(x.mean((2, 3), keepdim=True)))))
+
+
+class _UntracedBottleneck(_UntracedSE):
+    """The same parts with no gate and no product: a bottleneck, not attention."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__(c, gate=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bool(x.abs().sum() == 0):
+            return x
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class _AttendedBlock(nn.Module):
+    def __init__(self, c: int, inner: type[nn.Module]) -> None:
+        super().__init__()
+        self.conv, self.bn, self.se = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), inner(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.se(self.bn(self.conv(x)))
+
+
+def test_an_existing_se_that_does_not_trace_is_recognised_by_its_structure() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), _AttendedBlock(16, _UntracedSE), _AttendedBlock(16, _UntracedSE))
+    plan = find_sites(model.eval(), example_input=torch.randn(1, 3, 16, 16))
+    assert [u.path for u in plan.unanalysed] == ["1.se", "2.se"]  # it does not trace ...
+    assert plan.sites == ()  # ... and no second SE follows it
+    assert [(s.node, s.reason) for s in plan.skipped] == [("1.add", "already-attended"), ("2.add", "already-attended")]
+
+
+def test_an_untraced_bottleneck_without_a_gate_is_no_attention() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), _AttendedBlock(16, _UntracedBottleneck)).eval()
+    x = torch.randn(1, 3, 16, 16)
+    plan = find_sites(model, example_input=x)
+    assert [(s.name, s.attach) for s in plan.sites] == [("1.se_1", "se")]  # on the bottleneck's output
+    want = model(x)
+    assert torch.equal(inject_se(model, example_input=x)(x), want)

@@ -1,11 +1,13 @@
 """Existing channel attention: products whose gate is pooled from the tensor it scales (SE, eSE,
-ECA, CBAM's channel part, SK, split attention), and our own ``SEBlock`` calls."""
+ECA, CBAM's channel part, SK, split attention), our own ``SEBlock`` calls, and calls of a module
+kept whole in the graph (its forward did not trace) whose structure is an SE block's."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
 import torch.fx as fx
+from torch import nn
 
 from ..se_block import SEBlock
 from .axes import channel_axis
@@ -27,7 +29,8 @@ def gating_products(flow: DataFlow, nodes: Iterable[fx.Node]) -> list[fx.Node]:
     our own ``SEBlock``."""
     found = []
     for n in nodes:
-        if isinstance(module_of(flow.root, n), SEBlock):
+        called = module_of(flow.root, n)
+        if isinstance(called, SEBlock) or (called is not None and _shaped_like_se(called, n)):
             found.append(n)
             continue
         if not is_mul(n):
@@ -40,6 +43,40 @@ def gating_products(flow: DataFlow, nodes: Iterable[fx.Node]) -> list[fx.Node]:
                 found.append(n)
                 break
     return found
+
+
+#: Gate modules: what an SE block's excitation ends with (timm's gate layers subclass these or
+#: are named so).
+_GATES = (nn.Sigmoid, nn.Hardsigmoid, nn.Tanh)
+_GATE_NAMES = ("sigmoid", "hardsigmoid", "hard_sigmoid", "gate")
+
+
+def _projection(module: nn.Module) -> tuple[int, int] | None:
+    """(in, out) channels of a 1x1 convolution or a linear layer, else None."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and all(k == 1 for k in module.kernel_size):
+        return module.in_channels, module.out_channels
+    return None
+
+
+def _shaped_like_se(module: nn.Module, node: fx.Node) -> bool:
+    """A module the graph calls whole (one that does not trace: rule 13 keeps it a leaf) that has
+    an SE block's parts: two projections ``C -> h -> C`` with ``h <= C``, a sigmoid-like gate,
+    and an output the shape of its input. Whether it traces does not matter: its structure
+    says it is channel attention, so the site after it is already attended."""
+    if module.__class__.__module__.startswith("torch.nn"):
+        return False  # torch's own layers are no attention blocks
+    projections = [p for m in module.modules() if (p := _projection(m)) is not None]
+    gates = [m for m in module.modules() if isinstance(m, _GATES) or type(m).__name__.lower() in _GATE_NAMES]
+    if len(projections) != 2 or not gates:
+        return False
+    (c_in, hidden), (h_in, c_out) = projections
+    if not (c_in == c_out and hidden == h_in and hidden <= c_in):
+        return False
+    inputs = [a for a in node.args if isinstance(a, fx.Node)]
+    shape = tensor_shape(node)
+    return bool(inputs) and shape is not None and tensor_shape(inputs[0]) == shape and c_in in shape[1:]
 
 
 def _is_gate_of(flow: DataFlow, t: fx.Node, g: fx.Node) -> bool:
