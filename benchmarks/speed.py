@@ -9,8 +9,12 @@ What is compared:
 
 * injection: ``inject_se(m)`` time over the time to build ``m`` (``timm.create_model(name)``,
   or a torchvision detector with random weights), same model, same rep, after one untimed
-  build; with the targets of issue 9 (ratio <= 0.25 for ResNet-152, <= 1 for the others,
-  detectors under 2 s);
+  build; with the targets of issues 9 and 29 (ratio <= 0.25 for ResNet-152, <= 1 for the
+  others, detectors under 2 s);
+* cli: ``se-inject resnet50 --weights random -o m.pt`` (``inject_named``) over building the
+  model and ``torch.save`` of its state dict (target 1.5, issue 29);
+* zoo: ``inject_se`` over building, for every model of the zoo sweep (every torchvision
+  classifier and the smallest model of each timm module): median (target 0.5) and worst (3);
 * runtime: one eval forward (``no_grad``) and one training step (forward, cross-entropy,
   backward, SGD step) of timm ``resnet50`` with se-inject's SE blocks ("injected"), timm
   ``seresnet50`` (the same SE computation written by hand: 1x1-conv ``SEModule`` after ``bn3``,
@@ -747,7 +751,8 @@ def machine() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--only", default="injection,runtime,memory,block", help="comma-separated parts to run")
+    p.add_argument("--only", default="injection,runtime,memory,block",
+                   help="comma-separated parts to run (also: cli, zoo, shortcuts)")
     p.add_argument("--models", default=",".join(INJECTION_MODELS), help="models for the injection part")
     p.add_argument("--injection-reps", type=int, default=3)
     p.add_argument("--shortcut-models", default=",".join(SHORTCUT_MODELS), help="models for the shortcuts part")
