@@ -632,3 +632,23 @@ def force_rebuild(monkeypatch) -> None:
 
     monkeypatch.setattr(driver, "attach_point", lambda *args, **kwargs: None)
     monkeypatch.setattr(driver, "has_placeholder", lambda *args, **kwargs: False)
+
+
+def se_inputs(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Run ``model`` on ``x`` (no grad) and return its output and the input each SE block
+    received, by module name: where a test sees what every SE block scales."""
+    from se_inject import SEBlock
+
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [
+        m.register_forward_hook(lambda mod, args, out, name=name: seen.__setitem__(name, args[0]))
+        for name, m in model.named_modules()
+        if isinstance(m, SEBlock)
+    ]
+    try:
+        with torch.no_grad():
+            out = model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return out, seen

@@ -66,14 +66,8 @@ class RootOwned(nn.Module):
         return y + self.proj(torch.relu(y))
 
 
-class ScaledRoot(nn.Module):
+class ScaledRoot(RootOwned):
     """The root's residual ends in a function, not a module (rebuilt), beside attached blocks."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.block1 = KeywordBlock()
-        self.block2 = KeywordBlock()
-        self.proj = conv_bn(8, 8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.block2(self.block1(x))

@@ -23,6 +23,7 @@ from nets import (
     TwoTowers,
     UNetLike,
     conv_bn,
+    se_inputs,
 )
 from torch import nn
 
@@ -37,15 +38,7 @@ def _inject(model: nn.Module, **kwargs) -> tuple[nn.Module, dict[str, torch.Tens
     with torch.no_grad():
         before = model(X)
         injected = inject_se(model, **kwargs)
-        seen: dict[str, torch.Tensor] = {}
-        hooks = [
-            m.register_forward_hook(lambda mod, args, out, name=name: seen.__setitem__(name, args[0]))
-            for name, m in injected.named_modules()
-            if isinstance(m, SEBlock)
-        ]
-        after = injected(X)
-    for h in hooks:
-        h.remove()
+    after, seen = se_inputs(injected, X)
     assert torch.equal(before, after)
     return injected, seen
 

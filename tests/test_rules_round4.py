@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from nets import PlainResidual, conv_bn, conv_bn_relu
+from nets import PlainResidual, conv_bn, conv_bn_relu, se_inputs
 from torch import nn
 
-from se_inject import SEBlock, SkipReason, find_sites, inject_se
+from se_inject import SkipReason, find_sites, inject_se
 from se_inject.plan import Plan
 
 X = torch.randn(2, 3, 16, 16)
@@ -26,15 +26,7 @@ def _exact(model: nn.Module, x: torch.Tensor, **options: object) -> tuple[Plan, 
     with torch.no_grad():
         before = model(x)
         injected = inject_se(model, example_input=x, **options)
-        seen: dict[str, torch.Tensor] = {}
-        hooks = [
-            m.register_forward_hook(lambda mod, a, o, name=name: seen.__setitem__(name, a[0]))
-            for name, m in injected.named_modules()
-            if isinstance(m, SEBlock)
-        ]
-        after = injected(x)
-    for h in hooks:
-        h.remove()
+    after, seen = se_inputs(injected, x)
     assert sorted(seen) == sorted(s.name for s in plan.sites)  # a plan is a promise
     assert torch.equal(before, after)
     injected.train()

@@ -21,6 +21,7 @@ from typing import Any
 import torch.fx as fx
 from torch import nn
 
+from ..analysis.hooks import MODULE_HOOKS
 from ..analysis.node_names import locate
 from ..analysis.owners import OwnerTraces, inline_paths, owner_args, owner_inputs
 from ..errors import PlanMismatchError
@@ -30,15 +31,8 @@ from .attach import se_block_for
 
 __all__ = ["RebuiltBlock", "guard_loads", "rebuild_block"]
 
-_HOOK_DICTS = (
-    "_forward_hooks",
-    "_forward_hooks_with_kwargs",
-    "_forward_hooks_always_called",
-    "_forward_pre_hooks",
-    "_forward_pre_hooks_with_kwargs",
-    "_backward_hooks",
-    "_backward_pre_hooks",
-)
+#: The hook dicts a rebuilt block takes over from its original (analysis silences the same ones).
+_HOOK_DICTS = MODULE_HOOKS
 
 
 class RebuiltBlock(fx.GraphModule):
