@@ -551,3 +551,51 @@ def test_an_untraced_bottleneck_without_a_gate_is_no_attention() -> None:
     assert [(s.name, s.attach) for s in plan.sites] == [("1.se_1", "se")]  # on the bottleneck's output
     want = model(x)
     assert torch.equal(inject_se(model, example_input=x)(x), want)
+
+
+# --------------------------------------------------------------------------------------------
+# Item 7: a root whose sizes come from a lengths argument (``lengths.max().item()``)
+
+
+class _MaskedConvModule(nn.Module):
+    """A Conformer-style convolution module checking its padding mask against the input."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv1d(c, c, 3, padding=1), nn.BatchNorm1d(c)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if mask.shape[1] != x.shape[-1]:
+            raise ValueError(f"Expected mask.shape[1] to be {x.shape[-1]}, but got {mask.shape[1]}")
+        return x + self.bn(self.conv(x.masked_fill(mask[:, None], 0.0)))
+
+
+class _LengthsEncoder(nn.Module):
+    def __init__(self, c: int = 16, layers: int = 3) -> None:
+        super().__init__()
+        self.inp = nn.Conv1d(8, c, 1)
+        self.layers = nn.ModuleList(_MaskedConvModule(c) for _ in range(layers))
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        steps = int(lengths.max().item())  # does not trace: the sizes come from the values
+        x = self.inp(x[..., :steps])
+        mask = torch.arange(steps, device=x.device)[None, :] >= lengths[:, None]
+        for layer in self.layers:
+            x = layer(x, mask)
+        return x
+
+
+def test_a_root_taking_its_sizes_from_lengths_gets_its_layers_sites() -> None:
+    model = _LengthsEncoder().eval()
+    x, lengths = torch.randn(2, 8, 20), torch.tensor([20, 15])
+    plan = find_sites(model, example_input=(x, lengths))
+    assert [s.name for s in plan.sites] == [f"layers.{i}.se" for i in range(3)]
+    assert [u.path for u in plan.unanalysed] == [""]  # the root itself, with its reason
+    assert "plain Python value" in plan.unanalysed[0].reason
+    want = model(x, lengths)
+    injected = inject_se(model, example_input=(x, lengths))
+    assert torch.equal(injected(x, lengths), want)
+    perturb_se(injected)
+    injected.train()
+    injected(x, lengths).sum().backward()
+    assert injected.layers[0].se.fc2.weight.grad is not None

@@ -29,6 +29,8 @@ _META_KEYS = ("val", "tensor_meta")
 
 
 def _grown_tensor(t: torch.Tensor) -> torch.Tensor:
+    if not t.is_floating_point() and not t.is_meta and t.numel():
+        return torch.cat([t, t[-1:]])  # values that may decide sizes (lengths): the last sample again
     return torch.empty((t.shape[0] + 1, *t.shape[1:]), dtype=t.dtype, device=t.device)
 
 

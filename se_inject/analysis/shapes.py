@@ -156,7 +156,12 @@ def _resolve(module: nn.Module, target: str) -> Any:
 
 
 def _real_zeros(value: Any) -> Any:
+    """A real stand-in for one input: zeros, except integer tensors holding values (lengths,
+    indices), which are kept: a forward computing ``lengths.max().item()`` takes its sizes from
+    them, as it will at run time."""
     if isinstance(value, torch.Tensor):
+        if not value.is_floating_point() and not value.is_complex() and not value.is_meta and value.numel():
+            return value
         return torch.zeros(value.shape, dtype=value.dtype, device=value.device)
     if isinstance(value, (list, tuple)):
         return type(value)(_real_zeros(v) for v in value)
@@ -217,7 +222,9 @@ def record_module_inputs(
                 with ShapeShortcuts():  # fake linear and norm layers cost 1.5-2.5 ms a call
                     module(*fake_args)
             except Exception as e:  # noqa: BLE001 - data-dependent control flow: run for real
-                if enough is not None and enough(recorded):
+                # reason: a forward stopped before any part ran (``lengths.max().item()`` first)
+                # recorded nothing to be enough with: its parts are reached only for real.
+                if enough is not None and len(recorded) > 1 and enough(recorded):
                     log.debug("forward on fake tensors stopped early (%s); what ran is enough", e)
                     return recorded
                 log.debug("forward on fake tensors stopped early (%s); running on zeros", e)
