@@ -19,7 +19,7 @@ instead of fusing the SE block away.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -30,7 +30,7 @@ from ..plan import Site
 from ..se_block import NOT_SCRIPTABLE, SEBlock, SEHook
 
 __all__ = ["PLACEHOLDER_FLAG", "se_block_for", "SEHook", "attach", "detach", "attached_hooks", "attachments", "base_class", "is_marked",
-           "SEGuard", "guard", "guarded", "unguard"]
+           "SEGuard", "guard", "guarded", "unguard", "take_off"]
 
 
 def _placement(module: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -185,6 +185,48 @@ def unguard(owner: nn.Module, se: SEBlock) -> None:
             if not hook.sites:
                 del owner._forward_pre_hooks[key]
                 getattr(owner, "_forward_pre_hooks_with_kwargs", {}).pop(key, None)
+
+
+def take_off(model: nn.Module, chosen: Callable[[str, Sequence[str]], bool]) -> set[str]:
+    """Take every attached or placeholder SE block that ``chosen(owner path, [attr])`` picks off
+    ``model``: hooks and guards removed, the module's class and the owner's ``None`` placeholder
+    back. Returns the SE modules' names."""
+    holders = {id(child): (path, parent, key) for path, parent in model.named_modules()
+               for key, child in parent._modules.items() if child is not None}
+    removed: set[str] = set()
+
+    def drop(path: str, owner: nn.Module, attr: str) -> None:
+        se = owner._modules[attr]
+        if se.__dict__.get(PLACEHOLDER_FLAG):  # the owner's own slot: back to None
+            del owner._modules[attr]
+            owner.__dict__[attr] = None
+        else:
+            delattr(owner, attr)
+        removed.add(f"{path}.{attr}" if path else attr)
+
+    # Guarded owners first: they know their SE blocks even when the module held is gone.
+    for path, owner in list(model.named_modules()):
+        for name, attach_path, se in guarded(owner):
+            attr = holders.get(id(se), ("", None, name.rpartition(".")[2]))[2]
+            if chosen(path, [attr]):
+                try:
+                    detach(owner.get_submodule(attach_path), se)
+                except AttributeError:
+                    pass  # a method of the owner deleted that module: nothing left to unhook
+                unguard(owner, se)
+                if owner._modules.get(attr) is se:
+                    drop(path, owner, attr)
+    for _, module, hook in list(attachments(model)):  # an owner's own output: no guard
+        path, owner, attr = holders.get(id(hook.se), ("", None, ""))
+        if owner is None or chosen(path, [attr]):
+            detach(module, hook.se)
+            if owner is not None:
+                drop(path, owner, attr)
+    for path, owner, attr in list(holders.values()):
+        held = owner._modules.get(attr)
+        if isinstance(held, SEBlock) and held.__dict__.get(PLACEHOLDER_FLAG) and chosen(path, [attr]):
+            drop(path, owner, attr)
+    return removed
 
 
 def attachments(model: nn.Module) -> Iterator[tuple[str, nn.Module, SEHook]]:

@@ -18,7 +18,7 @@ from torch import nn
 from ..analysis.owners import OwnerTraces
 from ..errors import PlanMismatchError
 from ..plan import PLAN_ATTR, Plan, Site
-from .attach import attachments, detach, guarded, unguard
+from .attach import take_off
 from .rebuilt import RebuiltBlock, rebuild_block
 
 __all__ = ["alias_paths", "build_blocks", "replace_module", "remove_se"]
@@ -87,36 +87,7 @@ def remove_se(model: nn.Module, *, include: Sequence[str] | None = None) -> nn.M
         return any(fnmatch.fnmatchcase(name, glob) for name in names for glob in globs)
 
     plan = getattr(model, PLAN_ATTR, None)
-    removed: set[str] = set()  # names of the SE modules taken out
-    holders = {id(child): (path, parent, key) for path, parent in model.named_modules()
-               for key, child in parent._modules.items() if child is not None}
-    # Guarded owners first: they know their SE blocks even when the module held is gone.
-    for path, owner in list(model.named_modules()):
-        for name, attach_path, se in guarded(owner):
-            attr = holders.get(id(se), ("", None, name.rpartition(".")[2]))[2]
-            if chosen(path, [attr]):
-                try:
-                    detach(owner.get_submodule(attach_path), se)
-                except AttributeError:
-                    pass  # the module was deleted by a method of the owner: nothing left to unhook
-                unguard(owner, se)
-                if owner._modules.get(attr) is se:
-                    delattr(owner, attr)
-                removed.add(f"{path}.{attr}" if path else attr)
-    for _, module, hook in list(attachments(model)):  # an owner's own output: no guard
-        path, owner, attr = holders.get(id(hook.se), ("", None, ""))
-        if owner is None or chosen(path, [attr]):
-            detach(module, hook.se)
-            if owner is not None:
-                delattr(owner, attr)
-            removed.add(f"{path}.{attr}" if path else attr)
-    for site in plan.sites if isinstance(plan, Plan) else ():
-        if site.slot and chosen(site.owner, [site.attr]):  # the placeholder back to None
-            owner = model.get_submodule(site.owner) if site.owner else model
-            if owner._modules.get(site.attr) is not None:
-                del owner._modules[site.attr]
-                owner.__dict__[site.attr] = None
-                removed.add(site.name)
+    removed: set[str] = take_off(model, chosen)  # names of the SE modules taken out
     aliases = alias_paths(model)
     for path, module in sorted(model.named_modules(), key=lambda item: -item[0].count(".")):
         if isinstance(module, RebuiltBlock) and path and chosen(path, _rebuilt_attrs(module)):
