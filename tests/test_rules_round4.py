@@ -419,3 +419,60 @@ def test_control_flow_on_data_stays_unanalysed() -> None:
 
     plan = find_sites(nn.Sequential(conv_bn(3, 8), OnData(8)), example_input=X)
     assert [u.path for u in plan.unanalysed] == ["1"] and plan.specialised == ()
+
+
+# --------------------------------------------------------------------------------------------
+# Reversible couplings (RevNet): y1 = x1 + F(x2), y2 = x2 + G(y1), in an autograd.Function in
+# train mode that frees its input (``x.data.set_()``)
+
+
+class _Coupling(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, f: nn.Module, g: nn.Module) -> torch.Tensor:  # type: ignore[override]
+        x1, x2 = x.chunk(2, 1)
+        with torch.no_grad():
+            y1 = x1 + f(x2)
+            out = torch.cat([y1, x2 + g(y1)], 1)
+        ctx.f, ctx.g = f, g
+        ctx.save_for_backward(out)
+        x.data.set_()  # freed: a reversible net recomputes it from the output in backward
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
+        (out,) = ctx.saved_tensors
+        y1, y2 = out.chunk(2, 1)
+        with torch.no_grad():  # the input, recomputed from the output
+            x2 = y2 - ctx.g(y1)
+            x = torch.cat([y1 - ctx.f(x2), x2], 1)
+        x.requires_grad_()
+        with torch.enable_grad():
+            a, b = x.chunk(2, 1)
+            z1 = a + ctx.f(b)
+            z = torch.cat([z1, b + ctx.g(z1)], 1)
+        (dx,) = torch.autograd.grad(z, [x], grad)
+        return dx, None, None
+
+
+class _RevBlock(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.f, self.g = conv_bn_relu(c // 2, c // 2), conv_bn_relu(c // 2, c // 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            return _Coupling.apply(x.clone(), self.f, self.g)
+        x1, x2 = x.chunk(2, 1)
+        y1 = x1 + self.f(x2)
+        return torch.cat([y1, x2 + self.g(y1)], 1)
+
+
+def test_reversible_couplings_get_one_se_on_the_second_function_and_none_after_a_sum() -> None:
+    # x2 is the shortcut of y2 = x2 + G(y1) (no parametric layer from the fork), not a block's
+    # side output; F's sum lies in G's branch (nested, one SE per block); y2 is a sum, never scaled.
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), _RevBlock(16), _RevBlock(16))
+    plan, seen = _exact(model, X)
+    assert [(s.name, s.kind, s.source) for s in plan.sites] == [
+        ("1.se", "residual", "1.g"), ("2.se", "residual", "2.g")]
+    assert {(s.node, s.reason) for s in plan.skipped} == {
+        ("1.add", "nested"), ("2.add", "nested"), ("1.cat", "no-computed-branch"), ("2.cat", "no-computed-branch")}

@@ -142,7 +142,9 @@ def _residual(unit: Unit, add: fx.Node, ctx: Context) -> Candidate | None:
             return skip(cand, SkipReason.NO_TRUNK, f"both operands have {cost[a]} parametric layers")
         branch, trunk = (a, b) if cost[a] > cost[b] else (b, a)
         trunk_cost = cost[trunk]
-        side = _side_output(flow, trunk, fork, region, ctx)
+        # A trunk with no parametric layer from the fork (the fork, a slice of it: RevNet's x2 in
+        # y2 = x2 + g(y1)) is a real shortcut, even where a finished branch reads it.
+        side = _side_output(flow, trunk, fork, region, ctx) if trunk_cost > 0 else None
         if side is not None:
             return skip(cand, SkipReason.FUSION, f"a sum of block outputs: the shorter operand is computed in the "
                         f"residual branch of {unit.names[side]} (a skip or side output), not a shortcut")
