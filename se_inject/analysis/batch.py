@@ -10,6 +10,7 @@ dict batch); a block analysed on its own gets its inputs' grown values from its 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -99,14 +100,7 @@ def batch_axis(before: Any, after: Any) -> int | None:
 
 def once(make: Callable[[], T]) -> Callable[[], T]:
     """``make``, called on first need only; later calls return its first result."""
-    held: list[T] = []
-
-    def get() -> T:
-        if not held:
-            held.append(make())
-        return held[0]
-
-    return get
+    return functools.cache(make)
 
 
 

@@ -29,11 +29,13 @@ from ..errors import PlanMismatchError
 from ..plan import Site
 from ..se_block import NOT_SCRIPTABLE, SEBlock, SEHook
 
-__all__ = ["PLACEHOLDER_FLAG", "se_block_for", "SEHook", "attach", "detach", "attached_hooks", "attachments", "base_class", "is_marked",
+__all__ = ["PLACEHOLDER_FLAG", "placement", "se_block_for", "SEHook", "attach", "detach", "attached_hooks", "attachments", "base_class", "is_marked",
            "SEGuard", "guard", "guarded", "unguard", "take_off"]
 
 
-def _placement(module: nn.Module) -> tuple[torch.device, torch.dtype]:
+def placement(module: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Device and dtype of ``module``'s first floating-point tensor (CPU and the default dtype
+    when it has none): where SE blocks and the check's inputs are made."""
     for tensor in [*module.parameters(), *module.buffers()]:
         if tensor.is_floating_point():
             return tensor.device, tensor.dtype
@@ -43,7 +45,7 @@ def _placement(module: nn.Module) -> tuple[torch.device, torch.dtype]:
 def se_block_for(site: Site, near: nn.Module) -> SEBlock:
     """The site's SE block, built as its config says, on the device and dtype of ``near`` (the
     owner) and in its train/eval mode."""
-    device, dtype = _placement(near)
+    device, dtype = placement(near)
     block = SEBlock(
         site.channels,
         site.hidden,
@@ -96,7 +98,7 @@ def _marked(base: type) -> type:
 
 def is_marked(module: nn.Module) -> bool:
     """Whether ``module``'s class is a marked subclass made here."""
-    return any("_se_base" in cls.__dict__ for cls in type(module).__mro__)
+    return base_class(module) is not type(module)
 
 
 def base_class(module: nn.Module) -> type:

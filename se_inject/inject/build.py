@@ -22,7 +22,7 @@ from ..errors import PlanMismatchError
 from ..plan import PLAN_ATTR, Plan, Site
 from ..sites import example_args
 from ..sites.mechanism import has_placeholder
-from .attach import PLACEHOLDER_FLAG, attach, guard, se_block_for
+from .attach import PLACEHOLDER_FLAG, attach, guard, placement, se_block_for
 from .rebuilt import RebuiltBlock, guard_loads
 from .rewrite import alias_paths, build_blocks, replace_module
 from .verify import check_rebuilt, record_owner_calls
@@ -85,17 +85,10 @@ def check_args(model: nn.Module, example_input: Any) -> tuple[Any, ...]:
         return args
     generator = torch.Generator(device="cpu").manual_seed(0)
     return tuple(
-        torch.randn((1, *a.shape[1:]), generator=generator, dtype=a.dtype).to(_device(model, a))
+        torch.randn((1, *a.shape[1:]), generator=generator, dtype=a.dtype).to(placement(model)[0])
         if isinstance(a, torch.Tensor) and a.is_floating_point() else a
         for a in args
     )
-
-
-def _device(model: nn.Module, arg: torch.Tensor) -> torch.device:
-    """Where the check's input goes: the model's device (a meta input stands for shapes only)."""
-    for tensor in [*model.parameters(), *model.buffers()]:
-        return tensor.device
-    return torch.device("cpu") if arg.is_meta else arg.device
 
 
 def _on_meta(model: nn.Module) -> bool:
