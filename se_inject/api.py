@@ -14,7 +14,7 @@ from .inject.build import build
 from .inject.rewrite import remove_se
 from .plan import Plan, SkipReason
 from .request import SEConfig, Selection, make_request
-from .sites import build_plan
+from .sites import Analysis, build_plan
 from .sites.diagnostics import no_sites_warning, unanalysed_warning
 
 __all__ = [
@@ -168,8 +168,8 @@ def inject_se(
         config=config,
         selection=selection,
     )
-    traces = OwnerTraces()
-    plan = build_plan(model, config, selection, example_input=example_input, traces=traces)
+    traces, analysis = OwnerTraces(), Analysis()
+    plan = build_plan(model, config, selection, example_input=example_input, traces=traces, analysis=analysis)
     name = type(model).__name__
     if plan.sites:
         injected = build(model, plan, example_input=example_input, traces=traces)
@@ -177,12 +177,15 @@ def inject_se(
         if thin is not None:
             warnings.warn(thin, UserWarning, stacklevel=2)
         return injected
-    # ``tokens=True`` turns token-sequence skips into sites and changes nothing else: without
-    # such a skip it finds none, and the second analysis it would cost is not run.
+    # The suggestions reuse the units traced above (the options change the rules, not the
+    # trace). ``tokens=True`` turns token-sequence skips into sites and changes nothing else:
+    # without such a skip it finds none and is not asked.
     tokens_skipped = any(s.reason is SkipReason.TOKEN_SEQUENCE for s in plan.skipped)
     alternatives = {
         f"{flag}=True": (
-            lambda flag=flag: build_plan(model, config, replace(selection, **{flag: True}), example_input=example_input)
+            lambda flag=flag: build_plan(
+                model, config, replace(selection, **{flag: True}), example_input=example_input, analysis=analysis
+            )
         )
         for flag in ("plain", "tokens")
         if not getattr(selection, flag) and (flag != "tokens" or tokens_skipped)

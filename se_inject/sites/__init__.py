@@ -20,6 +20,6 @@ top level: every later stage reads them.
 found").
 """
 
-from .driver import build_plan, example_args
+from .driver import Analysis, build_plan, example_args
 
-__all__ = ["build_plan", "example_args"]
+__all__ = ["Analysis", "build_plan", "example_args"]

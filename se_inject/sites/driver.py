@@ -36,7 +36,31 @@ from .units import analyse
 
 log = logging.getLogger(__name__)
 
-__all__ = ["build_plan", "example_args", "RULES", "PLAIN_RULES"]
+__all__ = ["Analysis", "build_plan", "example_args", "RULES", "PLAIN_RULES"]
+
+
+class Analysis:
+    """One model's units at one example input, kept so that plans under other options (the
+    ``plain=True`` and ``tokens=True`` suggestions of a plan without sites) reuse them: those
+    options change the rules and the policy, never what was traced. Pass the same object to
+    each :func:`build_plan` call of one model and input; the first fills it."""
+
+    def __init__(self) -> None:
+        self._key: tuple[int, int] | None = None
+        self._found: tuple[Sequence[Any], list[Unit], list[Unanalysed]] | None = None
+
+    def units(self, model: nn.Module, example_input: Any) -> tuple[Sequence[Any], list[Unit], list[Unanalysed]]:
+        """The arguments, units and unanalysed parts of ``model`` at ``example_input``, traced on
+        first need (the same model and input object afterwards, or a new analysis)."""
+        key = (id(model), id(example_input))
+        if self._found is None or self._key != key:
+            args = example_args(model, example_input)
+            units: list[Unit] = []
+            unanalysed: list[Unanalysed] = []
+            analyse(model, "", args, units, unanalysed, {}, grown=once(lambda: grown_args(args)))
+            check_input_fits(model, args, units, unanalysed, given=example_input is not None)
+            self._key, self._found = key, (args, units, unanalysed)
+        return self._found
 
 
 def build_plan(
@@ -46,13 +70,16 @@ def build_plan(
     *,
     example_input: Any = None,
     traces: OwnerTraces | None = None,
+    analysis: Analysis | None = None,
 ) -> Plan:
     """Analyse ``model`` (left as it was) and return where SE blocks go under ``config``, with
     the sites ``selection`` keeps; the plan records both.
 
     Every owner is traced as the rewriter will trace it and every site is found in that trace
     before it is listed (owners that fail are skipped as ``not-rewritable``); pass ``traces``
-    to keep those traces for the rewriter (``se_inject.inject.rewrite.build_blocks``).
+    to keep those traces for the rewriter (``se_inject.inject.rewrite.build_blocks``), and
+    ``analysis`` to plan the same model and input again under other options without tracing it
+    again.
 
     Analysis runs the user's modules on fake tensors and proxies: what their forwards cache on
     ``self`` (and the eval mode analysis sets) is put back, so the model is as it was,
@@ -66,15 +93,19 @@ def build_plan(
     """
     selection = Selection() if selection is None else selection
     with collection_paused(), preserved_state(model):
-        return _plan(model, config, selection, example_input, OwnerTraces() if traces is None else traces)
+        args, units, unanalysed = (analysis or Analysis()).units(model, example_input)
+        return _plan(model, config, selection, args, units, list(unanalysed), OwnerTraces() if traces is None else traces)
 
 
-def _plan(model: nn.Module, config: SEConfig, selection: Selection, example_input: Any, traces: OwnerTraces) -> Plan:
-    args = example_args(model, example_input)
-    units: list[Unit] = []
-    unanalysed: list[Unanalysed] = []
-    analyse(model, "", args, units, unanalysed, {}, grown=once(lambda: grown_args(args)))
-    check_input_fits(model, args, units, unanalysed, given=example_input is not None)
+def _plan(
+    model: nn.Module,
+    config: SEConfig,
+    selection: Selection,
+    args: Sequence[Any],
+    units: list[Unit],
+    unanalysed: list[Unanalysed],
+    traces: OwnerTraces,
+) -> Plan:
     policy = Policy(config.placement, selection.tokens)
     candidates = _candidates(units, RULES, policy)
     _mark_nested(candidates)
