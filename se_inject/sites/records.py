@@ -11,6 +11,7 @@ from torch import nn
 
 from ..analysis.attention import gating_products
 from ..analysis.batch import batch_axis, grown_call_args, grown_values
+from ..analysis.batch_first import BatchFirst
 from ..analysis.calls import CallRecord, leading_tensors, standalone_call, tuple_call
 from ..analysis.dataflow import DataFlow
 from ..analysis.node_names import node_scope
@@ -58,12 +59,19 @@ class Unit:
     #: Where its code branched on sizes, decided at the analysis input: the unit's graph holds
     #: for that input size only.
     specialised: tuple[str, ...] = ()
+    #: How many leading placeholders hold the model's example arguments, batch on dim 0 (the
+    #: model's own unit; 0 for a block analysed alone: its caller's layout is not assumed).
+    batch_inputs: int = 0
     #: Cache: the nodes performed inside each owner (relative path -> nodes in graph order).
     _owned: dict[str, list[fx.Node]] = field(default_factory=dict)
     #: Cache: the gating products (existing attention) among each owner's nodes.
     _gated: dict[str, list[fx.Node]] = field(default_factory=dict)
     #: Cache: each node's value on the grown inputs (one entry once asked; None: not known).
     _grown: list[dict[fx.Node, Any] | None] = field(default_factory=list)
+    #: Cache: how many times each submodule (by id) is called in the unit, under any name.
+    _call_counts: dict[int, int] = field(default_factory=dict)
+    #: Cache: the batch axes proven from the graph (``analysis.batch_first``), made once asked.
+    _first: list[BatchFirst] = field(default_factory=list)
 
     def full(self, rel: str) -> str:
         """The model-level path of ``rel``, a path relative to the unit."""
@@ -106,8 +114,23 @@ class Unit:
             self._grown.append(None if grown is None else grown_values(self.module, self.graph, self.constants, grown))
         return self._grown[0]
 
+    def module_calls(self, path: str) -> int:
+        """How many times the module at ``path`` is called in the unit, under any of its names
+        (one instance shared by several blocks, or reached by several paths)."""
+        if not self._call_counts:
+            for rel, calls in self.calls.items():
+                key = id(self.module.get_submodule(rel))
+                self._call_counts[key] = self._call_counts.get(key, 0) + len(calls)
+        return self._call_counts.get(id(self.module.get_submodule(path)), 0)
+
     def batch_axis(self, node: fx.Node) -> int | None:
-        """The axis of ``node``'s output holding the samples of the batch; None when not known."""
+        """The axis of ``node``'s output holding the samples of the batch; None when not known.
+        Proven from the graph where its ops keep dim 0, else told by the second shape pass."""
+        if self.batch_inputs:
+            if not self._first:
+                self._first.append(BatchFirst(self.module, self.graph, self.batch_inputs))
+            if self._first[0].proven(node):
+                return 0
         grown = self.grown_values()
         return None if grown is None else batch_axis(node.meta.get("val"), grown.get(node))
 

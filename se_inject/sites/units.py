@@ -181,7 +181,7 @@ def _trace_unit(
     names = qualified_names(graph, path)
     return Unit(
         path, module, graph, DataFlow(graph, module), names, calls, issue, traced.outputs, constants, grown,
-        traced.specialised,
+        traced.specialised, 0 if path else len(args),
     )
 
 
@@ -209,7 +209,7 @@ def _keep_unit(
     """Keep ``unit`` unless it holds nothing to analyse, then open the leaves inside it
     that may hold sites (timm's no-trace blocks), each on its own."""
     if not opaque and _nothing_inside(unit):
-        if leaf_key is not None:
+        if leaf_key is not None and not unit.specialised:  # a graph of one input size only
             memo[leaf_key] = NOTHING
         return
     units.append(unit)
