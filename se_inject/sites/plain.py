@@ -66,15 +66,9 @@ def _single_call_owner(unit: Unit, scope: str) -> str:
     every block, also under several names) runs one forward for all its calls: an SE block
     rebuilt into it would scale every call with one width; its caller is rebuilt instead."""
     owner = unit.rewritable_owner(scope)
-    while owner and _calls(unit, owner) > 1:
+    while owner and unit.module_calls(owner) > 1:
         owner = unit.rewritable_owner(owner.rpartition(".")[0])
     return owner
-
-
-def _calls(unit: Unit, path: str) -> int:
-    """How many times the module at ``path`` is called in the unit, under any of its names."""
-    module = unit.module.get_submodule(path)
-    return sum(len(calls) for rel, calls in unit.calls.items() if unit.module.get_submodule(rel) is module)
 
 
 def _refused(unit: Unit, cand: Candidate, out: fx.Node) -> Candidate | None:
