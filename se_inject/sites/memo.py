@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..analysis.owners import block_signature, trace_signature
+from ..analysis.owners import trace_signature
 
 __all__ = ["NOTHING", "failure_key", "nothing_key"]
 
@@ -24,12 +24,22 @@ _MEMO_MAX_MODULES = 16
 
 
 def nothing_key(module: nn.Module, args: Sequence[Any]) -> tuple[Any, ...] | None:
-    """What "nothing inside" is remembered under: the block signature and the arguments'
-    shapes; None for blocks too big to repeat, or whose signature is not plain data."""
+    """What "nothing inside" is remembered under: what the block's trace can branch on
+    (``trace_signature``, widths left out) and the arguments' kinds (dims and dtypes, not
+    sizes), so timm's ``BatchNormAct2d`` of every width is traced once; None for blocks too big
+    to repeat, or whose signature is not plain data. Only a trace that did not branch on sizes
+    is remembered (``Unit.specialised``): its graph is the same at any width."""
     if sum(1 for _ in itertools.islice(module.modules(), _MEMO_MAX_MODULES + 1)) > _MEMO_MAX_MODULES:
         return None
-    signature = block_signature(module)
-    return None if signature is None else ("leaf", signature, _args_key(args))
+    signature = trace_signature(module)
+    return None if signature is None else ("leaf", signature, _kinds(args))
+
+
+def _kinds(args: Sequence[Any]) -> tuple[Any, ...]:
+    return tuple(
+        (a.dim(), a.dtype) if isinstance(a, torch.Tensor) else a if isinstance(a, (bool, int, str)) else type(a).__name__
+        for a in args
+    )
 
 
 def _args_key(args: Sequence[Any]) -> tuple[Any, ...]:
