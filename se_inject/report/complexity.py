@@ -8,7 +8,9 @@ What is counted:
   of a single input, halved (it counts 2 FLOPs per multiply-add). It has formulas for
   convolutions, matrix products and attention only; element-wise ops, normalisation, pooling
   and activations count as zero. The pass runs on meta tensors (the parameters swapped for meta
-  stand-ins with ``torch.func.functional_call``: shapes only, no arithmetic), else on fake
+  stand-ins with ``torch.func.functional_call``: shapes only, no arithmetic; normalisation
+  layers, which the counter has no formula for, just give their input's shape there instead of
+  running torch's Python decomposition of meta batch norm), else on fake
   tensors, so ResNet-152 at 224x224 takes well under a second; models whose forward depends on
   data values (detection heads) fall back to a real forward pass on zeros.
 * **SE costs**, per inserted :class:`~se_inject.se_block.SEBlock` and per sample:
@@ -28,8 +30,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.overrides import TorchFunctionMode
+from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from ..analysis.sandbox import preserved_state
 from ..se_block import SEBlock
@@ -161,6 +165,22 @@ def _meta_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: torch.empty_like(t, device="meta") for name, t in named if t is not None}
 
 
+#: Normalisations: no multiply-adds in FlopCounterMode (it has no formula for them), a Python
+#: decomposition each on the meta device (most of a ResNet's meta forward).
+_NORMS = frozenset({F.batch_norm, F.instance_norm, F.layer_norm, F.group_norm})
+#: Whether this torch counts some normalisation: then the shortcut would undercount, and is off.
+_NORMS_COUNTED = any("norm" in str(op) for op in flop_registry)
+
+
+class _ShapeOnlyNorms(TorchFunctionMode):
+    """On meta tensors, a normalisation returns an empty tensor of its input's shape (its output's)."""
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if not _NORMS_COUNTED and func in _NORMS and args and isinstance(args[0], torch.Tensor) and args[0].is_meta:
+            return torch.empty_like(args[0])
+        return func(*args, **(kwargs or {}))
+
+
 def _forward_macs(model: nn.Module, input_size: Sequence[int], *, way: str) -> int:
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         if way == "meta":
@@ -168,7 +188,8 @@ def _forward_macs(model: nn.Module, input_size: Sequence[int], *, way: str) -> i
             # and no fake-tensor wrapping (about twice as fast for a ResNet-50).
             from torch.func import functional_call
 
-            functional_call(model, _meta_state(model), (torch.empty(1, *input_size, device="meta"),), strict=False)
+            with _ShapeOnlyNorms():
+                functional_call(model, _meta_state(model), (torch.empty(1, *input_size, device="meta"),), strict=False)
         elif way == "fake":
             # torch's own fake tensors (the mode the flop counter's docs use): shapes without
             # arithmetic; real parameters are wrapped on the fly, the model is not copied.
