@@ -481,6 +481,32 @@ def test_reversible_couplings_get_one_se_on_the_second_function_and_none_after_a
 
 
 
+class _ProjectedCoupling(nn.Module):
+    """RevNet's downsampling unit, not reversible: y1 = P1(x1) + F(x2), y2 = P2(x2) + G(y1),
+    strided F and projections P."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        h, o = cin // 2, cout // 2
+        self.f = nn.Sequential(conv_bn_relu(h, o, 3, 2), conv_bn(o, o))
+        self.g = nn.Sequential(conv_bn_relu(o, o), conv_bn(o, o))
+        self.p1, self.p2 = conv_bn(h, o, 1, 2), conv_bn(h, o, 1, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x.chunk(2, 1)
+        y1 = self.p1(x1) + self.f(x2)
+        return torch.cat([y1, self.p2(x2) + self.g(y1)], 1)
+
+
+def test_a_projected_coupling_is_a_residual_on_g_like_the_reversible_ones() -> None:
+    # P2(x2) reads x2, which F also reads: a slice of the fork, not something F's branch
+    # computed, so it is G's projected shortcut (it was taken for a skip sum, a fusion, and
+    # the sum y2 itself got an SE as a dense input).
+    model = nn.Sequential(nn.Conv2d(3, 16, 1), _ProjectedCoupling(16, 32))
+    plan, _ = _exact(model, X)
+    assert [(s.name, s.kind, s.source) for s in plan.sites] == [("1.se", "residual", "1.g")]
+    assert {(s.node, s.reason) for s in plan.skipped} == {("1.add", "nested"), ("1.cat", "no-computed-branch")}
+
 # --------------------------------------------------------------------------------------------
 # Train-mode code that does not trace (issue 30, pattern 7): stochastic depth drawing a Python
 # number, a shake-shake mix, drop-connect. Where the branch ends in a module the SE block is
