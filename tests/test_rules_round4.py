@@ -481,6 +481,24 @@ def test_reversible_couplings_get_one_se_on_the_second_function_and_none_after_a
 
 
 
+class _FreeingCoupling(torch.autograd.Function):
+    """A reversible coupling run in both modes that frees its input after the call, as memory-
+    saving RevNets do (``x.set_()``: the caller's tensor is then of size [0]); no backward here."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, f: nn.Module, g: nn.Module) -> torch.Tensor:  # type: ignore[override]
+        x1, x2 = x.chunk(2, 1)
+        y1 = x1 + f(x2)
+        out = torch.cat([y1, x2 + g(y1)], 1)
+        x.set_()
+        return out
+
+
+class _FreeingRevBlock(_RevBlock):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _FreeingCoupling.apply(x, self.f, self.g)  # frees the caller's tensor
+
+
 class _ProjectedCoupling(nn.Module):
     """RevNet's downsampling unit, not reversible: y1 = P1(x1) + F(x2), y2 = P2(x2) + G(y1),
     strided F and projections P."""
@@ -496,6 +514,38 @@ class _ProjectedCoupling(nn.Module):
         x1, x2 = x.chunk(2, 1)
         y1 = self.p1(x1) + self.f(x2)
         return torch.cat([y1, self.p2(x2) + self.g(y1)], 1)
+
+
+class _RevNet(nn.Module):
+    """Reversible stages around a projected unit; the top level does not trace (it branches on
+    data first), so its blocks are analysed from the inputs a real forward gave them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.stage1 = nn.ModuleList([_FreeingRevBlock(16), _FreeingRevBlock(16)])
+        self.down = _ProjectedCoupling(16, 32)
+        self.stage2 = nn.ModuleList([_FreeingRevBlock(32), _FreeingRevBlock(32)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 1e9:  # data first: recorded on a real forward, whose inputs the blocks free
+            x = x / 2
+        x = self.stem(x)
+        for block in [*self.stage1, self.down, *self.stage2]:
+            x = block(x)
+        return x
+
+
+def test_a_reversible_net_freeing_its_inputs_keeps_the_shapes_its_blocks_were_called_with() -> None:
+    # Each block's input is recorded as it was at the call: freed afterwards, it was analysed
+    # as a tensor of size [0] and every reversible block was lost.
+    model = _RevNet().eval()
+    plan = find_sites(model, example_input=X)
+    assert [u.path for u in plan.unanalysed] == [""]
+    assert [(s.name, s.source, s.mechanism) for s in plan.sites] == [
+        ("stage1.0.se", "stage1.0.g", "attached"), ("stage1.1.se", "stage1.1.g", "attached"),
+        ("down.se", "down.g", "attached"),
+        ("stage2.0.se", "stage2.0.g", "attached"), ("stage2.1.se", "stage2.1.g", "attached")]
 
 
 def test_a_projected_coupling_is_a_residual_on_g_like_the_reversible_ones() -> None:
