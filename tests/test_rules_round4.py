@@ -6,6 +6,8 @@ flow on sizes (a cropped identity)."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -476,3 +478,208 @@ def test_reversible_couplings_get_one_se_on_the_second_function_and_none_after_a
         ("1.se", "residual", "1.g"), ("2.se", "residual", "2.g")]
     assert {(s.node, s.reason) for s in plan.skipped} == {
         ("1.add", "nested"), ("2.add", "nested"), ("1.cat", "no-computed-branch"), ("2.cat", "no-computed-branch")}
+
+
+
+class _FreeingCoupling(torch.autograd.Function):
+    """A reversible coupling run in both modes that frees its input after the call, as memory-
+    saving RevNets do (``x.set_()``: the caller's tensor is then of size [0]); no backward here."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, f: nn.Module, g: nn.Module) -> torch.Tensor:  # type: ignore[override]
+        x1, x2 = x.chunk(2, 1)
+        y1 = x1 + f(x2)
+        out = torch.cat([y1, x2 + g(y1)], 1)
+        x.set_()
+        return out
+
+
+class _FreeingRevBlock(_RevBlock):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _FreeingCoupling.apply(x, self.f, self.g)  # frees the caller's tensor
+
+
+class _ProjectedCoupling(nn.Module):
+    """RevNet's downsampling unit, not reversible: y1 = P1(x1) + F(x2), y2 = P2(x2) + G(y1),
+    strided F and projections P."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        h, o = cin // 2, cout // 2
+        self.f = nn.Sequential(conv_bn_relu(h, o, 3, 2), conv_bn(o, o))
+        self.g = nn.Sequential(conv_bn_relu(o, o), conv_bn(o, o))
+        self.p1, self.p2 = conv_bn(h, o, 1, 2), conv_bn(h, o, 1, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x.chunk(2, 1)
+        y1 = self.p1(x1) + self.f(x2)
+        return torch.cat([y1, self.p2(x2) + self.g(y1)], 1)
+
+
+class _RevNet(nn.Module):
+    """Reversible stages around a projected unit; the top level does not trace (it branches on
+    data first), so its blocks are analysed from the inputs a real forward gave them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.stage1 = nn.ModuleList([_FreeingRevBlock(16), _FreeingRevBlock(16)])
+        self.down = _ProjectedCoupling(16, 32)
+        self.stage2 = nn.ModuleList([_FreeingRevBlock(32), _FreeingRevBlock(32)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 1e9:  # data first: recorded on a real forward, whose inputs the blocks free
+            x = x / 2
+        x = self.stem(x)
+        for block in [*self.stage1, self.down, *self.stage2]:
+            x = block(x)
+        return x
+
+
+def test_a_reversible_net_freeing_its_inputs_keeps_the_shapes_its_blocks_were_called_with() -> None:
+    # Each block's input is recorded as it was at the call: freed afterwards, it was analysed
+    # as a tensor of size [0] and every reversible block was lost.
+    model = _RevNet().eval()
+    plan = find_sites(model, example_input=X)
+    assert [u.path for u in plan.unanalysed] == [""]
+    assert [(s.name, s.source, s.mechanism) for s in plan.sites] == [
+        ("stage1.0.se", "stage1.0.g", "attached"), ("stage1.1.se", "stage1.1.g", "attached"),
+        ("down.se", "down.g", "attached"),
+        ("stage2.0.se", "stage2.0.g", "attached"), ("stage2.1.se", "stage2.1.g", "attached")]
+
+
+def test_a_projected_coupling_is_a_residual_on_g_like_the_reversible_ones() -> None:
+    # P2(x2) reads x2, which F also reads: a slice of the fork, not something F's branch
+    # computed, so it is G's projected shortcut (it was taken for a skip sum, a fusion, and
+    # the sum y2 itself got an SE as a dense input).
+    model = nn.Sequential(nn.Conv2d(3, 16, 1), _ProjectedCoupling(16, 32))
+    plan, _ = _exact(model, X)
+    assert [(s.name, s.kind, s.source) for s in plan.sites] == [("1.se", "residual", "1.g")]
+    assert {(s.node, s.reason) for s in plan.skipped} == {("1.add", "nested"), ("1.cat", "no-computed-branch")}
+
+# --------------------------------------------------------------------------------------------
+# Train-mode code that does not trace (issue 30, pattern 7): stochastic depth drawing a Python
+# number, a shake-shake mix, drop-connect. Where the branch ends in a module the SE block is
+# attached and the block's own train-mode code runs; where it ends in a function the block is
+# rebuilt, and a rebuilt block must train as its original does, or its site is refused.
+
+
+def _trains_alike(model: nn.Module, reference: nn.Module, x: torch.Tensor) -> None:
+    """In train mode, from the same random numbers, ``model`` computes what ``reference`` does,
+    and a backward pass runs (the gates start at 1: the outputs are the same)."""
+    import random
+
+    model.train()
+    reference.train()
+    for seed in range(4):
+        outs = []
+        for m in (reference, model):
+            torch.manual_seed(seed)
+            random.seed(seed)
+            outs.append(m(x))
+        assert torch.equal(outs[0], outs[1]), seed
+    outs[1].mean().backward()
+
+
+class _ShakeShake(nn.Module):
+    """``x + alpha * b1(x) + (1 - alpha) * b2(x)``, alpha drawn per call in train mode; with
+    ``functional_end`` the mix passes a ``tanh``, so the block is rebuilt."""
+
+    def __init__(self, c: int, functional_end: bool = False) -> None:
+        super().__init__()
+        self.b1 = nn.Sequential(conv_bn(c, c), nn.ReLU(), conv_bn(c, c))
+        self.b2 = nn.Sequential(conv_bn(c, c), nn.ReLU(), conv_bn(c, c))
+        self.functional_end = functional_end
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        alpha = float(torch.rand(1)) if self.training else 0.5
+        if self.functional_end:
+            return torch.relu(x + torch.tanh(alpha * self.b1(x) + (1 - alpha) * self.b2(x)))
+        return torch.relu(x + alpha * self.b1(x) + (1 - alpha) * self.b2(x))
+
+
+class _DroppedBlock(nn.Module):
+    """``x + tanh(conv2(relu(conv1(x))))``, its branch dropped in train mode as ``drop`` says."""
+
+    def __init__(self, c: int, drop: str) -> None:
+        super().__init__()
+        self.conv1, self.conv2, self.drop = conv_bn(c, c), conv_bn(c, c), drop
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import random
+
+        if self.training and self.drop == "torch.rand" and float(torch.rand(1)) < 0.5:
+            return x  # stochastic depth decided by a number drawn on a real tensor
+        if self.training and self.drop == "random" and random.random() < 0.5:
+            return x  # ... or in Python
+        out = torch.tanh(self.conv2(torch.relu(self.conv1(x))))
+        if self.training and self.drop == "mask from sizes":  # drop-connect: sizes read while tracing
+            out = out * (torch.rand(x.shape[0], 1, 1, 1, device=x.device) < 0.8) / 0.8
+        if self.training and self.drop == "bernoulli":  # drop-connect: a mask the graph draws
+            out = out * x.new_empty(x.shape[0], 1, 1, 1).bernoulli_(0.8) / 0.8
+        return x + out
+
+
+def test_shake_shake_ending_in_modules_is_attached_and_trains_as_before() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), _ShakeShake(8), _ShakeShake(8))
+    reference = copy.deepcopy(model)
+    plan, _ = _exact(model, X)  # injects ``model`` in place
+    assert [(s.name, s.source, s.mechanism) for s in plan.sites] == [
+        ("1.se_b1", "1.b1", "attached"), ("1.se_b2", "1.b2", "attached"),
+        ("2.se_b1", "2.b1", "attached"), ("2.se_b2", "2.b2", "attached")]
+    _trains_alike(model, reference, X)
+
+
+@pytest.mark.parametrize(
+    ("block", "why"),
+    [
+        (lambda: _ShakeShake(8, functional_end=True), "draws random numbers outside the graph (torch's"),
+        (lambda: _DroppedBlock(8, "torch.rand"), "draws random numbers outside the graph (torch's"),
+        (lambda: _DroppedBlock(8, "random"), "draws random numbers outside the graph (Python's"),
+        (lambda: _DroppedBlock(8, "mask from sizes"), "train-mode forward does not trace (TypeError"),
+    ],
+    ids=["shake-shake", "stochastic depth, torch", "stochastic depth, Python", "drop-connect from sizes"],
+)
+def test_a_rebuilt_block_whose_train_mode_code_does_not_trace_is_refused_with_why(block, why: str) -> None:
+    # A trace draws a Python-side random number once and bakes it in; rebuilt from that graph,
+    # the block would train with one mix (or one drop decision) forever. Its site is refused.
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), block(), block()).eval()
+    reference = copy.deepcopy(model)
+    plan = find_sites(model, example_input=X)
+    assert plan.sites == ()
+    refused = [s for s in plan.skipped if s.reason is SkipReason.NOT_REWRITABLE]
+    assert [s.node[0] for s in refused] == ["1", "2"]
+    assert all(s.detail.startswith("TrainModeError: its ") and why in s.detail for s in refused), refused
+    with pytest.warns(UserWarning, match="no SE site"):
+        injected = inject_se(model, example_input=X)
+    _trains_alike(injected, reference, X)
+
+
+def test_a_drop_connect_mask_the_graph_draws_keeps_its_site_in_both_modes() -> None:
+    # ``out * mask`` feeds the sum in train mode only: the SE block scales ``out`` for all its
+    # readers in both graphs, and the rebuilt block draws the mask as its original does.
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), _DroppedBlock(8, "bernoulli"), _DroppedBlock(8, "bernoulli"))
+    reference = copy.deepcopy(model)
+    plan, _ = _exact(model, X)  # injects ``model`` in place
+    assert [(s.name, s.source, s.mechanism) for s in plan.sites] == [
+        ("1.se", "1.tanh", "rebuilt"), ("2.se", "2.tanh", "rebuilt")]
+    _trains_alike(model, reference, X)
+    graphs = model[1].__dict__["_se_graphs"]
+    assert graphs[1] is not None and "se" in graphs[1].python_code("self").src
+
+
+def test_a_rebuilt_block_that_trains_otherwise_is_caught_by_the_post_build_check(monkeypatch) -> None:
+    # The plan's refusal is the first guard; the post-build check runs each block with a train
+    # graph of its own in train mode, from the same random numbers as its original, and refuses.
+    import contextlib
+
+    import se_inject.analysis.owners as owners
+    from se_inject.analysis.draws import RandomDraws
+    from se_inject.errors import UnfaithfulRebuildError
+
+    monkeypatch.setattr(owners, "watch_random_draws", lambda: contextlib.nullcontext(RandomDraws()))
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), _ShakeShake(8, functional_end=True)).eval()
+    assert [s.mechanism for s in find_sites(model, example_input=X).sites] == ["rebuilt"]
+    with pytest.raises(UnfaithfulRebuildError, match="in train mode"):
+        inject_se(model, example_input=X)
+    assert type(model[1]) is _ShakeShake

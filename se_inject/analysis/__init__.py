@@ -2,6 +2,7 @@
 changes a model (``se_inject.inject.rewrite``).
 
 - ``tracing``: the fx tracer and ``trace``; ``mode_reads``: whether a trace read ``training``;
+  ``draws``: whether it drew random numbers outside the graph;
   ``calls``: recorded calls and standalone-call checks;
 - ``shapes``: meta/fake shape propagation, inputs recorded in a forward pass; ``shortcuts``:
   output shapes of costly layers (recurrent, linear, norms) computed instead of run;

@@ -16,12 +16,16 @@ from typing import Any
 import torch.fx as fx
 from torch import nn
 
+from ..errors import PlanMismatchError
 from ..plan import Site
 from .calls import required_positional, standalone_concrete_args, tuple_concrete_args
+from .draws import watch_random_draws
 from .node_names import locate, qualified_names
-from .tracing import trace
+from .tracing import Traced, trace
 
-__all__ = ["OwnerTraces", "inline_paths", "owner_args", "owner_inputs", "block_signature"]
+__all__ = [
+    "OwnerTraces", "TrainModeError", "inline_paths", "owner_args", "owner_inputs", "block_signature", "site_nodes",
+]
 
 
 def inline_paths(sites: Sequence[Site]) -> tuple[str, ...]:
@@ -107,6 +111,79 @@ def _refuse_side_effects(owner: nn.Module, effects: tuple[str, ...]) -> None:
         )
 
 
+class TrainModeError(RuntimeError):
+    """The owner's code cannot be rebuilt faithfully in one mode: its train-mode forward does
+    not trace, reads the branch otherwise than eval mode does, or a forward drew random numbers
+    while it was traced (stochastic depth, a shake-shake mix or drop-connect drawn in Python)."""
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+def _trace_owner(owner: nn.Module, training: bool, inline: tuple[str, ...], concrete: dict[str, Any]) -> Traced:
+    """One mode's trace of ``owner``, refused where it would silently differ from the forward."""
+    mode = "train" if training else "eval"
+    with watch_random_draws() as draws:
+        try:
+            traced = trace(owner, training=training, inline=inline, concrete_args=concrete)
+        except Exception as e:
+            if not training:
+                raise
+            raise TrainModeError(
+                f"its train-mode forward does not trace ({_first_line(e)}); a rebuilt block would lose that code"
+            ) from e
+    if draws:
+        whose = " and ".join({"torch": "torch's", "random": "Python's"}[g] for g in draws.generators)
+        raise TrainModeError(
+            f"its {mode}-mode forward draws random numbers outside the graph ({whose} generator), as "
+            "float(torch.rand(1)) or random.random() < p do: a trace draws them once, and a rebuilt block "
+            "would repeat that one draw on every call"
+        )
+    _refuse_side_effects(owner, traced.side_effects)
+    return traced
+
+
+def site_nodes(
+    graphs: dict[bool, fx.Graph], owner_path: str, site: Site, names: dict[int, dict[str, fx.Node]] | None = None
+) -> dict[bool, tuple[fx.Node, list[fx.Node]]]:
+    """The site's source and targets in each mode's graph. Where the train graph has code of
+    its own between the branch and the sum (a drop-connect mask: ``out * mask`` feeds the sum),
+    the eval targets do not read the source there; when they were all its readers in eval mode,
+    the SE block scales the source for all its train-mode readers too, as a hook on a module
+    would. Anything else differing is refused.
+
+    Raises:
+        PlanMismatchError: a node of the site is missing from the eval graph.
+        TrainModeError: the train graph reads the branch otherwise.
+    """
+
+    def relative(graph: fx.Graph) -> dict[str, fx.Node] | None:
+        if names is None:
+            return None
+        if id(graph) not in names:
+            names[id(graph)] = {name: node for node, name in qualified_names(graph).items()}
+        return names[id(graph)]
+
+    what = f"site {site.name}"
+    found = {False: locate(graphs[False], owner_path, site.source, site.targets, what, relative(graphs[False]))}
+    if True not in graphs:
+        return found
+    try:
+        found[True] = locate(graphs[True], owner_path, site.source, site.targets, what, relative(graphs[True]))
+    except PlanMismatchError as e:
+        source, targets = found[False]
+        try:
+            train_source, readers = locate(graphs[True], owner_path, site.source, (), what, relative(graphs[True]))
+        except PlanMismatchError:
+            train_source, readers = None, []
+        if train_source is None or set(targets) != set(source.users) or not readers:
+            raise TrainModeError(f"its train-mode code reads the branch otherwise than eval mode ({e})") from e
+        found[True] = (train_source, readers)
+    return found
+
+
 class OwnerTraces:
     """Traces of owners, shared between blocks with the same signature.
 
@@ -160,13 +237,11 @@ class OwnerTraces:
             concrete = standalone_concrete_args(owner, args or required_positional(owner) or 0)
         # Both modes unless the eval trace read no ``training`` flag: code that reads one may
         # differ in train mode, and a missed difference would silently train with the eval graph.
-        traced = trace(owner, training=False, inline=inline, concrete_args=concrete)
-        _refuse_side_effects(owner, traced.side_effects)
+        traced = _trace_owner(owner, False, inline, concrete)
         graphs[False] = traced.graph
         constants.update(traced.constants)
         if traced.read_mode:
-            traced = trace(owner, training=True, inline=inline, concrete_args=concrete)
-            _refuse_side_effects(owner, traced.side_effects)
+            traced = _trace_owner(owner, True, inline, concrete)
             constants.update(traced.constants)
             if graphs[False].python_code("self").src != traced.graph.python_code("self").src:
                 graphs[True] = traced.graph
@@ -193,13 +268,8 @@ class OwnerTraces:
         None when the rewriter will find every site's nodes in both modes' graphs."""
         try:
             graphs, _ = self._traced(owner, inline_paths(sites), owner_args(sites), owner_inputs(sites))
-            for graph in graphs.values():
-                names = self._names.get(id(graph))
-                if names is None:
-                    names = self._names[id(graph)] = {name: node for node, name in qualified_names(graph).items()}
-                for site in sites:
-                    locate(graph, owner_path, site.source, site.targets, f"site {site.name}", names)
+            for site in sites:
+                site_nodes(graphs, owner_path, site, self._names)
         except Exception as e:  # noqa: BLE001 - any failure means "not rewritable", with its reason
-            text = str(e).strip().splitlines()
-            return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+            return _first_line(e)
         return None

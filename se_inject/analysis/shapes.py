@@ -168,6 +168,14 @@ def _real_zeros(value: Any) -> Any:
     return value
 
 
+def _as_called(value: Any) -> Any:
+    """A recorded input as it was at the call: each tensor as an alias of its own (same storage,
+    its own shape), so a forward that later frees or reshapes its input in place (a memory-saving
+    reversible block's ``x.set_()``, an in-place ``squeeze_``) leaves the shape as recorded; an
+    emptied storage (``x.untyped_storage().resize_(0)``) keeps the shape too, all analysis reads."""
+    return tree_map(lambda v: v.detach() if isinstance(v, torch.Tensor) else v, value)
+
+
 class RecordedInputs(dict[str, tuple[Any, ...]]):
     """Positional inputs of each submodule's first call, by module path; ``extra_keywords``
     names the keyword arguments a call passed into the forward's ``**kwargs``."""
@@ -209,7 +217,7 @@ def record_module_inputs(
     def hook(mod: nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         name = names.get(id(mod))
         if name is not None and name not in recorded:
-            recorded[name] = positional_args(mod, inputs, kwargs)
+            recorded[name] = _as_called(positional_args(mod, inputs, kwargs))
             extra = extra_keywords(mod, kwargs)
             if extra:
                 recorded.extra_keywords[name] = extra

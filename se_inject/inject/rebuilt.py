@@ -22,8 +22,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..analysis.hooks import MODULE_HOOKS
-from ..analysis.node_names import locate
-from ..analysis.owners import OwnerTraces, inline_paths, owner_args, owner_inputs
+from ..analysis.owners import OwnerTraces, inline_paths, owner_args, owner_inputs, site_nodes
 from ..errors import PlanMismatchError
 from ..plan import PLAN_ATTR, Site
 from ..se_block import SEBlock, check_se_weights
@@ -298,14 +297,16 @@ def _adopt(new: nn.Module, original: nn.Module, se_blocks: dict[str, SEBlock], c
 # --------------------------------------------------------------------------------------------
 
 
-def _insert_sites(graph: fx.Graph, owner_path: str, sites: Iterable[Site]) -> None:
+def _insert_sites(graphs: dict[bool, fx.Graph], owner_path: str, sites: Iterable[Site]) -> None:
+    """Call each site's SE block on its source and feed its targets with it, in every mode's graph."""
     for site in sites:
-        source, targets = locate(graph, owner_path, site.source, site.targets, f"site {site.name}")
-        with graph.inserting_after(source):
-            se_node = graph.call_module(site.attr, (source,))
-        for node in targets:
-            node.replace_input_with(source, se_node)
-    graph.lint()
+        for mode, (source, targets) in site_nodes(graphs, owner_path, site).items():
+            with graphs[mode].inserting_after(source):
+                se_node = graphs[mode].call_module(site.attr, (source,))
+            for node in targets:
+                node.replace_input_with(source, se_node)
+    for graph in graphs.values():
+        graph.lint()
 
 
 _PRIMITIVES = (bool, int, float, str, type(None))
@@ -313,8 +314,7 @@ _PRIMITIVES = (bool, int, float, str, type(None))
 
 def rebuild_block(owner: nn.Module, owner_path: str, sites: list[Site], traces: OwnerTraces) -> RebuiltBlock:
     graphs, constants = traces.graphs(owner, inline_paths(sites), owner_args(sites), owner_inputs(sites))
-    for graph in graphs.values():
-        _insert_sites(graph, owner_path, sites)
+    _insert_sites(graphs, owner_path, sites)
     se_blocks = {s.attr: se_block_for(s, owner) for s in sites}
     block = RebuiltBlock(owner, graphs[False], graphs.get(True), se_blocks, constants)
     block.__dict__["_se_sites"] = (owner_path, tuple(sites))  # to follow a change of the original

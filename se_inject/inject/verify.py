@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import random
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from typing import Any
@@ -53,13 +54,13 @@ def _clone(tree: Any) -> Any:
 
 
 @contextmanager
-def _eval_mode(modules: list[nn.Module]) -> Iterator[None]:
-    """Every module in eval mode (deterministic, no running-statistics updates), then each
-    module's own flag back as it was."""
+def _eval_mode(modules: list[nn.Module], training: bool = False) -> Iterator[None]:
+    """Every module in eval mode (deterministic, no running-statistics updates; or in train
+    mode with ``training``), then each module's own flag back as it was."""
     flags = [(m, m.training) for m in modules]
     try:
         for m in modules:
-            m.training = False
+            m.training = training
         yield
     finally:
         for m, flag in flags:
@@ -130,7 +131,76 @@ def check_rebuilt(rebuilt: Mapping[str, nn.Module], calls: OwnerCalls) -> None:
     with analysis_lock, ExitStack() as stack:
         for block in rebuilt.values():
             stack.enter_context(hooks_silenced(block))
+            original = block.__dict__.get("_se_original")
+            if original is not None:
+                stack.enter_context(hooks_silenced(original))
         _check_rebuilt(rebuilt, calls)
+
+
+def _outcome(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[bool, Any]:
+    """``(True, output)``, or ``(False, exception class)`` when the call raised."""
+    try:
+        return True, module(*_clone(args), **_clone(kwargs))
+    except Exception as e:  # noqa: BLE001 - compared below: both must raise alike
+        return False, type(e)
+
+
+def _check_train_mode(path: str, block: nn.Module, train_graph: Any, calls: OwnerCalls) -> None:
+    """A block with a train graph of its own (code that reads ``self.training``: functional
+    dropout, a drop-connect mask) computes in train mode what its original does, from the same
+    random numbers: each call runs the original, then the rebuilt block, from one generator state.
+    A block whose original also raises in train mode on the example input (a norm over one value
+    per channel) must raise alike."""
+    original = block.__dict__["_se_original"]
+    where = path or "the model"
+    modules = [original, *block.modules()]
+    with _eval_mode(modules, training=True), torch.no_grad(), _replayed_draws() as replay, _buffers_kept(modules):
+        block.graph = train_graph  # (put back by the caller)
+        for args, kwargs, _ in calls.get(path, []):
+            expected = _outcome(original, args, kwargs)
+            replay()
+            got = _outcome(block, args, kwargs)
+            if expected[0] != got[0] or (expected[0] and not _same(got[1], expected[1])) or (
+                not expected[0] and got[1] is not expected[1]
+            ):
+                raise UnfaithfulRebuildError(
+                    f"the rebuilt {where} ({type(block).__name__}) computes other outputs than the original in "
+                    "train mode on the example input, from the same random numbers; the model is unchanged. Its "
+                    "train-mode code likely decides something outside the graph; exclude it with exclude=[...]",
+                    owner=path,
+                )
+
+
+@contextmanager
+def _buffers_kept(modules: list[nn.Module]) -> Iterator[None]:
+    """Every buffer's values back afterwards: a norm's running statistics are updated in train
+    mode by its kernel, which leaves no version bump for the sandbox to see."""
+    held = {id(b): (b, b.clone()) for m in modules for b in m.buffers(recurse=False)}
+    try:
+        yield
+    finally:
+        for tensor, values in held.values():
+            tensor.copy_(values)
+
+
+@contextmanager
+def _replayed_draws() -> Iterator[Any]:
+    """A function that puts torch's (CPU and CUDA) and Python's generators back to their
+    state at entry, so a second run draws the first run's numbers; they stay at that state."""
+    cpu = torch.random.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    state = random.getstate()
+
+    def replay() -> None:
+        torch.random.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+        random.setstate(state)
+
+    try:
+        yield replay
+    finally:
+        replay()
 
 
 def _check_rebuilt(rebuilt: Mapping[str, nn.Module], calls: OwnerCalls) -> None:
@@ -160,6 +230,8 @@ def _check_rebuilt(rebuilt: Mapping[str, nn.Module], calls: OwnerCalls) -> None:
                             "specialised Python control flow on its inputs; exclude it with exclude=[...]",
                             owner=path,
                         )
+            if graphs is not None and graphs[1] is not None:
+                _check_train_mode(path, block, graphs[1], calls)
         finally:
             for h in hooks:
                 h.remove()

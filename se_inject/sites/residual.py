@@ -83,15 +83,17 @@ def _shortcut_fork(
 
 
 def _side_output(
-    flow: DataFlow, trunk: fx.Node, fork: fx.Node, region: set[fx.Node], ctx: Context
+    flow: DataFlow, trunk: fx.Node, fork: fx.Node, region: set[fx.Node], ctx: Context, cost: dict[fx.Node, int]
 ) -> fx.Node | None:
     """The finished residual sum whose branch computes ``trunk`` (a block returning ``(residual,
     skip)``: WaveNet's ``skips = skips + s``); None for a real shortcut (the fork, a projection
-    of it, a finished sum)."""
+    of it, a finished sum). Only what the branch computed with a parametric layer counts: a
+    slice of the fork that a branch also reads (RevNet's x2, read by F in y1 = x1 + F(x2) and
+    the shortcut of y2 = x2 + G(y1) or of a projected y2 = P(x2) + G(y1)) is still the fork's."""
     if trunk is fork:
         return None
     for node in sorted(flow.ancestors_within(trunk, region) | {trunk}, key=flow.index.__getitem__):
-        if node in ctx.branch_nodes:
+        if node in ctx.branch_nodes and cost.get(node, 0) > 0:
             return ctx.branch_nodes[node]
     return None
 
@@ -142,9 +144,7 @@ def _residual(unit: Unit, add: fx.Node, ctx: Context) -> Candidate | None:
             return skip(cand, SkipReason.NO_TRUNK, f"both operands have {cost[a]} parametric layers")
         branch, trunk = (a, b) if cost[a] > cost[b] else (b, a)
         trunk_cost = cost[trunk]
-        # A trunk with no parametric layer from the fork (the fork, a slice of it: RevNet's x2 in
-        # y2 = x2 + g(y1)) is a real shortcut, even where a finished branch reads it.
-        side = _side_output(flow, trunk, fork, region, ctx) if trunk_cost > 0 else None
+        side = _side_output(flow, trunk, fork, region, ctx, cost)
         if side is not None:
             return skip(cand, SkipReason.FUSION, f"a sum of block outputs: the shorter operand is computed in the "
                         f"residual branch of {unit.names[side]} (a skip or side output), not a shortcut")

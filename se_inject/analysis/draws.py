@@ -1,0 +1,62 @@
+"""Whether code drew random numbers outside a graph while it was traced.
+
+A trace records calls on traced values; a random number drawn on a real tensor or in Python
+(``float(torch.rand(1))`` for a shake-shake mix, ``torch.rand(1).item() < p`` or
+``random.random() < p`` for stochastic depth) is drawn once, while tracing, and its value (or
+the branch it decided) is baked into the graph: a block rebuilt from that graph would repeat
+the one draw on every call. Such draws advance a generator, which is what is watched here.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+__all__ = ["RandomDraws", "watch_random_draws"]
+
+
+class RandomDraws:
+    """Which generators a body advanced (``torch`` for torch's CPU or CUDA generators,
+    ``random`` for Python's); empty when it drew nothing."""
+
+    def __init__(self) -> None:
+        self.generators: list[str] = []
+
+    def __bool__(self) -> bool:
+        return bool(self.generators)
+
+
+def _states() -> dict[str, Any]:
+    states: dict[str, Any] = {"torch": [torch.random.get_rng_state()], "random": random.getstate()}
+    if torch.cuda.is_initialized():
+        states["torch"] += torch.cuda.get_rng_state_all()
+    return states
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, list):  # (a generator the body created has no earlier state to differ from)
+        return all(torch.equal(x, y) for x, y in zip(a, b, strict=False))
+    return a == b
+
+
+@contextmanager
+def watch_random_draws() -> Iterator[RandomDraws]:
+    """Note which generators the body advanced, then put every generator back as it was (a
+    trace must not use up the user's random numbers either)."""
+    draws = RandomDraws()
+    before = _states()
+    try:
+        yield draws
+    finally:
+        after = _states()
+        draws.generators += [name for name in before if not _same(before[name], after[name])]
+        if "torch" in draws.generators:
+            torch.random.set_rng_state(before["torch"][0])
+            if len(before["torch"]) > 1 and len(after["torch"]) == len(before["torch"]):
+                torch.cuda.set_rng_state_all(before["torch"][1:])
+        if "random" in draws.generators:
+            random.setstate(before["random"])
