@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
+from nets import ChannelsLast, Dense, Inception, PermutedScale, Res2NetLike, Residual
 from torch import nn
 
-from nets import ChannelsLast, Dense, Inception, PermutedScale, Residual, Res2NetLike
 from se_inject.analysis.batch import batch_axis
 from se_inject.analysis.sandbox import preserved_state
 from se_inject.sites.driver import Analysis
