@@ -1,0 +1,50 @@
+"""Graph classes the sequence part of the other-libraries sweep (``benchmarks/zoo.py --other``)
+ran into, each as a small net of its own: speech encoders returning ``ModelOutput`` dicts."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+from collections import OrderedDict
+
+import pytest
+import torch
+from torch import nn
+
+from se_inject import SEBlock, find_sites, inject_se, remove_se
+
+
+class Output(OrderedDict):
+    """A dict subclass returned by a forward, as transformers' ``ModelOutput`` is."""
+
+
+class ConvEncoder(nn.Module):
+    """``x + act(conv(x)).to(x.dtype)`` on ``[B, C, T]``, returning its result in a dict
+    subclass: the branch ends in a function call, so the encoder itself is rebuilt (wav2vec2's
+    encoder adds its positional convolution this way and returns a ``BaseModelOutput``)."""
+
+    def __init__(self, c: int = 16, returns: type = Output) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv1d(c, c, 3, padding=1), nn.Conv1d(c, c, 3, padding=1)
+        self.returns = returns
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        branch = self.conv2(torch.relu(self.conv1(x)))
+        return self.returns(last_hidden_state=x + torch.nn.functional.gelu(branch).to(x.dtype))
+
+
+@pytest.mark.parametrize("returns", [Output, OrderedDict], ids=["subclass", "ordered-dict"])
+def test_a_rebuilt_block_returns_the_dict_type_its_forward_returned(returns: type) -> None:
+    torch.manual_seed(0)
+    model, x = ConvEncoder(returns=returns).eval(), torch.randn(2, 16, 20)
+    before = model(x)
+    plan = find_sites(model, example_input=x)
+    assert [(s.kind, s.owner, s.channels) for s in plan.sites] == [("residual", "", 16)]
+    injected = inject_se(model, example_input=x)  # the post-build check compares output types too
+    assert sum(isinstance(m, SEBlock) for m in injected.modules()) == 1
+    for copied in (injected, copy.deepcopy(injected), pickle.loads(pickle.dumps(injected))):
+        out = copied(x)
+        assert type(out) is returns and list(out) == ["last_hidden_state"]
+        assert torch.equal(out["last_hidden_state"], before["last_hidden_state"])
+    assert type(remove_se(injected)(x)) is returns
+
