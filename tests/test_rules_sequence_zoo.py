@@ -1,5 +1,6 @@
 """Graph classes the sequence part of the other-libraries sweep (``benchmarks/zoo.py --other``)
-ran into, each as a small net of its own: speech encoders returning ``ModelOutput`` dicts."""
+ran into, each as a small net of its own: speech encoders returning ``ModelOutput`` dicts, the
+straight-through estimator of audio codecs' quantisers."""
 
 from __future__ import annotations
 
@@ -47,4 +48,36 @@ def test_a_rebuilt_block_returns_the_dict_type_its_forward_returned(returns: typ
         assert type(out) is returns and list(out) == ["last_hidden_state"]
         assert torch.equal(out["last_hidden_state"], before["last_hidden_state"])
     assert type(remove_se(injected)(x)) is returns
+
+
+class StraightThrough(nn.Module):
+    """A vector quantiser as audio codecs have one (DAC, VQ-VAEs): a residual unit, then the
+    nearest codebook entry ``q`` of ``z`` passed on as ``z + (q - z).detach()`` (the value is
+    ``q``; the gradient goes to ``z``)."""
+
+    def __init__(self, c: int = 16, d: int = 8, entries: int = 32) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv1d(c, c, 3, padding=1), nn.Conv1d(c, c, 3, padding=1)
+        self.project_in, self.project_out = nn.Conv1d(c, d, 1), nn.Conv1d(d, c, 1)
+        self.codebook = nn.Embedding(entries, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.conv2(torch.relu(self.conv1(x)))
+        z = self.project_in(x)
+        b, d, t = z.shape
+        flat = z.permute(0, 2, 1).reshape(b * t, d)
+        q = self.codebook((flat @ self.codebook.weight.t()).argmax(1)).reshape(b, t, d).permute(0, 2, 1)
+        return self.project_out(z + (q - z).detach())
+
+
+def test_a_straight_through_estimator_is_no_residual() -> None:
+    # An SE scaling (q - z) would hand the decoder z + s * (q - z): no codebook entry any more.
+    torch.manual_seed(0)
+    model, x = StraightThrough().eval(), torch.randn(2, 16, 12)
+    plan = find_sites(model, example_input=x)
+    assert [s.node for s in plan.sites] == ["add"]
+    skipped = [s for s in plan.skipped if s.node == "add_1"]
+    assert [s.reason for s in skipped] == ["fusion"] and "straight-through" in skipped[0].detail
+    before = model(x)
+    assert torch.equal(inject_se(model, example_input=x)(x), before)
 
