@@ -1,6 +1,6 @@
 """Graph classes the sequence part of the other-libraries sweep (``benchmarks/zoo.py --other``)
 ran into, each as a small net of its own: speech encoders returning ``ModelOutput`` dicts, the
-straight-through estimator of audio codecs' quantisers."""
+straight-through estimator of audio codecs' quantisers, convolutions padded from 0-dim buffers."""
 
 from __future__ import annotations
 
@@ -81,3 +81,39 @@ def test_a_straight_through_estimator_is_no_residual() -> None:
     before = model(x)
     assert torch.equal(inject_se(model, example_input=x)(x), before)
 
+
+class BufferPaddedConv(nn.Module):
+    """A causal ``Conv1d`` whose padding is a 0-dim buffer, compared with the input's length
+    (Encodec's and Mimi's convolutions): it does not trace, and a meta forward needs the
+    buffer's value."""
+
+    def __init__(self, cin: int, cout: int, k: int = 3) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(cin, cout, k)
+        self.register_buffer("padding_total", torch.tensor(k - 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] <= self.padding_total:
+            raise ValueError("input shorter than the kernel")
+        return self.conv(torch.nn.functional.pad(x, (int(self.padding_total), 0)))
+
+
+class BufferPaddedUnit(nn.Module):
+    """``x + conv(elu(conv(elu(x))))`` of such convolutions (Encodec's residual unit)."""
+
+    def __init__(self, c: int = 16) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.ELU(), BufferPaddedConv(c, c // 2), nn.ELU(), BufferPaddedConv(c // 2, c, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.block(x)
+
+
+def test_opaque_convolutions_reading_0_dim_buffers_tell_their_channel_axis() -> None:
+    torch.manual_seed(0)
+    model, x = nn.Sequential(BufferPaddedConv(1, 16, 7), BufferPaddedUnit()).eval(), torch.randn(2, 1, 20)
+    plan = find_sites(model, example_input=x)
+    assert [(s.kind, s.channels, s.channel_axis) for s in plan.sites] == [("residual", 16, 1)]
+    assert {"0", "1.block.1", "1.block.3"} <= {u.path for u in plan.unanalysed}  # they did not trace
+    before = model(x)
+    assert torch.equal(inject_se(model, example_input=x)(x), before)
