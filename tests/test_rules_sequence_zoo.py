@@ -117,3 +117,39 @@ def test_opaque_convolutions_reading_0_dim_buffers_tell_their_channel_axis() -> 
     assert {"0", "1.block.1", "1.block.3"} <= {u.path for u in plan.unanalysed}  # they did not trace
     before = model(x)
     assert torch.equal(inject_se(model, example_input=x)(x), before)
+
+
+class LayerDropEncoder(nn.Module):
+    """``x + gelu(conv(x))`` (a branch ending in a function: the encoder itself is rebuilt),
+    then layers that training skips at random, drawn with ``torch.rand([])`` (LayerDrop, as in
+    wav2vec2's encoders): a draw no traced value depends on."""
+
+    def __init__(self, c: int = 16, layers: int = 4) -> None:
+        super().__init__()
+        self.position = nn.Sequential(nn.Conv1d(c, c, 3, padding=1), nn.ReLU(), nn.Conv1d(c, c, 3, padding=1))
+        self.layers = nn.ModuleList(nn.Sequential(nn.Conv1d(c, c, 1), nn.Dropout(0.2)) for _ in range(layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + torch.nn.functional.gelu(self.position(x))
+        for layer in self.layers:
+            if self.training and torch.rand([]) < 0.5:
+                continue
+            x = layer(x)
+        return x
+
+
+def test_a_forward_drawing_random_numbers_outside_the_graph_is_not_rebuilt() -> None:
+    # A train graph traced with one draw baked in would skip the same layers at every step.
+    torch.manual_seed(0)
+    model, x = LayerDropEncoder().eval(), torch.randn(2, 16, 10)
+    plan = find_sites(model, example_input=x)
+    skipped = [s for s in plan.skipped if s.node == "add"]
+    assert [s.reason for s in skipped] == ["not-rewritable"] and "random numbers" in skipped[0].detail
+    reference = copy.deepcopy(model)
+    model = inject_se(model, example_input=x)
+    for seed in range(4):
+        outputs = []
+        for m in (reference, model):
+            torch.manual_seed(seed)
+            outputs.append(m.train()(x))
+        assert torch.equal(*outputs)

@@ -10,9 +10,12 @@ traces instead of tracing again.
 from __future__ import annotations
 
 import copy
+import random
+import sys
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 import torch.fx as fx
 from torch import nn
 
@@ -107,6 +110,28 @@ def _refuse_side_effects(owner: nn.Module, effects: tuple[str, ...]) -> None:
         )
 
 
+def _random_states() -> tuple[Any, ...]:
+    """torch's CPU generator, Python's ``random`` and (when imported) numpy's global state."""
+    numpy = sys.modules.get("numpy")
+    drawn = numpy.random.get_state() if numpy is not None else None
+    return (bytes(torch.random.get_rng_state().numpy()), random.getstate(),
+            None if drawn is None else (drawn[1].tobytes(), *drawn[2:]))
+
+
+def _traced_without_draws(owner: nn.Module, training: bool, inline: tuple[str, ...], concrete: dict[str, Any]) -> Any:
+    """``trace`` of the owner, refused when the trace itself drew random numbers: a draw that
+    takes no traced input (LayerDrop's ``torch.rand([]) < p`` in wav2vec2's encoders, numpy's
+    SpecAugment masks) runs once at trace time, and the rebuilt block would repeat that draw
+    on every call instead of drawing anew."""
+    before = _random_states()
+    traced = trace(owner, training=training, inline=inline, concrete_args=concrete)
+    if _random_states() != before:
+        mode = "train" if training else "eval"
+        raise SideEffectError(f"its {mode}-mode forward draws random numbers that no traced value depends on "
+                              "(torch.rand([]) for LayerDrop): the trace would fix one draw for every call")
+    return traced
+
+
 class OwnerTraces:
     """Traces of owners, shared between blocks with the same signature.
 
@@ -160,12 +185,12 @@ class OwnerTraces:
             concrete = standalone_concrete_args(owner, args or required_positional(owner) or 0)
         # Both modes unless the eval trace read no ``training`` flag: code that reads one may
         # differ in train mode, and a missed difference would silently train with the eval graph.
-        traced = trace(owner, training=False, inline=inline, concrete_args=concrete)
+        traced = _traced_without_draws(owner, False, inline, concrete)
         _refuse_side_effects(owner, traced.side_effects)
         graphs[False] = traced.graph
         constants.update(traced.constants)
         if traced.read_mode:
-            traced = trace(owner, training=True, inline=inline, concrete_args=concrete)
+            traced = _traced_without_draws(owner, True, inline, concrete)
             _refuse_side_effects(owner, traced.side_effects)
             constants.update(traced.constants)
             if graphs[False].python_code("self").src != traced.graph.python_code("self").src:
