@@ -23,7 +23,11 @@ original model itself (a forward that fails at every size) are crashes too, with
 Other libraries (``--other``): vision models of transformers and ultralytics built from their
 configs (``benchmarks/other_libraries.py``; the project's ``zoo`` extra installs them), same
 columns, written to ``results/zoo-other-libraries.md``. Every row also has the build time and
-``inject_se`` time over it (*inject / build*), in one run on the same machine.
+``inject_se`` time over it (*inject / build*), in one run on the same machine. Its sequence part
+(speech encoders, audio codecs, vocoders, text-to-speech: ``other_libraries.SEQUENCE``) runs each
+model on its own example input (a waveform, filter banks, audio, token ids) for the analysis,
+``inject_se`` and the identity check, and the models with transformer layers once more with
+``tokens=True`` (rows ``NAME+tokens``); it has its own table and summary line.
 
 Usage::
 
@@ -87,6 +91,9 @@ QUICK: tuple[str, ...] = (
 
 _SIZES = (64, 96, 128)
 
+#: Row-name suffixes that run a model with other options than the defaults: ``Wav2Vec2Model+tokens``.
+VARIANTS: dict[str, dict[str, Any]] = {"tokens": {"tokens": True}}
+
 
 @dataclass
 class ZooResult:
@@ -111,6 +118,7 @@ class ZooResult:
     input_size: list[int] = field(default_factory=list)
     error: str = ""
     revision: str = ""  # git commit of se_inject/ the row was measured with ("+dirty": uncommitted edits)
+    part: str = ""  # "sequence": a model run on its own example input (the other libraries' sequence part)
 
     @property
     def key(self) -> str:
@@ -175,11 +183,29 @@ def select_models(
         chosen = [("torchvision", n, _tv_family(n)) for n in sorted(torchvision.models.list_models(module=torchvision.models))]
         chosen += [("timm", name, module) for module, name in sorted(timm_smallest(refresh).items())]
     if other:
-        chosen = [(k.split(":", 1)[0], k.split(":", 1)[1], k.split(":", 1)[0]) for k in other_libraries.BUILDERS]
-        chosen = [c for c in chosen if other_libraries.available(f"{c[0]}:{c[1]}")]
+        chosen = []
+        for key in other_libraries.BUILDERS:
+            if not other_libraries.available(key):
+                continue
+            source, name = key.split(":", 1)
+            sequence = other_libraries.SEQUENCE.get(key)
+            chosen.append((source, name, sequence.family if sequence else source))
+            if sequence is not None and sequence.tokens:
+                chosen.append((source, f"{name}+tokens", sequence.family))
     if only:
         chosen = [c for c in chosen if any(fnmatch.fnmatchcase(f"{c[0]}:{c[1]}", p) or fnmatch.fnmatchcase(c[1], p) for p in only)]
     return chosen
+
+
+def split_variant(name: str) -> tuple[str, dict[str, Any]]:
+    """``Wav2Vec2Model+tokens`` -> ``("Wav2Vec2Model", {"tokens": True})``: the model to build
+    and the options of ``find_sites`` / ``inject_se`` its row runs with."""
+    base, plus, variant = name.partition("+")
+    if not plus:
+        return name, {}
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r} of {base} (known: {', '.join(VARIANTS)})")
+    return base, dict(VARIANTS[variant])
 
 
 def _timm_module(name: str) -> str:
@@ -258,17 +284,41 @@ def _detach(value: Any) -> Any:
     return value
 
 
-def _forward(model: nn.Module, x: torch.Tensor, *, training: bool) -> Any:
+def _forward(model: nn.Module, x: Any, *, training: bool) -> Any:
+    """``model(x)`` (a tuple is the positional arguments), outputs detached, in train or eval mode."""
+    import random
+
+    import numpy as np
+
     model.train(training)
-    torch.manual_seed(1234)  # same dropout / drop-path masks for the original and the injected model
+    # Same dropout / drop-path masks for the original and the injected model; numpy's and
+    # Python's too (wav2vec2's SpecAugment time masks are drawn with numpy in train mode).
+    torch.manual_seed(1234)
+    np.random.seed(1234)
+    random.seed(1234)
     with torch.no_grad():
-        out = model(x)
+        out = model(*x) if isinstance(x, tuple) else model(x)
     model.eval()
     return _detach(out)
 
 
-def _working_input(model: nn.Module) -> tuple[torch.Tensor, Any]:
-    """The smallest input the original accepts in eval mode, and its eval output."""
+def _shape(x: Any) -> list[int]:
+    """The shape of the input (of its first tensor, for a tuple of arguments)."""
+    first = x[0] if isinstance(x, tuple) and x else x
+    return list(first.shape) if isinstance(first, torch.Tensor) else []
+
+
+def _working_input(model: nn.Module, example: Any = None) -> tuple[Any, Any]:
+    """The smallest input the original accepts in eval mode, and its eval output; ``example``:
+    the model's own input (a sequence model's), used as it is."""
+    if example is not None:
+        try:
+            return example, _forward(model, example, training=False)
+        except _Timeout:
+            raise
+        except Exception as e:
+            raise RuntimeError(f"the original model does not run on its example input {_shape(example)}: "
+                               f"{type(e).__name__}: {e}") from e
     channels, native = _in_channels(model), _native_size(model)
     sizes = sorted({s for s in _SIZES if s <= native} | {native})
     last: Exception | None = None
@@ -306,7 +356,8 @@ def run_model(source: str, name: str, family: str = "", *, timeout: int = 600) -
     global _REVISION
     if _REVISION is None:
         _REVISION = _revision()
-    result = ZooResult(source, name, family, revision=_REVISION)
+    part = "sequence" if f"{source}:{split_variant(name)[0]}" in other_libraries.SEQUENCE else ""
+    result = ZooResult(source, name, family, revision=_REVISION, part=part)
     start = time.perf_counter()
     try:
         with _time_limit(timeout), warnings.catch_warnings():
@@ -324,15 +375,18 @@ def run_model(source: str, name: str, family: str = "", *, timeout: int = 600) -
 
 
 def _build(source: str, name: str) -> nn.Module:
-    key = f"{source}:{name}"
+    key = f"{source}:{split_variant(name)[0]}"
     if key in other_libraries.BUILDERS:
         return other_libraries.build(key)
     return create_model(ModelSpec(Source(source), name)).eval()
 
 
 def _run_model(result: ZooResult) -> None:
-    if f"{result.source}:{result.name}" in other_libraries.BUILDERS:
+    base, options = split_variant(result.name)
+    key = f"{result.source}:{base}"
+    if key in other_libraries.BUILDERS:
         _build(result.source, result.name)  # untimed: the library's lazy imports happen on first use
+    example = other_libraries.example_input(key)  # None: an image model, analysed at its default size
     torch.manual_seed(0)
     start = time.perf_counter()
     model = _build(result.source, result.name)
@@ -341,7 +395,7 @@ def _run_model(result: ZooResult) -> None:
     result.params = sum(p.numel() for p in model.parameters())
 
     start = time.perf_counter()
-    plan = find_sites(model)
+    plan = find_sites(model, example_input=example, **options)
     result.analysis_s = round(time.perf_counter() - start, 3)
     result.sites = len(plan.sites)
     result.kinds = dict(Counter(str(s.kind) for s in plan.sites))
@@ -351,8 +405,8 @@ def _run_model(result: ZooResult) -> None:
         result.inject_s = result.analysis_s  # inject_se analyses, finds nothing, leaves the model
         return
 
-    x, eval_before = _working_input(model)
-    result.input_size = list(x.shape)
+    x, eval_before = _working_input(model, example)
+    result.input_size = _shape(x)
     saved = copy.deepcopy(model.state_dict())  # a train-mode forward moves BatchNorm statistics
     try:
         train_before = _forward(model, x, training=True)
@@ -362,7 +416,7 @@ def _run_model(result: ZooResult) -> None:
     del saved
 
     start = time.perf_counter()
-    injected = inject_se(model)
+    injected = inject_se(model, example_input=example, **options)
     result.inject_s = round(time.perf_counter() - start, 3)
     if injected.se_inject_plan.sites != plan.sites:
         raise AssertionError("inject_se built other sites than find_sites listed")
@@ -477,23 +531,9 @@ def _other_versions(results: Sequence[ZooResult]) -> str:
     return "".join(f", {f}" for f in found)
 
 
-def render_markdown(results: Sequence[ZooResult], *, title: str = "se-inject zoo sweep") -> str:
-    """The results as a markdown page: summary, one table row per model, then the crashes."""
+def _rows(results: Sequence[ZooResult], heading: str = "##") -> list[str]:
+    """One part's table, then its untraced parts, crashes and identity failures."""
     lines = [
-        f"# {title}",
-        "",
-        f"Generated by `benchmarks/zoo.py` with torch {torch.__version__}, torchvision {torchvision.__version__}, "
-        f"timm {timm.__version__}{_other_versions(results)}; random init, CPU; se-inject at "
-        f"{', '.join(sorted({r.revision for r in results if r.revision})) or 'unknown revision'}.",
-        "",
-        f"**Summary: {summary_line(results)}.**",
-        "",
-        "Columns: *sites* by kind (r residual, i inception, d dense); *skipped* by reason; *untraced* lists the",
-        "module paths that did not trace as a whole (their traceable children were analysed on their own);",
-        "*identity* is `torch.equal` of the outputs before and after injection, in eval and (seeded) train mode,",
-        "at the input shown; *n/a* when no SE block was inserted. Analysis time is `find_sites` at the model's",
-        "default input size; *inject / build* is `inject_se` time over the time to build the model, same run.",
-        "",
         "| source | model | family | params (M) | sites | skipped | untraced | identity | class kept | input | analysis (s) | inject / build |",
         "|---|---|---|--:|--:|---|---|---|---|---|--:|--:|",
     ]
@@ -508,26 +548,74 @@ def render_markdown(results: Sequence[ZooResult], *, title: str = "se-inject zoo
         paths = [u.split(": ", 1)[0] for u in r.unanalysed]
         untraced = ", ".join(f"`{p}`" for p in paths[:4]) + (f" +{len(paths) - 4}" if len(paths) > 4 else "")
         identity = r.identity + (f", {r.identity_detail}" if r.identity_detail else "")
-        size = "x".join(str(s) for s in r.input_size[2:]) if r.input_size else ""
+        # images: H x W; a sequence model's own input: its shape less the batch
+        size = "x".join(str(s) for s in r.input_size[1 if r.part else 2:]) if r.input_size else ""
         lines.append(
             f"| {r.source} | {r.name} | {r.family} | {r.params / 1e6:.1f} | {sites} | {_cell_skipped(r)} | "
             f"{untraced or '-'} | {identity} | {r.class_kept} | {size} | {r.analysis_s:.2f} | {_ratio(r)} |"
         )
     reasons = [r for r in results if r.unanalysed and r.status == "ok"]
     if reasons:
-        lines += ["", "## Parts that could not be analysed, and why", ""]
+        lines += ["", f"{heading} Parts that could not be analysed, and why", ""]
         for r in reasons:
             shown = "; ".join(f"`{u.split(': ', 1)[0]}`: {u.split(': ', 1)[1] if ': ' in u else ''}"[:160] for u in r.unanalysed[:6])
             more = f" (+{len(r.unanalysed) - 6} more)" if len(r.unanalysed) > 6 else ""
             lines.append(f"- `{r.key}`: {shown}{more}")
     failures = [r for r in results if r.status != "ok"]
     if failures:
-        lines += ["", "## Crashes and timeouts", ""]
+        lines += ["", f"{heading} Crashes and timeouts", ""]
         lines += [f"- `{r.key}`: {r.error}" for r in failures]
     wrong = [r for r in results if r.identity == "no"]
     if wrong:
-        lines += ["", "## Identity failures", ""]
+        lines += ["", f"{heading} Identity failures", ""]
         lines += [f"- `{r.key}`: {r.identity_detail}" for r in wrong]
+    return lines
+
+
+def render_markdown(results: Sequence[ZooResult], *, title: str = "se-inject zoo sweep") -> str:
+    """The results as a markdown page: summary, one table row per model, then the crashes; the
+    sequence models (rows with ``part == "sequence"``) in a section of their own."""
+    images = [r for r in results if not r.part]
+    sequences = [r for r in results if r.part == "sequence"]
+    lines = [
+        f"# {title}",
+        "",
+        f"Generated by `benchmarks/zoo.py` with torch {torch.__version__}, torchvision {torchvision.__version__}, "
+        f"timm {timm.__version__}{_other_versions(results)}; random init, CPU; se-inject at "
+        f"{', '.join(sorted({r.revision for r in results if r.revision})) or 'unknown revision'}.",
+        "",
+    ]
+    if images or not sequences:
+        lines += [
+            f"**Summary: {summary_line(images)}.**",
+            "",
+            "Columns: *sites* by kind (r residual, i inception, d dense); *skipped* by reason; *untraced* lists the",
+            "module paths that did not trace as a whole (their traceable children were analysed on their own);",
+            "*identity* is `torch.equal` of the outputs before and after injection, in eval and (seeded) train mode,",
+            "at the input shown; *n/a* when no SE block was inserted. Analysis time is `find_sites` at the model's",
+            "default input size; *inject / build* is `inject_se` time over the time to build the model, same run.",
+            "",
+            *_rows(images),
+        ]
+    if sequences:
+        seconds = sum(r.total_s for r in sequences)
+        lines += [
+            *([""] if images else []),
+            "## Sequence models",
+            "",
+            f"**Summary (sequence models): {summary_line(sequences)}.**",
+            "",
+            "Speech encoders, audio codecs, vocoders and text-to-speech models from small configs, each run on its",
+            "own example input (batch 2; *input* is its shape less the batch): a waveform `L`, filter banks `T x 80`",
+            "(Whisper: `80 x T`), audio `C x L`, token ids `N`. The analysis, `inject_se` (whose post-build check",
+            "runs on that input) and the identity check all use it. A `+tokens` row is the same model with",
+            "`tokens=True`, the option that makes residuals on `[B, T, D]` sequences sites. Columns as above;",
+            f"analysis time is `find_sites` at the example input. The {len(sequences)} rows took {seconds:.0f} s.",
+            "",
+            f"Not covered: {other_libraries.NOT_COVERED}",
+            "",
+            *_rows(sequences, heading="###"),
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -562,7 +650,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             else "se-inject zoo sweep (quick subset)" if args.quick else "se-inject zoo sweep"
         )
         output.write_text(render_markdown(results, title=title))
-    print(summary_line(results))
+    parts = [("", [r for r in results if not r.part]), ("sequence models: ", [r for r in results if r.part])]
+    for label, rows in parts if any(r.part for r in results) else [("", results)]:
+        if rows:
+            print(label + summary_line(rows))
     return 0 if all(r.status == "ok" and r.identity != "no" for r in results) else 1
 
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ZOO = Path(__file__).resolve().parents[1] / "benchmarks" / "zoo.py"
 
@@ -74,3 +75,41 @@ def test_render_and_summary(zoo):
     assert "`(root)`" in page and "token-sequence 4" in page
     assert "## Crashes and timeouts" in page and "`torchvision:c`: ValueError at x.py:1: boom" in page
     assert "## Identity failures" in page and "`timm:d`: eval differ" in page
+
+
+class _TemporalBlock(torch.nn.Module):
+    """``x + conv(relu(conv(x)))`` on ``[B, C, T]``, with dropout (a seeded train-mode forward)."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Conv1d(c, c, 3, padding=1), torch.nn.Conv1d(c, c, 3, padding=1)
+        self.drop = torch.nn.Dropout(0.1)
+
+    def forward(self, x):
+        return x + self.drop(self.b(torch.relu(self.a(x))))
+
+
+def test_split_variant(zoo):
+    assert zoo.split_variant("Wav2Vec2Model") == ("Wav2Vec2Model", {})
+    assert zoo.split_variant("Wav2Vec2Model+tokens") == ("Wav2Vec2Model", {"tokens": True})
+    with pytest.raises(ValueError, match="unknown variant 'plain'"):
+        zoo.split_variant("Wav2Vec2Model+plain")
+
+
+def test_a_sequence_row_runs_on_its_own_example_input(zoo, monkeypatch):
+    # A builder with an example input (no transformers needed): analysis, inject_se and the
+    # identity check all run on [B, C, T], not on an image.
+    lib = zoo.other_libraries
+    monkeypatch.setitem(lib.BUILDERS, "torch:TemporalBlock", ("torch", lambda name: _TemporalBlock()))
+    monkeypatch.setitem(lib.SEQUENCE, "torch:TemporalBlock", lib.SequenceModel("tcn", lambda b: torch.randn(b, 8, 30)))
+    rows = [zoo.run_model("torch", name, "tcn", timeout=120) for name in ("TemporalBlock", "TemporalBlock+tokens")]
+    for r in rows:
+        assert r.status == "ok", r.error
+        assert (r.part, r.input_size, r.sites, r.identity, r.identity_detail) == ("sequence", [2, 8, 30], 1, "yes", "")
+    image = zoo.ZooResult("timm", "a", "fam", sites=1, kinds={"residual": 1}, identity="yes", input_size=[2, 3, 64, 64])
+    page = zoo.render_markdown([image, *rows])
+    head, sequence = page.split("## Sequence models")
+    assert "**Summary: 1 models, 0 crashes" in head and "| timm | a |" in head and "TemporalBlock" not in head
+    assert "**Summary (sequence models): 2 models, 0 crashes, 0 identity failures (2/2 bit-exact" in sequence
+    assert "| torch | TemporalBlock+tokens | tcn | 0.0 | 1 (r1) | - | - | yes | yes | 8x30 |" in sequence
+    assert "Not covered: " in sequence

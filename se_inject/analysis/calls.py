@@ -3,6 +3,7 @@ whether a block called this way is what its own trace computes (standalone calls
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Sequence
 from typing import Any
@@ -13,7 +14,7 @@ from torch import nn
 __all__ = [
     "CallRecord", "PLAIN", "PLAIN_KINDS", "VAR_KINDS", "arg_kind", "standalone_concrete_args", "passes_var_positional",
     "call_concrete_args", "leading_tensors", "standalone_call", "required_positional", "extra_keywords",
-    "positional_args", "tuple_size", "tuple_call", "tuple_concrete_args",
+    "positional_args", "tuple_size", "tuple_call", "tuple_concrete_args", "OUTPUT_TYPE", "KeepsOutputType",
 ]
 
 VAR_KINDS = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
@@ -38,6 +39,36 @@ def arg_kind(value: Any) -> str:
     if type(value) is tuple and value and all(isinstance(v, fx.Proxy) for v in value):
         return f"{_TUPLE_KIND}{len(value)}"
     return type(value).__name__
+
+
+#: ``meta`` key of a traced graph's output node: the dict subclass the forward returned.
+OUTPUT_TYPE = "se_inject_output_type"
+
+
+class KeepsOutputType:
+    """Tracer mixin: fx writes a returned dict subclass (transformers' ``ModelOutput``, an
+    ``OrderedDict``) as a plain dict, so a graph's code would return another type than the
+    forward it was traced from. Its type is noted on the output node (``OUTPUT_TYPE``), for a
+    rebuilt block to return it again."""
+
+    def create_args_for_root(self, root_fn: Any, is_module: bool, concrete_args: Any = None) -> Any:
+        fn, args = super().create_args_for_root(root_fn, is_module, concrete_args)  # type: ignore[misc]
+
+        @functools.wraps(fn)
+        def traced(*a: Any) -> Any:
+            out = fn(*a)
+            keys = isinstance(out, dict) and all(isinstance(k, str) and k.isidentifier() for k in out)
+            self._output_type = type(out) if keys and type(out) is not dict else None
+            return out
+
+        return traced, args
+
+    def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
+        self._output_type = None
+        graph = super().trace(root, concrete_args)  # type: ignore[misc]
+        if self._output_type is not None:
+            next(n for n in reversed(graph.nodes) if n.op == "output").meta[OUTPUT_TYPE] = self._output_type
+        return graph
 
 
 def tuple_size(kind: str) -> int:

@@ -10,6 +10,7 @@ the one draw on every call. Such draws advance a generator, which is what is wat
 from __future__ import annotations
 
 import random
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -21,7 +22,8 @@ __all__ = ["RandomDraws", "watch_random_draws"]
 
 class RandomDraws:
     """Which generators a body advanced (``torch`` for torch's CPU or CUDA generators,
-    ``random`` for Python's); empty when it drew nothing."""
+    ``random`` for Python's, ``numpy`` for numpy's global one: SpecAugment masks in wav2vec2's
+    train mode); empty when it drew nothing."""
 
     def __init__(self) -> None:
         self.generators: list[str] = []
@@ -34,12 +36,17 @@ def _states() -> dict[str, Any]:
     states: dict[str, Any] = {"torch": [torch.random.get_rng_state()], "random": random.getstate()}
     if torch.cuda.is_initialized():
         states["torch"] += torch.cuda.get_rng_state_all()
+    numpy = sys.modules.get("numpy")  # only when imported: nothing drew from it otherwise
+    if numpy is not None:
+        states["numpy"] = numpy.random.get_state()
     return states
 
 
 def _same(a: Any, b: Any) -> bool:
     if isinstance(a, list):  # (a generator the body created has no earlier state to differ from)
         return all(torch.equal(x, y) for x, y in zip(a, b, strict=False))
+    if isinstance(a, tuple) and len(a) == 5 and hasattr(a[1], "tobytes"):  # numpy's (name, keys, pos, ...)
+        return a[0] == b[0] and a[1].tobytes() == b[1].tobytes() and a[2:] == b[2:]
     return a == b
 
 
@@ -60,3 +67,5 @@ def watch_random_draws() -> Iterator[RandomDraws]:
                 torch.cuda.set_rng_state_all(before["torch"][1:])
         if "random" in draws.generators:
             random.setstate(before["random"])
+        if "numpy" in draws.generators:
+            sys.modules["numpy"].random.set_state(before["numpy"])

@@ -73,7 +73,10 @@ def opaque_function_axes(node: fx.Node, input_axis: Callable[[fx.Node], int | No
 
 def _module_call(module: nn.Module) -> Callable[[tuple[Any, ...], dict[str, Any]], Any]:
     def call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        state = {k: meta_copy(v) for k, v in [*module.named_parameters(), *module.named_buffers()]}
+        state = {k: meta_copy(v) for k, v in module.named_parameters()}
+        # 0-dim buffers keep their values (a 0-dim tensor mixes with meta tensors as a scalar):
+        # sizes the forward reads from them (Encodec's padding, from stride and kernel buffers).
+        state.update({k: v if v.dim() == 0 else meta_copy(v) for k, v in module.named_buffers()})
         return torch.func.functional_call(module, state, args, kwargs)
 
     return call

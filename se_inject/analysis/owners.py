@@ -135,7 +135,7 @@ def _trace_owner(owner: nn.Module, training: bool, inline: tuple[str, ...], conc
                 f"its train-mode forward does not trace ({_first_line(e)}); a rebuilt block would lose that code"
             ) from e
     if draws:
-        whose = " and ".join({"torch": "torch's", "random": "Python's"}[g] for g in draws.generators)
+        whose = " and ".join({"torch": "torch's", "random": "Python's", "numpy": "numpy's"}[g] for g in draws.generators)
         raise TrainModeError(
             f"its {mode}-mode forward draws random numbers outside the graph ({whose} generator), as "
             "float(torch.rand(1)) or random.random() < p do: a trace draws them once, and a rebuilt block "

@@ -20,7 +20,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..se_block import SEBlock, SEHook
-from .calls import PLAIN, VAR_KINDS, CallRecord, arg_kind
+from .calls import PLAIN, VAR_KINDS, CallRecord, KeepsOutputType, arg_kind
 from .causes import watch_jit_isinstance
 from .mode_reads import watch_mode_reads
 from .sandbox import preserved_state
@@ -62,7 +62,7 @@ def _timm_notrace() -> tuple[tuple[type[nn.Module], ...], tuple[Callable[..., An
     return modules, functions
 
 
-class SETracer(fx.Tracer):
+class SETracer(KeepsOutputType, fx.Tracer):
     """fx tracer with timm's no-trace modules and functions, plus mode-dependent leaves.
 
     ``inline``, when given, turns the tracer around: every submodule is a leaf except the

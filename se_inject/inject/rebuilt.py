@@ -21,6 +21,7 @@ from typing import Any
 import torch.fx as fx
 from torch import nn
 
+from ..analysis.calls import OUTPUT_TYPE
 from ..analysis.hooks import MODULE_HOOKS
 from ..analysis.owners import OwnerTraces, inline_paths, owner_args, owner_inputs, site_nodes
 from ..errors import PlanMismatchError
@@ -309,12 +310,26 @@ def _insert_sites(graphs: dict[bool, fx.Graph], owner_path: str, sites: Iterable
         graph.lint()
 
 
+def _restore_output_type(graph: fx.Graph) -> None:
+    """Return the dict subclass the original's forward returned (``ModelOutput``), not the plain
+    dict fx writes for it: ``cls(**outputs)`` becomes the graph's last node."""
+    output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    cls, value = output.meta.get(OUTPUT_TYPE), output.args[0] if output.args else None
+    if cls is None or type(value) is cls or not isinstance(value, dict):
+        return
+    with graph.inserting_before(output):
+        output.args = (graph.call_function(cls, (), dict(value)),)
+    graph.lint()
+
+
 _PRIMITIVES = (bool, int, float, str, type(None))
 
 
 def rebuild_block(owner: nn.Module, owner_path: str, sites: list[Site], traces: OwnerTraces) -> RebuiltBlock:
     graphs, constants = traces.graphs(owner, inline_paths(sites), owner_args(sites), owner_inputs(sites))
     _insert_sites(graphs, owner_path, sites)
+    for graph in graphs.values():
+        _restore_output_type(graph)
     se_blocks = {s.attr: se_block_for(s, owner) for s in sites}
     block = RebuiltBlock(owner, graphs[False], graphs.get(True), se_blocks, constants)
     block.__dict__["_se_sites"] = (owner_path, tuple(sites))  # to follow a change of the original

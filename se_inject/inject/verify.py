@@ -111,6 +111,9 @@ def _same(a: Any, b: Any) -> bool:
                 return False
             if not all(_same(getattr(x, f.name), getattr(y, f.name)) for f in dataclasses.fields(x)):
                 return False
+        elif isinstance(x, dict) or isinstance(y, dict):  # a dict subclass pytree does not know
+            if type(x) is not type(y) or list(x) != list(y) or not all(_same(x[k], y[k]) for k in x):
+                return False
         elif x != y:
             return False
     return True

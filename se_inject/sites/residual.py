@@ -14,6 +14,7 @@ from ..analysis.ops import (
     is_spatial_conv,
     is_unary_elementwise,
     is_upsample,
+    op_key,
     tensor_shape,
     trailing_scaling_input,
 )
@@ -148,6 +149,9 @@ def _residual(unit: Unit, add: fx.Node, ctx: Context) -> Candidate | None:
         if side is not None:
             return skip(cand, SkipReason.FUSION, f"a sum of block outputs: the shorter operand is computed in the "
                         f"residual branch of {unit.names[side]} (a skip or side output), not a shortcut")
+    if op_key(branch) == "detach":
+        return skip(cand, SkipReason.FUSION, f"the branch ends in detach() at {unit.names[branch]}: a straight-through "
+                    "estimator (x + (q - x).detach() is q forward, x's gradient back), not a residual")
     if cost[branch] <= trunk_cost:
         return skip(cand, SkipReason.NO_TRUNK, f"the branch has no more parametric layers than the trunk ({trunk_cost})")
     if trunk_cost > TRUNK_MAX_PARAMETRIC:
