@@ -285,3 +285,33 @@ def test_timm_set_grad_checkpointing_keeps_the_se_blocks() -> None:
     torch.testing.assert_close(got, want)
     got.sum().backward()
     assert model.layer1[0].se.fc2.weight.grad is not None
+
+
+class CountingTwoSums(nn.Module):
+    """Two residual sums in one forward that also counts its calls on ``self`` (a side effect a
+    rebuilt block would drop, so the block cannot be rebuilt): the first branch ends in a module
+    (attachable), the second in a function (it would need rebuilding)."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.first = conv_bn(c, c)
+        self.second = conv_bn(c, c)
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls = self.calls + 1
+        y = torch.relu(x + self.first(x))
+        return torch.relu(y + torch.tanh(self.second(y)))
+
+
+def test_an_owner_that_cannot_be_rebuilt_keeps_the_sites_that_attach() -> None:
+    model = nn.Sequential(conv_bn(8, 8), CountingTwoSums()).eval()
+    plan = find_sites(model, example_input=X)
+    assert [(s.owner, s.mechanism) for s in plan.sites] == [("1", "attached")]
+    refused = [s for s in plan.skipped if s.reason == "not-rewritable"]
+    assert len(refused) == 1 and "side effect" in refused[0].detail
+    expected = model(X)
+    injected = inject_se(model, example_input=X)
+    assert torch.equal(injected(X), expected) and injected[1].calls == 2  # its own code ran
+    perturb_se(injected)
+    assert not torch.equal(injected(X), expected)  # the attached SE block runs

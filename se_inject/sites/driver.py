@@ -298,6 +298,28 @@ def _finalise(
                 config=config,
             )
         )
-    sites = attach_per_owner(_mechanisms(model, sites, found))
-    sites, skipped = drop_conflicting_owners(sites, skipped)
-    return rebuildable(model, sites, skipped, traces, root_issues)
+    decided = _mechanisms(model, sites, found)
+    sites, skipped = drop_conflicting_owners(attach_per_owner(decided), skipped)
+    before = len(skipped)
+    kept, skipped = rebuildable(model, sites, skipped, traces, root_issues)
+    return _attached_after_all(decided, kept, skipped, before)
+
+
+def _attached_after_all(
+    decided: list[Site], kept: list[Site], skipped: list[Skipped], before: int
+) -> tuple[list[Site], list[Skipped]]:
+    """An owner none of whose sites could be rebuilt (its code does not trace faithfully) keeps
+    those that attach: they leave its code alone, so why it cannot be rebuilt does not touch
+    them. ``skipped[before:]`` are the rebuild's refusals; an attached site leaves them."""
+    owners = {s.owner for s in kept}
+    refused = {(s.node, s.reason) for s in skipped[before:]}
+    back = [
+        s for s in decided
+        if s.attached and s.owner not in owners and (s.node, SkipReason.NOT_REWRITABLE) in refused
+    ]
+    if not back:
+        return kept, skipped
+    nodes = {s.node for s in back}
+    order = {s.name: i for i, s in enumerate(decided)}
+    kept = sorted([*kept, *back], key=lambda s: order.get(s.name, len(order)))
+    return kept, skipped[:before] + [s for s in skipped[before:] if s.node not in nodes]
