@@ -4,6 +4,9 @@ activation, scaling, layout change, linear op), from its module class, function 
 from __future__ import annotations
 
 import operator
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Protocol
 
 import torch
@@ -75,10 +78,35 @@ _IDENTITY_LIKE_MODULES: tuple[type[nn.Module], ...] = (
 )
 
 
+#: Within :func:`module_lookups`: per root (by id, the root kept to check it), its submodules by path.
+_LOOKUPS: threading.local = threading.local()
+
+
+@contextmanager
+def module_lookups() -> Iterator[None]:
+    """Answer :func:`module_of` from one walk of each root's modules, for a phase that changes no
+    module tree (the placement rules ask thousands of times: ``get_submodule`` walks the path
+    each time, a tenth of a ResNet-152's planning)."""
+    outer = getattr(_LOOKUPS, "held", None)
+    _LOOKUPS.held = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _LOOKUPS.held = outer
+
+
 def module_of(root: nn.Module, node: fx.Node) -> nn.Module | None:
     """The submodule a ``call_module`` node calls (None for other nodes)."""
     if node.op != "call_module":
         return None
+    held = getattr(_LOOKUPS, "held", None)
+    if held is not None:
+        entry = held.get(id(root))
+        if entry is None or entry[0] is not root:
+            entry = held[id(root)] = (root, dict(root.named_modules(remove_duplicate=False)))
+        found = entry[1].get(str(node.target))
+        if found is not None:
+            return found
     try:
         return root.get_submodule(str(node.target))
     except AttributeError:

@@ -12,6 +12,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..analysis.batch import grown_args, once
+from ..analysis.ops import module_lookups
 from ..analysis.owners import OwnerTraces
 from ..analysis.sandbox import collection_paused, preserved_state
 from ..plan import Plan, Site, SiteKind, Skipped, SkipReason, Unanalysed
@@ -107,11 +108,12 @@ def _plan(
     traces: OwnerTraces,
 ) -> Plan:
     policy = Policy(config.placement, selection.tokens)
-    candidates = _candidates(units, RULES, policy)
-    _mark_nested(candidates)
-    _mark_nested_across_units(candidates)
-    if selection.plain and not any(c.skip is None for c in candidates):
-        candidates += _candidates(units, PLAIN_RULES, policy)
+    with module_lookups():  # the rules change no module tree
+        candidates = _candidates(units, RULES, policy)
+        _mark_nested(candidates)
+        _mark_nested_across_units(candidates)
+        if selection.plain and not any(c.skip is None for c in candidates):
+            candidates += _candidates(units, PLAIN_RULES, policy)
     sites, skipped = _finalise(model, candidates, config, selection, traces)
     specialised = tuple(f"{u.path or 'model'}: {where}" for u in units for where in u.specialised)
     return Plan(tuple(sites), tuple(skipped), tuple(unanalysed), config, describe_input(args), selection, specialised)
