@@ -23,17 +23,16 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .ops import SHAPE_KEEPING_FUNCTIONS, keeps_shape
+from .ops import SHAPE_KEEPING_FUNCTIONS, keeps_shape, module_of
 
 __all__ = ["BatchFirst"]
 
-#: Element-wise functions and methods: the output has the broadcast shape of the operands.
+#: Element-wise functions and methods: the output has the broadcast shape of the operands (the
+#: unary ones in ``ops.SHAPE_KEEPING_FUNCTIONS`` are proven by that rule first).
 _ELEMENTWISE_FUNCTIONS = {
     operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul, operator.truediv,
-    operator.itruediv, operator.neg, torch.add, torch.sub, torch.mul, torch.div, torch.relu, torch.sigmoid,
-    torch.tanh, torch.neg, torch.abs, torch.exp, torch.sqrt, torch.rsqrt, torch.clamp, torch.where,
-    F.relu, F.relu6, F.gelu, F.silu, F.mish, F.hardswish, F.hardsigmoid, F.sigmoid, F.tanh, F.leaky_relu,
-    F.elu, F.selu, F.celu, F.softplus, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
+    operator.itruediv, operator.neg, torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.abs,
+    torch.exp, torch.sqrt, torch.rsqrt, torch.clamp, torch.where, F.sigmoid, F.tanh, F.selu, F.celu, F.softplus,
 }
 _ELEMENTWISE_METHODS = {
     "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "relu", "relu_", "sigmoid", "sigmoid_",
@@ -53,24 +52,17 @@ _REDUCTION_METHODS = {"mean", "sum", "amax", "amin", "std", "var"}
 
 #: torch layers acting on each sample alone, with the number of dims of a batched input
 #: (None: any number from 2; an unbatched call, Conv2d on [C, H, W], is not a batch-first one).
-_PER_SAMPLE_MODULES: tuple[tuple[type[nn.Module], int | None], ...] = (
-    (nn.Conv1d, 3), (nn.Conv2d, 4), (nn.Conv3d, 5), (nn.ConvTranspose1d, 3), (nn.ConvTranspose2d, 4),
-    (nn.ConvTranspose3d, 5), (nn.BatchNorm2d, 4), (nn.BatchNorm3d, 5), (nn.InstanceNorm1d, 3),
-    (nn.InstanceNorm2d, 4), (nn.InstanceNorm3d, 5), (nn.MaxPool1d, 3), (nn.MaxPool2d, 4), (nn.MaxPool3d, 5),
-    (nn.AvgPool1d, 3), (nn.AvgPool2d, 4), (nn.AvgPool3d, 5), (nn.AdaptiveAvgPool1d, 3),
-    (nn.AdaptiveAvgPool2d, 4), (nn.AdaptiveAvgPool3d, 5), (nn.AdaptiveMaxPool2d, 4), (nn.Upsample, None),
-    (nn.BatchNorm1d, None), (nn.GroupNorm, None), (nn.LayerNorm, None), (nn.Linear, None), (nn.Identity, None),
-    (nn.ReLU, None), (nn.ReLU6, None), (nn.LeakyReLU, None), (nn.SiLU, None), (nn.GELU, None),
-    (nn.Sigmoid, None), (nn.Tanh, None), (nn.Hardswish, None), (nn.Hardsigmoid, None), (nn.Mish, None),
-    (nn.ELU, None), (nn.SELU, None), (nn.CELU, None), (nn.Softplus, None), (nn.Dropout, None),
-    (nn.Dropout1d, None), (nn.Dropout2d, None), (nn.Dropout3d, None),
-)
-_MODULE_DIMS: dict[type[nn.Module], int | None] = dict(_PER_SAMPLE_MODULES)
-#: Functional layers, with the number of dims of a batched input.
+#: Norms, activations, dropouts and identities are ``ops.keeps_shape``, proven by that rule.
+_MODULE_DIMS: dict[type[nn.Module], int | None] = {
+    nn.Conv1d: 3, nn.Conv2d: 4, nn.Conv3d: 5, nn.ConvTranspose1d: 3, nn.ConvTranspose2d: 4, nn.ConvTranspose3d: 5,
+    nn.MaxPool1d: 3, nn.MaxPool2d: 4, nn.MaxPool3d: 5, nn.AvgPool1d: 3, nn.AvgPool2d: 4, nn.AvgPool3d: 5,
+    nn.AdaptiveAvgPool1d: 3, nn.AdaptiveAvgPool2d: 4, nn.AdaptiveAvgPool3d: 5, nn.AdaptiveMaxPool2d: 4,
+    nn.Upsample: None, nn.Linear: None,
+}
+#: Functional layers, with the number of dims of a batched input (norms: shape-keeping).
 _PER_SAMPLE_FUNCTIONS: dict[Any, int | None] = {
     F.conv1d: 3, F.conv2d: 4, F.conv3d: 5, F.max_pool2d: 4, F.avg_pool2d: 4, F.adaptive_avg_pool2d: 4,
-    F.adaptive_max_pool2d: 4, F.interpolate: None, F.batch_norm: None, F.layer_norm: None, F.group_norm: None,
-    F.linear: None,
+    F.adaptive_max_pool2d: 4, F.interpolate: None, F.linear: None,
 }
 
 
@@ -129,8 +121,8 @@ class BatchFirst:
             return node in self._inputs
         first = node.args[0] if node.args else None
         if node.op == "call_module":
-            module = self.root.get_submodule(str(node.target))
-            if len(node.args) != 1 or node.kwargs:
+            module = module_of(self.root, node)
+            if module is None or len(node.args) != 1 or node.kwargs:
                 return False
             if type(module) is nn.Flatten:
                 return self._off_batch(first, (module.start_dim,), out)
