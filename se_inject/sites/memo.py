@@ -42,13 +42,6 @@ def _kinds(args: Sequence[Any]) -> tuple[Any, ...]:
     )
 
 
-def _args_key(args: Sequence[Any]) -> tuple[Any, ...]:
-    return tuple(
-        (tuple(a.shape), a.dtype) if isinstance(a, torch.Tensor) else a if isinstance(a, (bool, int, str)) else type(a).__name__
-        for a in args
-    )
-
-
 def failure_key(
     module: nn.Module, args: Sequence[Any], memo: dict[Any, Any], failed: bool = False
 ) -> tuple[Any, ...] | None:
