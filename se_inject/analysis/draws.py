@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["RandomDraws", "watch_random_draws"]
+__all__ = ["RandomDraws", "watch_random_draws", "random_states", "restore_random_states"]
 
 
 class RandomDraws:
@@ -32,7 +32,9 @@ class RandomDraws:
         return bool(self.generators)
 
 
-def _states() -> dict[str, Any]:
+def random_states() -> dict[str, Any]:
+    """The states of torch's (CPU and initialised CUDA), Python's and, when imported, numpy's
+    generators, by name (``torch``, ``random``, ``numpy``)."""
     states: dict[str, Any] = {"torch": [torch.random.get_rng_state()], "random": random.getstate()}
     if torch.cuda.is_initialized():
         states["torch"] += torch.cuda.get_rng_state_all()
@@ -50,22 +52,28 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
+def restore_random_states(states: dict[str, Any], names: Any = None) -> None:
+    """Put the generators ``names`` (default: all in ``states``) back to ``states``."""
+    for name in states if names is None else names:
+        if name == "torch":
+            torch.random.set_rng_state(states["torch"][0])
+            if len(states["torch"]) > 1:
+                torch.cuda.set_rng_state_all(states["torch"][1:])
+        elif name == "random":
+            random.setstate(states["random"])
+        elif name == "numpy":
+            sys.modules["numpy"].random.set_state(states["numpy"])
+
+
 @contextmanager
 def watch_random_draws() -> Iterator[RandomDraws]:
     """Note which generators the body advanced, then put every generator back as it was (a
     trace must not use up the user's random numbers either)."""
     draws = RandomDraws()
-    before = _states()
+    before = random_states()
     try:
         yield draws
     finally:
-        after = _states()
+        after = random_states()
         draws.generators += [name for name in before if not _same(before[name], after[name])]
-        if "torch" in draws.generators:
-            torch.random.set_rng_state(before["torch"][0])
-            if len(before["torch"]) > 1 and len(after["torch"]) == len(before["torch"]):
-                torch.cuda.set_rng_state_all(before["torch"][1:])
-        if "random" in draws.generators:
-            random.setstate(before["random"])
-        if "numpy" in draws.generators:
-            sys.modules["numpy"].random.set_state(before["numpy"])
+        restore_random_states(before, draws.generators)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import random
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from typing import Any
@@ -22,6 +21,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
+from ..analysis.draws import random_states, restore_random_states
 from ..analysis.hooks import hooks_silenced
 from ..analysis.sandbox import analysis_lock
 from ..errors import UnfaithfulRebuildError
@@ -188,17 +188,13 @@ def _buffers_kept(modules: list[nn.Module]) -> Iterator[None]:
 
 @contextmanager
 def _replayed_draws() -> Iterator[Any]:
-    """A function that puts torch's (CPU and CUDA) and Python's generators back to their
-    state at entry, so a second run draws the first run's numbers; they stay at that state."""
-    cpu = torch.random.get_rng_state()
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-    state = random.getstate()
+    """A function that puts the random generators (``analysis.draws``: torch's, Python's,
+    numpy's) back to their state at entry, so a second run draws the first run's numbers; they
+    stay at that state."""
+    states = random_states()
 
     def replay() -> None:
-        torch.random.set_rng_state(cpu)
-        if cuda is not None:
-            torch.cuda.set_rng_state_all(cuda)
-        random.setstate(state)
+        restore_random_states(states)
 
     try:
         yield replay
