@@ -13,7 +13,6 @@ from ..analysis.ops import (
     is_conv,
     is_mul,
     is_norm,
-    tensor_shape,
     trailing_scaling_input,
 )
 from ..plan import SiteKind, SkipReason
@@ -45,10 +44,15 @@ def plain(unit: Unit, node: fx.Node, ctx: Context) -> list[Candidate] | None:
         return []
     out = _self_gated(unit, node)
     cand = Candidate(unit, SiteKind.PLAIN, node, _single_call_owner(unit, _scope_of(out)), source=out)
-    refused = _refused(unit, cand, out)
+    refused = _refused(unit, cand)
     if refused is not None:
         return [refused]
-    return [represent(cand) if check_tensor(cand, out) else cand]
+    if not check_tensor(cand, out):
+        return [cand]
+    shape = cand.shape
+    if all(d == 1 for k, d in enumerate(shape) if k not in (0, cand.axis % len(shape))):
+        return [skip(cand, SkipReason.NO_SPATIAL_EXTENT, f"shape {list(shape)}")]  # rule 5: a 1x1 map
+    return [represent(cand)]
 
 
 def _self_gated(unit: Unit, act: fx.Node) -> fx.Node:
@@ -71,18 +75,14 @@ def _single_call_owner(unit: Unit, scope: str) -> str:
     return owner
 
 
-def _refused(unit: Unit, cand: Candidate, out: fx.Node) -> Candidate | None:
+def _refused(unit: Unit, cand: Candidate) -> Candidate | None:
     """Places a plain SE never goes (rule 5): inside an existing channel attention block (its
-    squeeze's 1x1 maps, its gate), or on a map without spatial extent; None elsewhere."""
+    squeeze's 1x1 maps, its gate); None elsewhere."""
     flow = unit.flow
     for product in unit.owner_gates(""):
         fork = flow.idom.get(product)
         if fork is not None and cand.anchor in flow.region(fork, product):
             return skip(cand, SkipReason.ALREADY_ATTENDED, f"inside the channel attention gated at {unit.names[product]}")
-    shape = tensor_shape(out)
-    if shape is not None and len(shape) > 2 and check_tensor(cand, out):
-        if all(d == 1 for k, d in enumerate(shape) if k not in (0, cand.axis % len(shape))):
-            return skip(cand, SkipReason.NO_SPATIAL_EXTENT, f"shape {list(shape)}")
     return None
 
 
